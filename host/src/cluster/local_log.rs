@@ -1,0 +1,231 @@
+//! The single-node consensus log: a durable, totally ordered log in its own
+//! redb file, with group commit.
+//!
+//! Concurrent proposals from all plugins are coalesced by one writer task
+//! into a single redb transaction and a single fsync, then acknowledged.
+//! A node alone is its own quorum, so "committed" means "fsynced here".
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::log::{BoxFuture, ConsensusBackend, Entry, LogError};
+
+/// `(stream, index)` → `term (8 bytes LE) ++ data`.
+const ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("entries");
+/// "last-index" → the highest index written.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const TERM: u64 = 1;
+/// Most proposals written in one transaction.
+const MAX_GROUP: usize = 1024;
+
+struct Proposal {
+    stream: String,
+    data: Vec<u8>,
+    reply: oneshot::Sender<Result<u64, LogError>>,
+}
+
+struct Shared {
+    db: Database,
+    node: String,
+    commit_index: watch::Sender<u64>,
+    streams: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+/// The single-node [`ConsensusBackend`].
+pub struct LocalLog {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Proposal>,
+}
+
+fn err(e: impl std::fmt::Display) -> LogError {
+    LogError::Storage(e.to_string())
+}
+
+impl LocalLog {
+    /// Opens (or creates) the log at `path` and starts its writer task.
+    /// Must be called inside a tokio runtime.
+    pub fn open(path: &Path, node: &str) -> Result<LocalLog, LogError> {
+        let db = Database::create(path).map_err(err)?;
+        let txn = db.begin_write().map_err(err)?;
+        let last = {
+            txn.open_table(ENTRIES).map_err(err)?;
+            let meta = txn.open_table(META).map_err(err)?;
+            meta.get("last-index")
+                .map_err(err)?
+                .map(|v| v.value())
+                .unwrap_or(0)
+        };
+        txn.commit().map_err(err)?;
+        let shared = Arc::new(Shared {
+            db,
+            node: node.to_string(),
+            commit_index: watch::Sender::new(last),
+            streams: Mutex::new(HashMap::new()),
+        });
+        let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
+        tokio::spawn(writer(shared.clone(), rx));
+        Ok(LocalLog { shared, tx })
+    }
+}
+
+async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let batch: Vec<(String, Vec<u8>)> = group
+            .iter_mut()
+            .map(|p| (p.stream.clone(), std::mem::take(&mut p.data)))
+            .collect();
+        let s = shared.clone();
+        let result = tokio::task::spawn_blocking(move || write_group(&s, &batch))
+            .await
+            .unwrap_or_else(|e| Err(err(e)));
+        match result {
+            Ok(first) => {
+                let mut last_per_stream: HashMap<String, u64> = HashMap::new();
+                let mut index = first;
+                for p in group.drain(..) {
+                    last_per_stream.insert(p.stream, index);
+                    let _ = p.reply.send(Ok(index));
+                    index += 1;
+                }
+                shared.commit_index.send_replace(index - 1);
+                let mut streams = shared.streams.lock().expect("stream map poisoned");
+                for (stream, last) in last_per_stream {
+                    streams
+                        .entry(stream)
+                        .or_insert_with(|| watch::Sender::new(0))
+                        .send_replace(last);
+                }
+            }
+            Err(e) => {
+                for p in group.drain(..) {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn write_group(shared: &Shared, batch: &[(String, Vec<u8>)]) -> Result<u64, LogError> {
+    let txn = shared.db.begin_write().map_err(err)?;
+    let first = {
+        let mut meta = txn.open_table(META).map_err(err)?;
+        let last = meta
+            .get("last-index")
+            .map_err(err)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        let mut table = txn.open_table(ENTRIES).map_err(err)?;
+        let mut buf = Vec::new();
+        for (i, (stream, data)) in batch.iter().enumerate() {
+            buf.clear();
+            buf.extend_from_slice(&TERM.to_le_bytes());
+            buf.extend_from_slice(data);
+            table
+                .insert((stream.as_str(), last + 1 + i as u64), buf.as_slice())
+                .map_err(err)?;
+        }
+        meta.insert("last-index", last + batch.len() as u64)
+            .map_err(err)?;
+        last + 1
+    };
+    txn.commit().map_err(err)?;
+    Ok(first)
+}
+
+impl ConsensusBackend for LocalLog {
+    fn propose(&self, stream: &str, data: Vec<u8>) -> BoxFuture<'static, Result<u64, LogError>> {
+        let tx = self.tx.clone();
+        let stream = stream.to_string();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            tx.send(Proposal {
+                stream,
+                data,
+                reply,
+            })
+            .await
+            .map_err(|_| LogError::ShuttingDown)?;
+            rx.await.map_err(|_| LogError::ShuttingDown)?
+        })
+    }
+
+    fn read_index(&self) -> BoxFuture<'static, Result<u64, LogError>> {
+        // Alone, this node is always the leader and every acknowledged entry
+        // is already in its log.
+        let index = *self.shared.commit_index.borrow();
+        Box::pin(async move { Ok(index) })
+    }
+
+    fn entries(
+        &self,
+        stream: &str,
+        after: u64,
+        through: u64,
+        max: usize,
+    ) -> Result<Vec<Entry>, LogError> {
+        let txn = self.shared.db.begin_read().map_err(err)?;
+        let table = txn.open_table(ENTRIES).map_err(err)?;
+        let mut out = Vec::new();
+        if after >= through {
+            return Ok(out);
+        }
+        for item in table
+            .range((stream, after + 1)..=(stream, through))
+            .map_err(err)?
+        {
+            let (k, v) = item.map_err(err)?;
+            let raw = v.value();
+            let (term, data) = raw
+                .split_first_chunk::<8>()
+                .ok_or_else(|| LogError::Storage("corrupt log entry".into()))?;
+            out.push(Entry {
+                index: k.value().1,
+                term: u64::from_le_bytes(*term),
+                data: data.to_vec(),
+            });
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn subscribe(&self, stream: &str) -> Result<watch::Receiver<u64>, LogError> {
+        let mut streams = self.shared.streams.lock().expect("stream map poisoned");
+        if let Some(tx) = streams.get(stream) {
+            return Ok(tx.subscribe());
+        }
+        let txn = self.shared.db.begin_read().map_err(err)?;
+        let table = txn.open_table(ENTRIES).map_err(err)?;
+        let last = table
+            .range((stream, 0)..=(stream, u64::MAX))
+            .map_err(err)?
+            .next_back()
+            .transpose()
+            .map_err(err)?
+            .map(|(k, _)| k.value().1)
+            .unwrap_or(0);
+        let tx = watch::Sender::new(last);
+        let rx = tx.subscribe();
+        streams.insert(stream.to_string(), tx);
+        Ok(rx)
+    }
+
+    fn leader(&self) -> Option<String> {
+        Some(self.shared.node.clone())
+    }
+
+    fn term(&self) -> u64 {
+        TERM
+    }
+
+    fn commit_index(&self) -> u64 {
+        *self.shared.commit_index.borrow()
+    }
+}

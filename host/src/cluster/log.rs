@@ -1,0 +1,70 @@
+//! The consensus backend contract shared by the single-node log and the
+//! replicated engine.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::watch;
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A committed entry of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Cluster-wide log index.
+    pub index: u64,
+    /// Term it was committed in.
+    pub term: u64,
+    /// The proposed bytes.
+    pub data: Vec<u8>,
+}
+
+/// Why a log operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// Another node leads; definite.
+    #[error("not the leader (leader: {0:?})")]
+    NotLeader(Option<String>),
+    /// No quorum in time; the outcome is unknown.
+    #[error("timed out waiting for commit")]
+    Timeout,
+    /// The node is stopping; the outcome is unknown.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// The log store failed; definite.
+    #[error("log store: {0}")]
+    Storage(String),
+}
+
+/// A totally ordered, durable log with one stream per plugin.
+///
+/// To be correct, an implementation must: give every entry a unique index
+/// that is greater than every earlier entry's; resolve `propose` only once
+/// the entry is durable on a quorum; never lose or reorder a committed entry;
+/// and make `subscribe` report, for a stream, the index of its last
+/// committed entry, growing monotonically.
+pub trait ConsensusBackend: Send + Sync + 'static {
+    /// Appends `data` to `stream`; resolves with its index once committed.
+    fn propose(&self, stream: &str, data: Vec<u8>) -> BoxFuture<'static, Result<u64, LogError>>;
+    /// A linearizable read point: every entry acknowledged before the call
+    /// has an index at or below the returned one and is committed here.
+    fn read_index(&self) -> BoxFuture<'static, Result<u64, LogError>>;
+    /// Committed entries of `stream` with `after < index <= through`, in
+    /// order, at most `max`.
+    fn entries(
+        &self,
+        stream: &str,
+        after: u64,
+        through: u64,
+        max: usize,
+    ) -> Result<Vec<Entry>, LogError>;
+    /// The last committed index of `stream`, updated as entries commit.
+    fn subscribe(&self, stream: &str) -> Result<watch::Receiver<u64>, LogError>;
+    /// The leader this node knows of.
+    fn leader(&self) -> Option<String>;
+    /// The current term.
+    fn term(&self) -> u64;
+    /// The last committed index of the whole log.
+    fn commit_index(&self) -> u64;
+}

@@ -1,0 +1,5 @@
+//! The cluster layer: the consensus log and node-local storage engines.
+
+pub mod local_log;
+pub mod log;
+pub mod state_store;

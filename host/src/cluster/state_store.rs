@@ -1,0 +1,246 @@
+//! Node-local plugin storage on redb: one database, one key namespace per
+//! plugin, and the per-plugin "applied through" log index kept in the same
+//! transactions as the plugin's writes.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+/// `(namespace, key)` → `version (8 bytes LE) ++ value`.
+const KV: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("kv");
+/// namespace → last log index whose effects are in `KV`.
+const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("applied");
+/// "version" → highest version ever committed.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// A failure of the storage engine (I/O, corruption). Definite: the
+/// operation did not take effect.
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// One write of a transaction: a new value with its version, or a delete.
+pub type Write = (Vec<u8>, Option<(Vec<u8>, u64)>);
+
+/// The durable key-value backend behind the `storage` interface.
+///
+/// To be correct, an implementation must make `commit` atomic (all writes
+/// and the applied index, or nothing) and durable before it returns, and
+/// must hand out versions from `next_version` that are greater than any
+/// version it has ever committed.
+pub trait KvBackend: Send + Sync + 'static {
+    /// Reads one key of a namespace: value and version.
+    fn get(&self, ns: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError>;
+    /// Keys of `ns` starting with `prefix`, after `start_after`, in order.
+    fn scan(
+        &self,
+        ns: &str,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, StoreError>;
+    /// Applies `writes` and, when given, records `applied` as the namespace's
+    /// applied log index, atomically and durably.
+    fn commit(&self, ns: &str, writes: Vec<Write>, applied: Option<u64>) -> Result<(), StoreError>;
+    /// The namespace's applied log index (0 when none).
+    fn applied_index(&self, ns: &str) -> Result<u64, StoreError>;
+    /// A fresh version, greater than every version committed so far.
+    fn next_version(&self) -> u64;
+}
+
+/// [`KvBackend`] on a redb file.
+pub struct RedbKv {
+    db: Database,
+    version: AtomicU64,
+}
+
+impl RedbKv {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<RedbKv, StoreError> {
+        let db = Database::create(path).map_err(err)?;
+        let txn = db.begin_write().map_err(err)?;
+        let version = {
+            txn.open_table(KV).map_err(err)?;
+            txn.open_table(APPLIED).map_err(err)?;
+            let meta = txn.open_table(META).map_err(err)?;
+            meta.get("version")
+                .map_err(err)?
+                .map(|v| v.value())
+                .unwrap_or(0)
+        };
+        txn.commit().map_err(err)?;
+        Ok(RedbKv {
+            db,
+            version: AtomicU64::new(version),
+        })
+    }
+}
+
+fn decode_value(raw: &[u8]) -> Result<(Vec<u8>, u64), StoreError> {
+    let (head, value) = raw
+        .split_first_chunk::<8>()
+        .ok_or_else(|| StoreError("corrupt value: shorter than its version".into()))?;
+    Ok((value.to_vec(), u64::from_le_bytes(*head)))
+}
+
+impl KvBackend for RedbKv {
+    fn get(&self, ns: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(KV).map_err(err)?;
+        match table.get((ns, key)).map_err(err)? {
+            Some(v) => decode_value(v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn scan(
+        &self,
+        ns: &str,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(KV).map_err(err)?;
+        let start = match start_after {
+            Some(after) if after >= prefix => after,
+            _ => prefix,
+        };
+        let mut out = Vec::new();
+        for item in table.range((ns, start)..).map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            let (k_ns, key) = k.value();
+            if k_ns != ns || !key.starts_with(prefix) {
+                break;
+            }
+            if start_after == Some(key) {
+                continue;
+            }
+            let (value, version) = decode_value(v.value())?;
+            out.push((key.to_vec(), value, version));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, ns: &str, writes: Vec<Write>, applied: Option<u64>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut table = txn.open_table(KV).map_err(err)?;
+            let mut max_version = 0;
+            let mut buf = Vec::new();
+            for (key, write) in &writes {
+                match write {
+                    Some((value, version)) => {
+                        buf.clear();
+                        buf.extend_from_slice(&version.to_le_bytes());
+                        buf.extend_from_slice(value);
+                        table
+                            .insert((ns, key.as_slice()), buf.as_slice())
+                            .map_err(err)?;
+                        max_version = max_version.max(*version);
+                    }
+                    None => {
+                        table.remove((ns, key.as_slice())).map_err(err)?;
+                    }
+                }
+            }
+            if max_version > 0 {
+                let mut meta = txn.open_table(META).map_err(err)?;
+                let current = meta
+                    .get("version")
+                    .map_err(err)?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
+                if max_version > current {
+                    meta.insert("version", max_version).map_err(err)?;
+                }
+            }
+            if let Some(index) = applied {
+                let mut t = txn.open_table(APPLIED).map_err(err)?;
+                t.insert(ns, index).map_err(err)?;
+            }
+        }
+        txn.commit().map_err(err)
+    }
+
+    fn applied_index(&self, ns: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(APPLIED).map_err(err)?;
+        Ok(table.get(ns).map_err(err)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    fn next_version(&self) -> u64 {
+        self.version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, RedbKv) {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = RedbKv::open(&dir.path().join("state.redb")).unwrap();
+        (dir, kv)
+    }
+
+    #[test]
+    fn namespaces_do_not_see_each_other() {
+        let (_d, kv) = store();
+        let v = kv.next_version();
+        kv.commit("a", vec![(b"k".to_vec(), Some((b"1".to_vec(), v)))], None)
+            .unwrap();
+        assert_eq!(kv.get("a", b"k").unwrap(), Some((b"1".to_vec(), v)));
+        assert_eq!(kv.get("b", b"k").unwrap(), None);
+        assert!(kv.scan("b", b"", None, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn scan_pages_by_prefix_in_key_order() {
+        let (_d, kv) = store();
+        let writes = ["x/3", "x/1", "y/1", "x/2"]
+            .iter()
+            .map(|k| {
+                (
+                    k.as_bytes().to_vec(),
+                    Some((b"v".to_vec(), kv.next_version())),
+                )
+            })
+            .collect();
+        kv.commit("p", writes, None).unwrap();
+        let page = kv.scan("p", b"x/", None, 2).unwrap();
+        let keys: Vec<_> = page.iter().map(|(k, _, _)| k.clone()).collect();
+        assert_eq!(keys, vec![b"x/1".to_vec(), b"x/2".to_vec()]);
+        let page = kv.scan("p", b"x/", Some(b"x/2"), 2).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].0, b"x/3".to_vec());
+    }
+
+    #[test]
+    fn versions_keep_growing_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let first = {
+            let kv = RedbKv::open(&path).unwrap();
+            let v = kv.next_version();
+            kv.commit(
+                "n",
+                vec![(b"k".to_vec(), Some((b"v".to_vec(), v)))],
+                Some(7),
+            )
+            .unwrap();
+            v
+        };
+        let kv = RedbKv::open(&path).unwrap();
+        assert!(kv.next_version() > first);
+        assert_eq!(kv.applied_index("n").unwrap(), 7);
+    }
+}

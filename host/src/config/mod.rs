@@ -1,0 +1,479 @@
+//! The node config file (TOML).
+//!
+//! ```toml
+//! version = 1
+//!
+//! [node]
+//! id = "node-1"
+//! data_dir = "./plexus-data"
+//! http = "127.0.0.1:7070"
+//!
+//! [[plugins]]
+//! name = "kv"
+//! component = "bundled:replicated-kv"
+//! capabilities = ["consensus", "storage", "log"]
+//! limits = { memory_mib = 64, cpu_ms = 1000, mailbox = 1024 }
+//! config = {}
+//! ```
+//!
+//! Every table rejects unknown keys. Errors name the file, line, column and
+//! the key's dotted path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::runtime::Capability;
+use crate::runtime::actor::PluginLimits;
+
+/// A config error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {key}: {message}")]
+pub struct ConfigError {
+    /// The file (or `<embedded>`).
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Dotted path of the offending key (`.` for the document).
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Schema version; must be 1.
+    pub version: u32,
+    /// This node.
+    #[serde(default)]
+    pub node: NodeSection,
+    /// Cluster membership (used once the node joins a cluster).
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    /// The admin API.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// Plugins to load at start.
+    #[serde(default)]
+    pub plugins: Vec<PluginEntry>,
+    /// Directory of the config file, for resolving relative paths.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Node id, `[a-z0-9-]`, 1..=64 bytes.
+    #[serde(default = "default_id")]
+    pub id: String,
+    /// Data directory (relative to the config file).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// HTTP listen address for clients and admin.
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+    /// Largest request body, in bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How long a client request may wait for its plugin, in ms.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    /// Metadata announced to other members.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            id: default_id(),
+            data_dir: default_data_dir(),
+            http: default_http(),
+            max_body_bytes: default_max_body(),
+            request_timeout_ms: default_request_timeout(),
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_id() -> String {
+    "node-1".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("plexus-data")
+}
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7070))
+}
+fn default_max_body() -> usize {
+    16 << 20
+}
+fn default_request_timeout() -> u64 {
+    10_000
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Address for peer traffic.
+    pub listen: Option<SocketAddr>,
+    /// Other members: `id@host:port`.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Shared secret that peers authenticate with (at least 16 bytes).
+    pub secret: Option<String>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Bearer token for `/v1/admin`; without one the admin API is off.
+    pub token: Option<String>,
+}
+
+/// One `[[plugins]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginEntry {
+    /// Unique name, `[a-z0-9-]`, 1..=64 bytes.
+    pub name: String,
+    /// `bundled:NAME` or a path to a `.wasm` component.
+    pub component: String,
+    /// Interfaces granted; anything else the component imports is refused.
+    #[serde(default)]
+    pub capabilities: BTreeSet<Capability>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: LimitsEntry,
+    /// Passed to the plugin's `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+/// `limits` of a plugin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsEntry {
+    /// Linear memory cap in MiB (1..=1024).
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// CPU deadline per hook call in ms (1..=60000).
+    #[serde(default = "default_cpu")]
+    pub cpu_ms: u64,
+    /// Mailbox capacity (1..=65536).
+    #[serde(default = "default_mailbox")]
+    pub mailbox: usize,
+}
+
+impl Default for LimitsEntry {
+    fn default() -> Self {
+        LimitsEntry {
+            memory_mib: default_memory(),
+            cpu_ms: default_cpu(),
+            mailbox: default_mailbox(),
+        }
+    }
+}
+
+fn default_memory() -> u64 {
+    64
+}
+fn default_cpu() -> u64 {
+    1000
+}
+fn default_mailbox() -> usize {
+    1024
+}
+
+impl LimitsEntry {
+    /// As runtime limits.
+    pub fn to_limits(&self) -> PluginLimits {
+        PluginLimits {
+            memory_bytes: self.memory_mib << 20,
+            cpu: Duration::from_millis(self.cpu_ms),
+            mailbox: self.mailbox,
+        }
+    }
+}
+
+impl PluginEntry {
+    /// The `config` table as JSON text.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// The component's bytes: bundled or read from disk.
+    pub fn component_bytes(&self, base_dir: &Path) -> anyhow::Result<Vec<u8>> {
+        if let Some(name) = self.component.strip_prefix("bundled:") {
+            let bytes = crate::bundled::get(name).ok_or_else(|| {
+                let known: Vec<_> = crate::bundled::names().collect();
+                anyhow::anyhow!("no bundled plugin `{name}` (bundled: {})", known.join(", "))
+            })?;
+            return Ok(bytes.to_vec());
+        }
+        let path = base_dir.join(&self.component);
+        std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("reading component {}: {e}", path.display()))
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, column)
+}
+
+/// The span of the value (or table header) at a dotted path such as
+/// `plugins[1].limits.cpu_ms`, found by walking the document.
+fn span_of(text: &str, key: &str) -> Option<Range<usize>> {
+    let doc: toml::Spanned<toml::de::DeTable<'_>> = toml::de::DeTable::parse(text).ok()?;
+    let mut span = doc.span();
+    let mut current: Option<&toml::de::DeValue<'_>> = None;
+    let mut table = Some(doc.get_ref());
+    for part in key.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let t = match current {
+            None => table?,
+            Some(toml::de::DeValue::Table(t)) => t,
+            Some(_) => return Some(span),
+        };
+        let value = t.get(name)?;
+        span = value.span();
+        current = Some(value.get_ref());
+        table = None;
+        if let Some(i) = index {
+            if let toml::de::DeValue::Array(items) = value.get_ref() {
+                let item = items.get(i)?;
+                span = item.span();
+                current = Some(item.get_ref());
+            }
+        }
+    }
+    Some(span)
+}
+
+impl Config {
+    /// The config `plexus up` uses without a file: one node on
+    /// 127.0.0.1:7070, data in `./plexus-data`, the pattern plugins loaded.
+    pub fn embedded_default() -> Config {
+        Config::parse(DEFAULT_CONFIG, "<embedded>", Path::new("."))
+            .expect("the embedded default config is valid")
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            key: ".".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &path.display().to_string(), &base)
+    }
+
+    /// Parses and validates config text. `file` names it in errors;
+    /// relative paths resolve against `base_dir`.
+    pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let located = |key: String, span: Option<Range<usize>>, message: String| {
+            let span = span.or_else(|| span_of(text, &key));
+            let (line, column) = span.map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError {
+                file: file.to_string(),
+                line,
+                column,
+                key,
+                message,
+            }
+        };
+        let de = toml::de::Deserializer::parse(text)
+            .map_err(|e| located(".".into(), e.span(), e.message().to_string()))?;
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            located(key, inner.span(), inner.message().to_string())
+        })?;
+        config.base_dir = base_dir.to_path_buf();
+        if config.node.data_dir.is_relative() {
+            config.node.data_dir = base_dir.join(&config.node.data_dir);
+        }
+        config
+            .validate()
+            .map_err(|(key, message)| located(key, None, message))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.version != 1 {
+            return Err((
+                "version".into(),
+                format!(
+                    "unsupported config version {}; this node reads version 1",
+                    self.version
+                ),
+            ));
+        }
+        check_name(&self.node.id).map_err(|m| ("node.id".to_string(), m))?;
+        if self.node.request_timeout_ms == 0 || self.node.request_timeout_ms > 600_000 {
+            return Err((
+                "node.request_timeout_ms".into(),
+                "must be in 1..=600000".into(),
+            ));
+        }
+        if self.node.max_body_bytes == 0 || self.node.max_body_bytes > 256 << 20 {
+            return Err((
+                "node.max_body_bytes".into(),
+                "must be in 1..=268435456".into(),
+            ));
+        }
+        if let Some(secret) = &self.cluster.secret {
+            if secret.len() < 16 {
+                return Err(("cluster.secret".into(), "must be at least 16 bytes".into()));
+            }
+        }
+        for (i, peer) in self.cluster.peers.iter().enumerate() {
+            let ok = peer.split_once('@').is_some_and(|(id, addr)| {
+                check_name(id).is_ok() && addr.parse::<SocketAddr>().is_ok()
+            });
+            if !ok {
+                return Err((
+                    format!("cluster.peers[{i}]"),
+                    format!("`{peer}` is not of the form id@host:port"),
+                ));
+            }
+        }
+        if let Some(token) = &self.admin.token {
+            if token.len() < 8 {
+                return Err(("admin.token".into(), "must be at least 8 bytes".into()));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, p) in self.plugins.iter().enumerate() {
+            let at = |k: &str| format!("plugins[{i}].{k}");
+            check_name(&p.name).map_err(|m| (at("name"), m))?;
+            if !seen.insert(p.name.as_str()) {
+                return Err((at("name"), format!("plugin `{}` is listed twice", p.name)));
+            }
+            if p.component.is_empty() {
+                return Err((at("component"), "must not be empty".into()));
+            }
+            if !(1..=1024).contains(&p.limits.memory_mib) {
+                return Err((at("limits.memory_mib"), "must be in 1..=1024".into()));
+            }
+            if !(1..=60_000).contains(&p.limits.cpu_ms) {
+                return Err((at("limits.cpu_ms"), "must be in 1..=60000".into()));
+            }
+            if !(1..=65_536).contains(&p.limits.mailbox) {
+                return Err((at("limits.mailbox"), "must be in 1..=65536".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a node or plugin name: `[a-z0-9-]`, 1..=64 bytes, not starting
+/// with `-`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` must be 1..=64 of [a-z0-9-], not starting with `-`"
+        ))
+    }
+}
+
+/// The embedded single-node default.
+pub const DEFAULT_CONFIG: &str = r#"
+version = 1
+
+[node]
+id = "node-1"
+data_dir = "plexus-data"
+http = "127.0.0.1:7070"
+
+[[plugins]]
+name = "kv"
+component = "bundled:replicated-kv"
+capabilities = ["consensus", "storage", "log"]
+
+[[plugins]]
+name = "election"
+component = "bundled:leader-election"
+capabilities = ["consensus", "storage", "timers", "log"]
+config = { campaign = ["primary"], ttl_ms = 3000 }
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "node.toml", Path::new("/etc/plexus"))
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default();
+        assert_eq!(c.plugins.len(), 2);
+        assert_eq!(c.plugins[0].name, "kv");
+    }
+
+    #[test]
+    fn type_error_names_file_line_column_and_key() {
+        let text = "version = 1\n\n[[plugins]]\nname = \"kv\"\ncomponent = \"bundled:replicated-kv\"\nlimits = { memory_mib = \"lots\" }\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.file, "node.toml");
+        assert_eq!(e.key, "plugins[0].limits.memory_mib");
+        assert_eq!(e.line, 6);
+        assert!(e.column > 1, "{e}");
+        assert!(e.message.contains("string"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_path() {
+        let e = parse("version = 1\n[node]\nid = \"a\"\nport = 3\n").unwrap_err();
+        assert_eq!(e.key, "node");
+        assert!(e.message.contains("port"), "{e}");
+        assert_eq!(e.line, 4);
+    }
+
+    #[test]
+    fn semantic_error_points_at_the_value() {
+        let e = parse("version = 1\n[[plugins]]\nname = \"Bad Name\"\ncomponent = \"x.wasm\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "plugins[0].name");
+        assert_eq!((e.line, e.column), (3, 8));
+    }
+
+    #[test]
+    fn unknown_capability_is_rejected() {
+        let e = parse("version = 1\n[[plugins]]\nname = \"a\"\ncomponent = \"x.wasm\"\ncapabilities = [\"filesystem\"]\n").unwrap_err();
+        assert_eq!(e.key, "plugins[0].capabilities[0]");
+        assert!(e.message.contains("filesystem"), "{e}");
+    }
+}

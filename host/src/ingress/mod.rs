@@ -1,0 +1,334 @@
+//! HTTP ingress: client requests to plugins, a small admin API, health and
+//! metrics.
+//!
+//! - `ANY /v1/plugins/{name}/{path..}` → that plugin's `on-request`;
+//! - `GET /v1/admin/plugins`, `POST /v1/admin/plugins/{name}/swap` (body: a
+//!   component, `application/wasm`), `DELETE /v1/admin/plugins/{name}`:
+//!   need `Authorization: Bearer <admin.token>`;
+//! - `GET /healthz`, `GET /metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::node::{Node, RequestError};
+use crate::runtime::actor::{CallError, SwapError};
+use crate::runtime::bindings::pattern;
+
+/// Ingress settings.
+#[derive(Debug, Clone)]
+pub struct IngressOptions {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// How long a request may wait for its plugin.
+    pub request_timeout: Duration,
+    /// Admin bearer token; `None` turns the admin API off.
+    pub admin_token: Option<String>,
+}
+
+type Resp = hyper::Response<Full<Bytes>>;
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Resp {
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(value.to_string())))
+        .expect("static response parts are valid")
+}
+
+fn error(status: StatusCode, message: &str) -> Resp {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+/// Binds `addr` and serves until the task is dropped. Returns the bound
+/// address (useful with port 0) and the server task.
+pub async fn serve(
+    node: Arc<Node>,
+    addr: SocketAddr,
+    opts: IngressOptions,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding HTTP listener on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    let opts = Arc::new(opts);
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let node = node.clone();
+            let opts = opts.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let node = node.clone();
+                    let opts = opts.clone();
+                    async move { Ok::<_, Infallible>(route(&node, &opts, req).await) }
+                });
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!("connection ended: {e}");
+                }
+            });
+        }
+    });
+    Ok((local, task))
+}
+
+async fn read_body(
+    req: hyper::Request<Incoming>,
+    limit: usize,
+) -> Result<(hyper::http::request::Parts, Bytes), Resp> {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("too-large: body exceeds {limit} bytes"),
+        ));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(b) => Ok((parts, b.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("too-large: body exceeds {limit} bytes"),
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("reading body: {e}"),
+        )),
+    }
+}
+
+async fn route(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "status": "ok", "node": node.id() }),
+        ),
+        (&Method::GET, ["metrics"]) => metrics(node),
+        (_, ["v1", "plugins", name, ..]) => {
+            let name = name.to_string();
+            let rest = segments.get(3).map_or(String::new(), |s| format!("/{s}"));
+            plugin_request(node, opts, &name, rest, req).await
+        }
+        (_, ["v1", "admin", ..]) => admin(node, opts, req).await,
+        _ => error(StatusCode::NOT_FOUND, &format!("no route for {path}")),
+    }
+}
+
+fn to_method(m: &Method) -> Option<pattern::Method> {
+    Some(match *m {
+        Method::GET => pattern::Method::Get,
+        Method::HEAD => pattern::Method::Head,
+        Method::POST => pattern::Method::Post,
+        Method::PUT => pattern::Method::Put,
+        Method::DELETE => pattern::Method::Delete,
+        Method::PATCH => pattern::Method::Patch,
+        Method::OPTIONS => pattern::Method::Options,
+        _ => return None,
+    })
+}
+
+async fn plugin_request(
+    node: &Arc<Node>,
+    opts: &IngressOptions,
+    name: &str,
+    path: String,
+    req: hyper::Request<Incoming>,
+) -> Resp {
+    let Some(method) = to_method(req.method()) else {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "unsupported method");
+    };
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let (parts, body) = match read_body(req, opts.max_body_bytes).await {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    let headers = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let request = pattern::Request {
+        method,
+        path: if path.is_empty() { "/".into() } else { path },
+        query,
+        headers,
+        body: body.to_vec(),
+    };
+    match node.request(name, request, opts.request_timeout).await {
+        Ok(resp) => {
+            let status =
+                StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut builder = hyper::Response::builder().status(status);
+            for (k, v) in &resp.headers {
+                builder = builder.header(k.as_str(), v.as_str());
+            }
+            builder
+                .body(Full::new(Bytes::from(resp.body)))
+                .unwrap_or_else(|_| {
+                    error(StatusCode::BAD_GATEWAY, "plugin returned an invalid header")
+                })
+        }
+        Err(RequestError::NoSuchPlugin(n)) => {
+            error(StatusCode::NOT_FOUND, &format!("no plugin named `{n}`"))
+        }
+        Err(RequestError::Call(CallError::Timeout)) => {
+            error(StatusCode::GATEWAY_TIMEOUT, "plugin did not answer in time")
+        }
+        Err(RequestError::Call(e @ (CallError::Trap(_) | CallError::Stopped))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
+        Err(RequestError::Call(e @ CallError::Storage(_))) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+        }
+    }
+}
+
+async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Incoming>) -> Resp {
+    let Some(token) = &opts.admin_token else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the admin API is off: set admin.token in the config",
+        );
+    };
+    let presented = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (req.method().clone(), &segments[2..]) {
+        (Method::GET, ["plugins"]) => json(
+            StatusCode::OK,
+            &serde_json::to_value(node.plugins()).unwrap_or_default(),
+        ),
+        (Method::GET, ["plugins", name]) => match node.plugin(name) {
+            Some(s) => json(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default()),
+            None => error(StatusCode::NOT_FOUND, &format!("no plugin named `{name}`")),
+        },
+        (Method::POST, ["plugins", name, "swap"]) => {
+            let name = name.to_string();
+            let (_, body) = match read_body(req, 64 << 20).await {
+                Ok(x) => x,
+                Err(resp) => return resp,
+            };
+            match node.swap(&name, Arc::from(body.to_vec()), None).await {
+                Ok(report) => json(
+                    StatusCode::OK,
+                    &serde_json::to_value(report).unwrap_or_default(),
+                ),
+                Err(SwapError::Call(CallError::Stopped)) => {
+                    error(StatusCode::NOT_FOUND, &format!("no plugin named `{name}`"))
+                }
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+            }
+        }
+        (Method::DELETE, ["plugins", name]) => match node.unload(name).await {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({ "unloaded": name })),
+            Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        },
+        (Method::GET, ["status"]) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "node": node.id(), "commit_index": node.commit_index(), "plugins": node.plugins().len() }),
+        ),
+        _ => error(StatusCode::NOT_FOUND, &format!("no admin route for {path}")),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn metrics(node: &Arc<Node>) -> Resp {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let plugins = node.plugins();
+    let families: [(&str, &str, fn(&crate::runtime::actor::PluginStatus) -> f64); 6] = [
+        (
+            "plexus_plugin_requests_total",
+            "Client requests handled.",
+            |s| s.requests as f64,
+        ),
+        (
+            "plexus_plugin_errors_total",
+            "Hook calls that failed.",
+            |s| s.errors as f64,
+        ),
+        (
+            "plexus_plugin_traps_total",
+            "Hook calls that trapped.",
+            |s| s.traps as f64,
+        ),
+        (
+            "plexus_plugin_restarts_total",
+            "Instances restarted after a failure.",
+            |s| s.restarts as f64,
+        ),
+        (
+            "plexus_plugin_mailbox_depth",
+            "Mailbox items waiting.",
+            |s| s.mailbox_depth as f64,
+        ),
+        (
+            "plexus_plugin_last_swap_pause_seconds",
+            "Pause of the last hot swap.",
+            |s| s.last_swap_pause_us.map_or(0.0, |us| us as f64 / 1e6),
+        ),
+    ];
+    for (name, help, value) in families {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in &plugins {
+            let _ = writeln!(
+                out,
+                "{name}{{plugin=\"{}\",version=\"{}\"}} {}",
+                s.name,
+                s.version,
+                value(s)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP plexus_consensus_commit_index Last committed log index.\n# TYPE plexus_consensus_commit_index gauge"
+    );
+    let _ = writeln!(out, "plexus_consensus_commit_index {}", node.commit_index());
+    hyper::Response::builder()
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(out)))
+        .expect("static response parts are valid")
+}

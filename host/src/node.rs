@@ -1,0 +1,307 @@
+//! A node: the runtime, the storage and log engines, and the plugins it
+//! runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::cluster::local_log::LocalLog;
+use crate::cluster::state_store::RedbKv;
+use crate::primitives::CallLimits;
+use crate::primitives::membership::MembershipView;
+use crate::runtime::actor::{
+    CallError, PluginHandle, PluginLimits, PluginSpec, PluginStatus, Services, SwapError,
+    SwapReport,
+};
+use crate::runtime::bindings::pattern::{Request, Response};
+use crate::runtime::engine::Runtime;
+use crate::runtime::{Capability, LoadError, prepare};
+
+/// How to open a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// This node's id.
+    pub id: String,
+    /// Where the redb files and the compile cache live.
+    pub data_dir: PathBuf,
+    /// Limits on every plugin's host calls.
+    pub call_limits: CallLimits,
+    /// Metadata announced in the member list.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// A plugin to load.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Unique name.
+    pub name: String,
+    /// The component's bytes.
+    pub component: Arc<[u8]>,
+    /// Granted capabilities.
+    pub capabilities: BTreeSet<Capability>,
+    /// Resource limits.
+    pub limits: PluginLimits,
+    /// The `config` table as JSON.
+    pub config_json: String,
+}
+
+/// Why a node operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// No plugin of that name.
+    #[error("no plugin named `{0}`")]
+    NoSuchPlugin(String),
+    /// A plugin of that name is already loaded.
+    #[error("a plugin named `{0}` is already loaded")]
+    AlreadyLoaded(String),
+    /// The component was refused.
+    #[error("plugin `{name}`: {source}")]
+    Load {
+        /// Plugin name.
+        name: String,
+        /// Why.
+        source: LoadError,
+    },
+    /// Invalid limits in a spec.
+    #[error("plugin `{name}`: {reason}")]
+    Limits {
+        /// Plugin name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    id: String,
+    runtime: Arc<Runtime>,
+    services: Services,
+    plugins: RwLock<BTreeMap<String, Arc<PluginHandle>>>,
+}
+
+impl Node {
+    /// Opens the node's stores under `data_dir` (creating them) and starts
+    /// its log. Must be called inside a tokio runtime.
+    pub fn open(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
+        use anyhow::Context;
+        std::fs::create_dir_all(&opts.data_dir)
+            .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
+        let runtime = Runtime::new(Some(opts.data_dir.join("cache")))?;
+        let kv = RedbKv::open(&opts.data_dir.join("state.redb"))
+            .with_context(|| format!("opening {}", opts.data_dir.join("state.redb").display()))?;
+        let log = LocalLog::open(&opts.data_dir.join("log.redb"), &opts.id)
+            .with_context(|| format!("opening {}", opts.data_dir.join("log.redb").display()))?;
+        let services = Services {
+            kv: Arc::new(kv),
+            log: Arc::new(log),
+            view: MembershipView::single(&opts.id, opts.metadata),
+            call_limits: opts.call_limits,
+        };
+        Ok(Arc::new(Node {
+            id: opts.id,
+            runtime,
+            services,
+            plugins: RwLock::new(BTreeMap::new()),
+        }))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The runtime (engine and compile cache).
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// The consensus commit index.
+    pub fn commit_index(&self) -> u64 {
+        self.services.log.commit_index()
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<PluginHandle>, NodeError> {
+        self.plugins
+            .read()
+            .expect("plugin map poisoned")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| NodeError::NoSuchPlugin(name.to_string()))
+    }
+
+    /// Compiles and checks a component for `capabilities`, off the async
+    /// threads.
+    pub async fn prepare(
+        &self,
+        name: &str,
+        component: Arc<[u8]>,
+        capabilities: BTreeSet<Capability>,
+    ) -> Result<crate::runtime::Prepared, NodeError> {
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || prepare(&runtime, &component, &capabilities))
+            .await
+            .map_err(|e| NodeError::Load {
+                name: name.to_string(),
+                source: LoadError::Invalid(e.to_string()),
+            })?
+            .map_err(|source| NodeError::Load {
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    /// Loads a plugin and starts serving it.
+    pub async fn load(&self, spec: LoadSpec) -> Result<PluginStatus, NodeError> {
+        if self
+            .plugins
+            .read()
+            .expect("plugin map poisoned")
+            .contains_key(&spec.name)
+        {
+            return Err(NodeError::AlreadyLoaded(spec.name));
+        }
+        if spec.limits.memory_bytes > crate::runtime::engine::MAX_MEMORY_BYTES {
+            return Err(NodeError::Limits {
+                name: spec.name,
+                reason: format!(
+                    "memory limit exceeds the node maximum of {} MiB",
+                    crate::runtime::engine::MAX_MEMORY_BYTES >> 20
+                ),
+            });
+        }
+        let prepared = self
+            .prepare(
+                &spec.name,
+                spec.component.clone(),
+                spec.capabilities.clone(),
+            )
+            .await?;
+        let name = spec.name.clone();
+        let handle = PluginHandle::start(
+            PluginSpec {
+                name: spec.name,
+                capabilities: spec.capabilities,
+                limits: spec.limits,
+                config_json: spec.config_json,
+            },
+            prepared,
+            self.services.clone(),
+        )
+        .await
+        .map_err(|source| NodeError::Load {
+            name: name.clone(),
+            source,
+        })?;
+        let status = handle.status();
+        let mut plugins = self.plugins.write().expect("plugin map poisoned");
+        if plugins.contains_key(&name) {
+            return Err(NodeError::AlreadyLoaded(name));
+        }
+        plugins.insert(name, Arc::new(handle));
+        Ok(status)
+    }
+
+    /// Hot-swaps a plugin to a new component (and optionally new config).
+    pub async fn swap(
+        &self,
+        name: &str,
+        component: Arc<[u8]>,
+        config_json: Option<String>,
+    ) -> Result<SwapReport, SwapError> {
+        let handle = self
+            .get(name)
+            .map_err(|_| SwapError::Call(CallError::Stopped))?;
+        let prepared = self
+            .prepare(name, component, handle.capabilities().clone())
+            .await
+            .map_err(|e| match e {
+                NodeError::Load { source, .. } => SwapError::Load(source),
+                other => SwapError::Load(LoadError::Invalid(other.to_string())),
+            })?;
+        handle.swap(prepared, config_json).await
+    }
+
+    /// Stops and removes a plugin. Its storage stays.
+    pub async fn unload(&self, name: &str) -> Result<(), NodeError> {
+        let handle = self
+            .plugins
+            .write()
+            .expect("plugin map poisoned")
+            .remove(name)
+            .ok_or_else(|| NodeError::NoSuchPlugin(name.to_string()))?;
+        handle.stop().await;
+        Ok(())
+    }
+
+    /// Sends a client request to a plugin.
+    pub async fn request(
+        &self,
+        name: &str,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Response, RequestError> {
+        let handle = self
+            .get(name)
+            .map_err(|_| RequestError::NoSuchPlugin(name.to_string()))?;
+        handle
+            .request(req, timeout)
+            .await
+            .map_err(RequestError::Call)
+    }
+
+    /// Delivers a message to a plugin as if sent by `from`.
+    pub async fn message(
+        &self,
+        name: &str,
+        from: &str,
+        topic: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, RequestError> {
+        let handle = self
+            .get(name)
+            .map_err(|_| RequestError::NoSuchPlugin(name.to_string()))?;
+        handle
+            .message(from, topic, payload, timeout)
+            .await
+            .map_err(RequestError::Call)
+    }
+
+    /// Status of every plugin, by name.
+    pub fn plugins(&self) -> Vec<PluginStatus> {
+        self.plugins
+            .read()
+            .expect("plugin map poisoned")
+            .values()
+            .map(|h| h.status())
+            .collect()
+    }
+
+    /// Status of one plugin.
+    pub fn plugin(&self, name: &str) -> Option<PluginStatus> {
+        self.get(name).ok().map(|h| h.status())
+    }
+
+    /// Stops every plugin.
+    pub async fn shutdown(&self) {
+        let all: Vec<_> = std::mem::take(&mut *self.plugins.write().expect("plugin map poisoned"))
+            .into_values()
+            .collect();
+        for handle in all {
+            handle.stop().await;
+        }
+    }
+}
+
+/// Why a request to a plugin failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No plugin of that name.
+    #[error("no plugin named `{0}`")]
+    NoSuchPlugin(String),
+    /// The plugin did not answer.
+    #[error(transparent)]
+    Call(CallError),
+}

@@ -1,0 +1,94 @@
+//! `plexus:cluster/membership`: the member list as this node sees it.
+
+use std::sync::{Arc, RwLock};
+
+use wasmtime::component::{HasData, Linker};
+
+use crate::runtime::bindings::plexus::cluster::membership as wit;
+use crate::runtime::bindings::plexus::cluster::types::{Member, MemberState};
+use crate::runtime::state::PluginState;
+
+/// The node's membership view, shared by all plugins.
+///
+/// To be correct, a source of membership must bump `epoch` on every change
+/// it makes to `members`.
+#[derive(Debug)]
+pub struct MembershipView {
+    local: String,
+    inner: RwLock<(u64, Vec<Member>)>,
+}
+
+impl MembershipView {
+    /// A cluster of one: this node, alive, voting.
+    pub fn single(node: &str, metadata: Vec<(String, String)>) -> Arc<Self> {
+        Arc::new(MembershipView {
+            local: node.to_string(),
+            inner: RwLock::new((
+                1,
+                vec![Member {
+                    id: node.to_string(),
+                    state: MemberState::Alive,
+                    voter: true,
+                    metadata,
+                }],
+            )),
+        })
+    }
+
+    /// This node's id.
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+
+    /// The epoch and members.
+    pub fn snapshot(&self) -> (u64, Vec<Member>) {
+        self.inner.read().expect("membership poisoned").clone()
+    }
+
+    /// Whether `node` is a member that is not dead.
+    pub fn is_reachable(&self, node: &str) -> bool {
+        self.inner
+            .read()
+            .expect("membership poisoned")
+            .1
+            .iter()
+            .any(|m| m.id == node && m.state != MemberState::Dead)
+    }
+}
+
+/// One plugin instance's membership context.
+pub struct MembershipCtx {
+    view: Arc<MembershipView>,
+}
+
+impl MembershipCtx {
+    /// A context over the node's view.
+    pub fn new(view: Arc<MembershipView>) -> Self {
+        MembershipCtx { view }
+    }
+}
+
+impl wit::Host for MembershipCtx {
+    fn local_node(&mut self) -> wasmtime::Result<String> {
+        Ok(self.view.local.clone())
+    }
+
+    fn members(&mut self) -> wasmtime::Result<Vec<Member>> {
+        Ok(self.view.snapshot().1)
+    }
+
+    fn epoch(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.view.snapshot().0)
+    }
+}
+
+struct Membership;
+
+impl HasData for Membership {
+    type Data<'a> = &'a mut MembershipCtx;
+}
+
+/// Grants `membership`.
+pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    wit::add_to_linker::<PluginState, Membership>(linker, |s| &mut s.membership)
+}

@@ -1,0 +1,253 @@
+//! `plexus:cluster/storage`: the plugin's durable namespace, with one
+//! transaction per hook call.
+//!
+//! Writes go into an in-memory overlay that reads consult first; the
+//! plugin actor commits the overlay (and the applied log index) in one
+//! durable transaction when the hook returns, or drops it when it traps.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wasmtime::component::{HasData, Linker};
+
+use super::{CallLimits, over};
+use crate::cluster::state_store::{KvBackend, StoreError, Write};
+use crate::runtime::bindings::plexus::cluster::storage::{
+    self as wit, BatchOp, KeyValue, StorageError, Version, Versioned,
+};
+use crate::runtime::state::PluginState;
+
+/// One plugin instance's storage context.
+pub struct StorageCtx {
+    ns: String,
+    backend: Arc<dyn KvBackend>,
+    limits: CallLimits,
+    overlay: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
+    overlay_bytes: u64,
+}
+
+impl StorageCtx {
+    /// A context for namespace `ns`.
+    pub fn new(ns: &str, backend: Arc<dyn KvBackend>, limits: CallLimits) -> Self {
+        StorageCtx {
+            ns: ns.to_string(),
+            backend,
+            limits,
+            overlay: BTreeMap::new(),
+            overlay_bytes: 0,
+        }
+    }
+
+    /// Takes the writes of the current hook call, leaving none.
+    pub fn take_writes(&mut self) -> Vec<Write> {
+        self.overlay_bytes = 0;
+        std::mem::take(&mut self.overlay).into_iter().collect()
+    }
+
+    /// Drops the writes of the current hook call.
+    pub fn discard(&mut self) {
+        self.overlay.clear();
+        self.overlay_bytes = 0;
+    }
+
+    fn current(&self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StorageError> {
+        match self.overlay.get(key) {
+            Some(w) => Ok(w.clone()),
+            None => self.backend.get(&self.ns, key).map_err(io),
+        }
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), StorageError> {
+        if over(key.len(), self.limits.max_key_bytes) {
+            return Err(StorageError::TooLarge(self.limits.max_key_bytes));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), StorageError> {
+        if over(value.len(), self.limits.max_value_bytes) {
+            return Err(StorageError::TooLarge(self.limits.max_value_bytes));
+        }
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<Option<Version>, StorageError> {
+        let size = (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
+        if self.overlay_bytes.saturating_add(size) > self.limits.max_txn_bytes {
+            return Err(StorageError::TooLarge(
+                u32::try_from(self.limits.max_txn_bytes).unwrap_or(u32::MAX),
+            ));
+        }
+        self.overlay_bytes += size;
+        let write = value.map(|v| (v, self.backend.next_version()));
+        let version = write.as_ref().map(|(_, v)| *v);
+        self.overlay.insert(key, write);
+        Ok(version)
+    }
+}
+
+fn io(e: StoreError) -> StorageError {
+    StorageError::Io(e.0)
+}
+
+impl wit::Host for StorageCtx {
+    fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<Option<Versioned>, StorageError>> {
+        Ok((|| {
+            self.check_key(&key)?;
+            Ok(self
+                .current(&key)?
+                .map(|(value, version)| Versioned { value, version }))
+        })())
+    }
+
+    fn put(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<Version, StorageError>> {
+        Ok((|| {
+            self.check_key(&key)?;
+            self.check_value(&value)?;
+            Ok(self.write(key, Some(value))?.unwrap_or_default())
+        })())
+    }
+
+    fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<bool, StorageError>> {
+        Ok((|| {
+            self.check_key(&key)?;
+            let existed = self.current(&key)?.is_some();
+            if existed {
+                self.write(key, None)?;
+            }
+            Ok(existed)
+        })())
+    }
+
+    fn scan(
+        &mut self,
+        prefix: Vec<u8>,
+        start_after: Option<Vec<u8>>,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<KeyValue>, StorageError>> {
+        Ok((|| {
+            self.check_key(&prefix)?;
+            let limit = limit.clamp(1, 1000) as usize;
+            let in_range =
+                |k: &Vec<u8>| k.starts_with(&prefix) && start_after.as_ref().is_none_or(|a| k > a);
+            let pending: Vec<_> = self.overlay.iter().filter(|(k, _)| in_range(k)).collect();
+            // Deleted or overwritten keys in the overlay may hide stored ones,
+            // so read enough stored keys to still fill the page.
+            let stored = self
+                .backend
+                .scan(
+                    &self.ns,
+                    &prefix,
+                    start_after.as_deref(),
+                    limit + pending.len(),
+                )
+                .map_err(io)?;
+            let mut merged: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = stored
+                .into_iter()
+                .map(|(k, v, ver)| (k, (v, ver)))
+                .collect();
+            for (k, w) in pending {
+                match w {
+                    Some(v) => merged.insert(k.clone(), v.clone()),
+                    None => merged.remove(k),
+                };
+            }
+            Ok(merged
+                .into_iter()
+                .take(limit)
+                .map(|(key, (value, version))| KeyValue {
+                    key,
+                    value: Versioned { value, version },
+                })
+                .collect())
+        })())
+    }
+
+    fn compare_and_swap(
+        &mut self,
+        key: Vec<u8>,
+        expected: Option<Version>,
+        value: Option<Vec<u8>>,
+    ) -> wasmtime::Result<Result<Option<Version>, StorageError>> {
+        Ok((|| {
+            self.check_key(&key)?;
+            if let Some(v) = &value {
+                self.check_value(v)?;
+            }
+            let current = self.current(&key)?.map(|(_, v)| v);
+            if current != expected {
+                return Err(StorageError::VersionMismatch(current));
+            }
+            if value.is_none() && current.is_none() {
+                return Ok(None);
+            }
+            self.write(key, value)
+        })())
+    }
+
+    fn batch(&mut self, ops: Vec<BatchOp>) -> wasmtime::Result<Result<Vec<Version>, StorageError>> {
+        Ok((|| {
+            for op in &ops {
+                match op {
+                    BatchOp::Put((k, v)) => {
+                        self.check_key(k)?;
+                        self.check_value(v)?;
+                    }
+                    BatchOp::Delete(k) => self.check_key(k)?,
+                    BatchOp::Check((k, expected)) => {
+                        self.check_key(k)?;
+                        let current = self.current(k)?.map(|(_, v)| v);
+                        if current != *expected {
+                            return Err(StorageError::VersionMismatch(current));
+                        }
+                    }
+                }
+            }
+            let size: u64 = ops
+                .iter()
+                .map(|op| match op {
+                    BatchOp::Put((k, v)) => (k.len() + v.len()) as u64,
+                    BatchOp::Delete(k) => k.len() as u64,
+                    BatchOp::Check(_) => 0,
+                })
+                .sum();
+            if self.overlay_bytes.saturating_add(size) > self.limits.max_txn_bytes {
+                return Err(StorageError::TooLarge(
+                    u32::try_from(self.limits.max_txn_bytes).unwrap_or(u32::MAX),
+                ));
+            }
+            let mut versions = Vec::new();
+            for op in ops {
+                match op {
+                    BatchOp::Put((k, v)) => {
+                        versions.push(self.write(k, Some(v))?.unwrap_or_default())
+                    }
+                    BatchOp::Delete(k) => {
+                        self.write(k, None)?;
+                    }
+                    BatchOp::Check(_) => {}
+                }
+            }
+            Ok(versions)
+        })())
+    }
+}
+
+struct Storage;
+
+impl HasData for Storage {
+    type Data<'a> = &'a mut StorageCtx;
+}
+
+/// Grants `storage`.
+pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    wit::add_to_linker::<PluginState, Storage>(linker, |s| &mut s.storage)
+}

@@ -1,0 +1,903 @@
+//! The plugin actor: one task per plugin that owns the live instance and
+//! drains its bounded mailbox, one hook call at a time.
+//!
+//! Everything that reaches a plugin — client requests, messages, timers,
+//! committed log entries, a swap — goes through here, so a swap happens
+//! between two mailbox items and nothing queued is lost or seen twice. A
+//! hook that traps kills only its instance: the actor restarts the plugin
+//! with backoff while the mailbox keeps what arrives meanwhile.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use super::bindings::Plugin;
+use super::bindings::pattern::{InitContext, Request, Response};
+use super::bindings::types::MemberEvent;
+use super::state::PluginState;
+use super::{Capability, LoadError, Prepared};
+use crate::cluster::log::ConsensusBackend;
+use crate::cluster::state_store::KvBackend;
+use crate::primitives::CallLimits;
+use crate::primitives::consensus::{ConsensusCtx, to_committed};
+use crate::primitives::log::LogCtx;
+use crate::primitives::membership::{MembershipCtx, MembershipView};
+use crate::primitives::messaging::MessagingCtx;
+use crate::primitives::storage::StorageCtx;
+use crate::primitives::timers::TimersCtx;
+
+/// Most committed entries handed to one `apply` call.
+const APPLY_BATCH: usize = 256;
+/// Swap pauses kept per plugin for reporting.
+const PAUSES_KEPT: usize = 4096;
+
+/// Per-plugin resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PluginLimits {
+    /// Linear memory cap, in bytes.
+    pub memory_bytes: u64,
+    /// Longest a single hook call may run.
+    pub cpu: Duration,
+    /// Mailbox capacity.
+    pub mailbox: usize,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            memory_bytes: 64 << 20,
+            cpu: Duration::from_millis(1000),
+            mailbox: 1024,
+        }
+    }
+}
+
+/// Node services a plugin instance is wired to.
+#[derive(Clone)]
+pub struct Services {
+    /// Durable node-local storage.
+    pub kv: Arc<dyn KvBackend>,
+    /// The consensus log.
+    pub log: Arc<dyn ConsensusBackend>,
+    /// The membership view.
+    pub view: Arc<MembershipView>,
+    /// Limits on every host call.
+    pub call_limits: CallLimits,
+}
+
+/// Where a plugin is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// Serving.
+    Running,
+    /// Its instance failed; a new one starts after a backoff.
+    Restarting,
+    /// Unloaded.
+    Stopped,
+}
+
+/// What a plugin reports about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    /// Name.
+    pub name: String,
+    /// Content version of the running component.
+    pub version: String,
+    /// Life state.
+    pub state: RunState,
+    /// Granted capabilities.
+    pub capabilities: Vec<Capability>,
+    /// Unix ms when it was loaded.
+    pub loaded_at_ms: u64,
+    /// Instances restarted after a failure.
+    pub restarts: u64,
+    /// Hook calls that trapped (including deadline and memory overruns).
+    pub traps: u64,
+    /// Client requests handled.
+    pub requests: u64,
+    /// Hook calls that failed.
+    pub errors: u64,
+    /// Completed hot swaps.
+    pub swaps: u64,
+    /// Pause of the last swap, in microseconds.
+    pub last_swap_pause_us: Option<u64>,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// Mailbox items waiting.
+    pub mailbox_depth: usize,
+    /// Pauses of recent swaps, in microseconds, oldest first.
+    #[serde(skip)]
+    pub swap_pauses_us: Vec<u64>,
+}
+
+/// Why a call into a plugin did not produce a result.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The mailbox stayed full, or no reply came, within the deadline.
+    #[error("plugin did not answer in time")]
+    Timeout,
+    /// The hook trapped; the instance is being restarted.
+    #[error("plugin failed: {0}")]
+    Trap(String),
+    /// The hook's storage transaction could not be committed.
+    #[error("storage commit failed: {0}")]
+    Storage(String),
+    /// The plugin was unloaded.
+    #[error("plugin stopped")]
+    Stopped,
+}
+
+/// Why a swap did not happen. The old version keeps serving.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SwapError {
+    /// The new component could not be prepared or initialised.
+    #[error("new version refused: {0}")]
+    Load(#[from] LoadError),
+    /// The old instance failed in `snapshot`.
+    #[error("old version failed to snapshot: {0}")]
+    Snapshot(String),
+    /// The new instance refused or failed `restore`.
+    #[error("new version failed to restore: {0}")]
+    Restore(String),
+    /// The plugin is stopped or did not answer.
+    #[error("{0}")]
+    Call(#[from] CallError),
+}
+
+/// What a completed swap measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapReport {
+    /// Version before.
+    pub from: String,
+    /// Version after.
+    pub to: String,
+    /// How long the mailbox was not served.
+    pub pause_us: u64,
+    /// Bytes handed over by snapshot/restore.
+    pub state_bytes: usize,
+}
+
+/// A mailbox item.
+pub enum Mail {
+    /// A client request.
+    Request {
+        /// The request.
+        req: Request,
+        /// Where the response goes.
+        reply: oneshot::Sender<Result<Response, CallError>>,
+    },
+    /// A message from the same plugin on some node.
+    Message {
+        /// Sender node.
+        from: String,
+        /// Topic.
+        topic: String,
+        /// Payload.
+        payload: Vec<u8>,
+        /// Where the reply goes, for requests.
+        reply: Option<oneshot::Sender<Result<Option<Vec<u8>>, CallError>>>,
+    },
+    /// A timer fired.
+    Timer {
+        /// Instance generation that set it.
+        generation: u64,
+        /// Timer id.
+        id: u64,
+        /// Which setting of the id.
+        seq: u64,
+    },
+    /// Replace the instance.
+    Swap {
+        /// The new, initialised instance.
+        next: Box<Instance>,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<SwapReport, SwapError>>,
+    },
+    /// Stop the actor.
+    Stop {
+        /// Signalled once stopped.
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// State shared between a plugin's actor and its handle.
+pub struct PluginEnv {
+    name: String,
+    services: Services,
+    limits: PluginLimits,
+    capabilities: BTreeSet<Capability>,
+    config_json: Mutex<String>,
+    generation: AtomicU64,
+    status: Mutex<PluginStatus>,
+}
+
+impl PluginEnv {
+    fn update(&self, f: impl FnOnce(&mut PluginStatus)) {
+        f(&mut self.status.lock().expect("status poisoned"));
+    }
+}
+
+/// A live instance: its store and bindings.
+pub struct Instance {
+    store: Store<PluginState>,
+    bindings: Plugin,
+    prepared: Prepared,
+    /// The applied index last committed to storage.
+    persisted: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn describe(e: &wasmtime::Error, limits: &PluginLimits) -> String {
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => {
+            format!("exceeded its CPU deadline of {} ms", limits.cpu.as_millis())
+        }
+        Some(Trap::OutOfFuel) => "ran out of fuel".into(),
+        _ => {
+            let text = format!("{e:#}");
+            if text.contains("memory") && text.contains("grow") {
+                format!(
+                    "exceeded its memory cap of {} MiB ({text})",
+                    limits.memory_bytes >> 20
+                )
+            } else {
+                // Keep the first lines: the cause and the top of the backtrace.
+                text.lines().take(8).collect::<Vec<_>>().join("\n")
+            }
+        }
+    }
+}
+
+impl Instance {
+    /// Instantiates `prepared` and runs `init` and the first membership
+    /// event. Nothing is shared with a running instance until it is
+    /// installed by the actor.
+    async fn start(
+        env: &Arc<PluginEnv>,
+        prepared: Prepared,
+        mailbox: mpsc::WeakSender<Mail>,
+    ) -> Result<Instance, LoadError> {
+        let generation = env.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let services = &env.services;
+        let applied = services
+            .kv
+            .applied_index(&env.name)
+            .map_err(|e| LoadError::Init(e.to_string()))?;
+        let state = PluginState {
+            wasi: WasiCtxBuilder::new().inherit_stderr().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(usize::try_from(env.limits.memory_bytes).unwrap_or(usize::MAX))
+                .trap_on_grow_failure(true)
+                .build(),
+            storage: StorageCtx::new(&env.name, services.kv.clone(), services.call_limits),
+            consensus: ConsensusCtx::new(
+                &env.name,
+                services.log.clone(),
+                services.call_limits,
+                applied,
+            ),
+            membership: MembershipCtx::new(services.view.clone()),
+            messaging: MessagingCtx::new(
+                mailbox.clone(),
+                services.view.clone(),
+                services.call_limits,
+            ),
+            timers: TimersCtx::new(mailbox, generation),
+            log: LogCtx::new(&env.name, &prepared.version),
+            call_started: Instant::now(),
+            cpu_budget: env.limits.cpu,
+        };
+        let mut store = Store::new(prepared.pre.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_callback(|ctx| {
+            let data = ctx.data();
+            if data.call_started.elapsed() > data.cpu_budget {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store.set_epoch_deadline(1);
+        let bindings = prepared
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| LoadError::Init(format!("instantiation failed: {e:#}")))?;
+        let mut inst = Instance {
+            store,
+            bindings,
+            prepared,
+            persisted: applied,
+        };
+        let ctx = InitContext {
+            config: env.config_json.lock().expect("config poisoned").clone(),
+            node: services.view.local().to_string(),
+            name: env.name.clone(),
+            version: inst.prepared.version.clone(),
+            limits: services.call_limits.to_wit(),
+        };
+        inst.begin();
+        let r = inst
+            .bindings
+            .plexus_cluster_pattern()
+            .call_init(&mut inst.store, &ctx)
+            .await;
+        match inst.finish(env, r).await {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => return Err(LoadError::Init(msg)),
+            Err(e) => return Err(LoadError::Init(e.to_string())),
+        }
+        let (epoch, members) = services.view.snapshot();
+        let events: Vec<MemberEvent> = members
+            .into_iter()
+            .map(|member| MemberEvent { member, epoch })
+            .collect();
+        inst.begin();
+        let r = inst
+            .bindings
+            .plexus_cluster_pattern()
+            .call_on_membership(&mut inst.store, &events)
+            .await;
+        inst.finish(env, r)
+            .await
+            .map_err(|e| LoadError::Init(format!("on-membership: {e}")))?;
+        Ok(inst)
+    }
+
+    fn begin(&mut self) {
+        self.store.data_mut().call_started = Instant::now();
+        self.store.set_epoch_deadline(1);
+    }
+
+    /// Ends a hook call: commits its storage writes and delivery cursor, or
+    /// discards them if it failed. An error means the instance is unusable.
+    async fn finish<R>(&mut self, env: &PluginEnv, r: wasmtime::Result<R>) -> Result<R, CallError> {
+        match r {
+            Ok(value) => {
+                let data = self.store.data_mut();
+                let writes = data.storage.take_writes();
+                let delivered = data.consensus.delivered;
+                let applied = (delivered != self.persisted).then_some(delivered);
+                if !writes.is_empty() || applied.is_some() {
+                    let kv = env.services.kv.clone();
+                    let ns = env.name.clone();
+                    let result =
+                        tokio::task::spawn_blocking(move || kv.commit(&ns, writes, applied))
+                            .await
+                            .map_err(|e| CallError::Storage(e.to_string()))
+                            .and_then(|r| r.map_err(|e| CallError::Storage(e.to_string())));
+                    if let Err(e) = result {
+                        env.update(|s| {
+                            s.errors += 1;
+                            s.last_error = Some(e.to_string());
+                        });
+                        return Err(e);
+                    }
+                    self.persisted = delivered;
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                self.store.data_mut().storage.discard();
+                let msg = describe(&e, &env.limits);
+                tracing::warn!(plugin = %env.name, version = %self.prepared.version, "hook failed: {msg}");
+                env.update(|s| {
+                    s.traps += 1;
+                    s.errors += 1;
+                    s.last_error = Some(msg.clone());
+                });
+                Err(CallError::Trap(msg))
+            }
+        }
+    }
+
+    fn delivered(&self) -> u64 {
+        self.store.data().consensus.delivered
+    }
+}
+
+/// A handle to a running plugin.
+pub struct PluginHandle {
+    env: Arc<PluginEnv>,
+    tx: mpsc::Sender<Mail>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How a plugin is to be started.
+pub struct PluginSpec {
+    /// Unique name on the node; also its storage namespace and log stream.
+    pub name: String,
+    /// Granted capabilities.
+    pub capabilities: BTreeSet<Capability>,
+    /// Resource limits.
+    pub limits: PluginLimits,
+    /// The `config` table as JSON.
+    pub config_json: String,
+}
+
+impl PluginHandle {
+    /// Starts a plugin: instantiates and initialises it, then spawns its
+    /// actor. Fails without side effects when the instance cannot start.
+    pub async fn start(
+        spec: PluginSpec,
+        prepared: Prepared,
+        services: Services,
+    ) -> Result<PluginHandle, LoadError> {
+        let (tx, rx) = mpsc::channel(spec.limits.mailbox.max(1));
+        let commits = services
+            .log
+            .subscribe(&spec.name)
+            .map_err(|e| LoadError::Init(e.to_string()))?;
+        let env = Arc::new(PluginEnv {
+            status: Mutex::new(PluginStatus {
+                name: spec.name.clone(),
+                version: prepared.version.clone(),
+                state: RunState::Running,
+                capabilities: spec.capabilities.iter().copied().collect(),
+                loaded_at_ms: now_ms(),
+                restarts: 0,
+                traps: 0,
+                requests: 0,
+                errors: 0,
+                swaps: 0,
+                last_swap_pause_us: None,
+                last_error: None,
+                mailbox_depth: 0,
+                swap_pauses_us: Vec::new(),
+            }),
+            name: spec.name,
+            services,
+            limits: spec.limits,
+            capabilities: spec.capabilities,
+            config_json: Mutex::new(spec.config_json),
+            generation: AtomicU64::new(0),
+        });
+        let instance = Instance::start(&env, prepared, tx.downgrade()).await?;
+        let actor = Actor {
+            env: env.clone(),
+            rx,
+            mailbox: tx.downgrade(),
+            deferred: VecDeque::new(),
+            commits,
+            commits_open: true,
+            instance: Some(instance),
+            last_prepared: None,
+            failures: 0,
+        };
+        let span = tracing::info_span!("plugin", name = %env.name);
+        let task = tokio::spawn(actor.run().instrument(span));
+        Ok(PluginHandle { env, tx, task })
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.env.name
+    }
+
+    /// Granted capabilities.
+    pub fn capabilities(&self) -> &BTreeSet<Capability> {
+        &self.env.capabilities
+    }
+
+    /// Current status.
+    pub fn status(&self) -> PluginStatus {
+        let mut s = self.env.status.lock().expect("status poisoned").clone();
+        s.mailbox_depth = self.tx.max_capacity() - self.tx.capacity();
+        s
+    }
+
+    async fn send(&self, mail: Mail, deadline: Instant) -> Result<(), CallError> {
+        match tokio::time::timeout_at(deadline.into(), self.tx.send(mail)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(CallError::Stopped),
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    /// Delivers a client request and waits up to `timeout` for the answer.
+    pub async fn request(&self, req: Request, timeout: Duration) -> Result<Response, CallError> {
+        let deadline = Instant::now() + timeout;
+        let (reply, rx) = oneshot::channel();
+        self.send(Mail::Request { req, reply }, deadline).await?;
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(CallError::Stopped),
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    /// Delivers a message (as if from `from`) and waits for `on-message`.
+    pub async fn message(
+        &self,
+        from: &str,
+        topic: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, CallError> {
+        let deadline = Instant::now() + timeout;
+        let (reply, rx) = oneshot::channel();
+        let mail = Mail::Message {
+            from: from.to_string(),
+            topic: topic.to_string(),
+            payload,
+            reply: Some(reply),
+        };
+        self.send(mail, deadline).await?;
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(CallError::Stopped),
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    /// Replaces the running version by `prepared`, handing state over with
+    /// snapshot/restore. `config_json`, when given, replaces the config
+    /// passed to `init`. On any failure the old version keeps serving.
+    pub async fn swap(
+        &self,
+        prepared: Prepared,
+        config_json: Option<String>,
+    ) -> Result<SwapReport, SwapError> {
+        let previous = config_json.map(|c| {
+            std::mem::replace(
+                &mut *self.env.config_json.lock().expect("config poisoned"),
+                c,
+            )
+        });
+        // Instantiate and init the new version here, off the actor, while the
+        // old one keeps serving.
+        let next = match Instance::start(&self.env, prepared, self.tx.downgrade()).await {
+            Ok(next) => next,
+            Err(e) => {
+                if let Some(previous) = previous {
+                    *self.env.config_json.lock().expect("config poisoned") = previous;
+                }
+                return Err(SwapError::Load(e));
+            }
+        };
+        let (reply, rx) = oneshot::channel();
+        let mail = Mail::Swap {
+            next: Box::new(next),
+            reply,
+        };
+        self.tx.send(mail).await.map_err(|_| CallError::Stopped)?;
+        rx.await.map_err(|_| SwapError::Call(CallError::Stopped))?
+    }
+
+    /// Stops the actor after the mail already queued, dropping the instance.
+    pub async fn stop(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Mail::Stop { reply }).await.is_ok()
+            && tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .is_err()
+        {
+            self.task.abort();
+        }
+        self.env.update(|s| s.state = RunState::Stopped);
+    }
+}
+
+struct Actor {
+    env: Arc<PluginEnv>,
+    rx: mpsc::Receiver<Mail>,
+    /// For the instances it starts; weak so that dropping the handle ends
+    /// the actor.
+    mailbox: mpsc::WeakSender<Mail>,
+    /// Mail read while waiting out a restart backoff, served first.
+    deferred: VecDeque<Mail>,
+    commits: watch::Receiver<u64>,
+    commits_open: bool,
+    instance: Option<Instance>,
+    /// What to restart from after the instance died.
+    last_prepared: Option<Prepared>,
+    failures: u32,
+}
+
+enum Next {
+    Mail(Mail),
+    Commits,
+    Closed,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        loop {
+            if self.instance.is_none() && !self.restart().await {
+                break;
+            }
+            let Some(inst) = &self.instance else { continue };
+            let target = *self.commits.borrow_and_update();
+            if target > inst.delivered() {
+                self.deliver(target).await;
+                continue;
+            }
+            let next = if let Some(mail) = self.deferred.pop_front() {
+                Next::Mail(mail)
+            } else {
+                tokio::select! {
+                    biased;
+                    changed = self.commits.changed(), if self.commits_open => {
+                        if changed.is_err() {
+                            self.commits_open = false;
+                        }
+                        Next::Commits
+                    }
+                    mail = self.rx.recv() => mail.map_or(Next::Closed, Next::Mail),
+                }
+            };
+            match next {
+                Next::Commits => {}
+                Next::Closed => break,
+                Next::Mail(mail) => {
+                    if !self.handle(mail).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.env.update(|s| s.state = RunState::Stopped);
+    }
+
+    /// Marks the instance dead after a failed hook.
+    fn kill(&mut self) {
+        if let Some(inst) = self.instance.take() {
+            self.last_prepared = Some(inst.prepared.clone());
+        }
+        self.failures += 1;
+        self.env.update(|s| s.state = RunState::Restarting);
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Starts a fresh instance after a backoff. Returns false if the actor
+    /// was told to stop meanwhile.
+    async fn restart(&mut self) -> bool {
+        let backoff = Duration::from_millis(100u64 << self.failures.saturating_sub(1).min(7))
+            .min(Duration::from_secs(10));
+        let wake = tokio::time::Instant::now() + backoff;
+        // Wait out the backoff, but stay responsive to stop and swap: a swap
+        // to a fixed version is how an operator ends a crash loop.
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                mail = self.rx.recv() => match mail {
+                    None => return false,
+                    Some(Mail::Stop { reply }) => {
+                        let _ = reply.send(());
+                        return false;
+                    }
+                    Some(Mail::Swap { next, reply }) => {
+                        let from = self.last_prepared.as_ref().map(|p| p.version.clone()).unwrap_or_default();
+                        let report = SwapReport { from, to: next.prepared.version.clone(), pause_us: 0, state_bytes: 0 };
+                        self.install(*next, &report);
+                        let _ = reply.send(Ok(report));
+                        return true;
+                    }
+                    Some(other) => self.deferred.push_back(other),
+                },
+            }
+        }
+        let Some(prepared) = self.last_prepared.clone() else {
+            return false;
+        };
+        let version = prepared.version.clone();
+        match Instance::start(&self.env, prepared, self.mailbox.clone()).await {
+            Ok(inst) => {
+                tracing::info!(plugin = %self.env.name, %version, "plugin restarted");
+                self.instance = Some(inst);
+                self.env.update(|s| {
+                    s.restarts += 1;
+                    s.state = RunState::Running;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %self.env.name, %version, "restart failed: {e}");
+                self.failures += 1;
+                self.env.update(|s| {
+                    s.restarts += 1;
+                    s.last_error = Some(e.to_string());
+                });
+            }
+        }
+        true
+    }
+
+    fn install(&mut self, next: Instance, report: &SwapReport) {
+        self.instance = Some(next);
+        self.failures = 0;
+        self.env.update(|s| {
+            s.version = report.to.clone();
+            s.state = RunState::Running;
+            s.swaps += 1;
+            s.last_swap_pause_us = Some(report.pause_us);
+            if s.swap_pauses_us.len() >= PAUSES_KEPT {
+                s.swap_pauses_us.remove(0);
+            }
+            s.swap_pauses_us.push(report.pause_us);
+        });
+    }
+
+    async fn deliver(&mut self, target: u64) {
+        let Some(inst) = self.instance.as_mut() else {
+            return;
+        };
+        let from = inst.delivered();
+        let entries = match self
+            .env
+            .services
+            .log
+            .entries(&self.env.name, from, target, APPLY_BATCH)
+        {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(plugin = %self.env.name, "reading committed entries: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
+        };
+        let through = if entries.len() < APPLY_BATCH {
+            target
+        } else {
+            entries.last().map_or(target, |e| e.index)
+        };
+        let entries: Vec<_> = entries.into_iter().map(to_committed).collect();
+        inst.begin();
+        inst.store.data_mut().consensus.delivered = through;
+        let span = tracing::debug_span!("hook", hook = "apply", plugin = %self.env.name, version = %inst.prepared.version, index = through);
+        let r = inst
+            .bindings
+            .plexus_cluster_pattern()
+            .call_apply(&mut inst.store, &entries)
+            .instrument(span)
+            .await;
+        match inst.finish(&self.env, r).await {
+            Ok(()) => self.succeeded(),
+            Err(_) => self.kill(),
+        }
+    }
+
+    async fn handle(&mut self, mail: Mail) -> bool {
+        let env = self.env.clone();
+        let Some(inst) = self.instance.as_mut() else {
+            self.deferred.push_front(mail);
+            return true;
+        };
+        let version = inst.prepared.version.clone();
+        match mail {
+            Mail::Request { req, reply } => {
+                env.update(|s| s.requests += 1);
+                inst.begin();
+                let span = tracing::debug_span!("hook", hook = "on-request", plugin = %env.name, %version, path = %req.path);
+                let r = inst
+                    .bindings
+                    .plexus_cluster_pattern()
+                    .call_on_request(&mut inst.store, &req)
+                    .instrument(span)
+                    .await;
+                let r = inst.finish(&env, r).await;
+                self.after(&r);
+                let _ = reply.send(r);
+            }
+            Mail::Message {
+                from,
+                topic,
+                payload,
+                reply,
+            } => {
+                inst.begin();
+                let span = tracing::debug_span!("hook", hook = "on-message", plugin = %env.name, %version, %topic);
+                let r = inst
+                    .bindings
+                    .plexus_cluster_pattern()
+                    .call_on_message(&mut inst.store, &from, &topic, &payload)
+                    .instrument(span)
+                    .await;
+                let r = inst.finish(&env, r).await;
+                self.after(&r);
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
+            Mail::Timer {
+                generation,
+                id,
+                seq,
+            } => {
+                if !inst.store.data_mut().timers.take_fired(generation, id, seq) {
+                    return true;
+                }
+                inst.begin();
+                let span = tracing::debug_span!("hook", hook = "on-timer", plugin = %env.name, %version, id);
+                let r = inst
+                    .bindings
+                    .plexus_cluster_pattern()
+                    .call_on_timer(&mut inst.store, id)
+                    .instrument(span)
+                    .await;
+                let r = inst.finish(&env, r).await;
+                self.after(&r);
+            }
+            Mail::Swap { next, reply } => {
+                let r = self.swap(*next).await;
+                let _ = reply.send(r);
+            }
+            Mail::Stop { reply } => {
+                self.instance = None;
+                let _ = reply.send(());
+                return false;
+            }
+        }
+        true
+    }
+
+    fn after<R>(&mut self, r: &Result<R, CallError>) {
+        if r.is_ok() {
+            self.succeeded();
+        } else {
+            self.kill();
+        }
+    }
+
+    async fn swap(&mut self, mut next: Instance) -> Result<SwapReport, SwapError> {
+        let env = self.env.clone();
+        let started = Instant::now();
+        let Some(old) = self.instance.as_mut() else {
+            return Err(SwapError::Call(CallError::Stopped));
+        };
+        old.begin();
+        let r = old
+            .bindings
+            .plexus_cluster_pattern()
+            .call_snapshot(&mut old.store)
+            .await;
+        let state = match old.finish(&env, r).await {
+            Ok(state) => state,
+            Err(e) => {
+                self.kill();
+                return Err(SwapError::Snapshot(e.to_string()));
+            }
+        };
+        // The new instance was built off the hot path and may have read an
+        // older cursor; the old instance's is the truth.
+        next.store.data_mut().consensus.delivered = old.delivered();
+        next.persisted = old.persisted;
+        next.begin();
+        let r = next
+            .bindings
+            .plexus_cluster_pattern()
+            .call_restore(&mut next.store, &state)
+            .await;
+        match next.finish(&env, r).await {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => return Err(SwapError::Restore(msg)),
+            Err(e) => return Err(SwapError::Restore(e.to_string())),
+        }
+        let report = SwapReport {
+            from: old.prepared.version.clone(),
+            to: next.prepared.version.clone(),
+            pause_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            state_bytes: state.len(),
+        };
+        self.install(next, &report);
+        tracing::info!(plugin = %env.name, from = %report.from, to = %report.to, pause_us = report.pause_us, "plugin swapped");
+        Ok(report)
+    }
+}

@@ -1,0 +1,85 @@
+//! Starting a node from a config: open the stores, load the plugins, serve
+//! HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::ingress::{self, IngressOptions};
+use crate::node::{LoadSpec, Node, NodeOptions};
+use crate::primitives::CallLimits;
+
+/// A node that is up.
+pub struct Running {
+    /// The node.
+    pub node: Arc<Node>,
+    /// Where its HTTP ingress listens.
+    pub http_addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops serving and stops every plugin.
+    pub async fn shutdown(self) {
+        self.server.abort();
+        self.node.shutdown().await;
+    }
+}
+
+/// Opens the node described by `config`, loads its plugins (reporting each
+/// on `progress`) and starts the HTTP ingress.
+pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    start_with_progress(config, |_| {}).await
+}
+
+/// [`start`], calling `progress` with a line per step.
+pub async fn start_with_progress(
+    config: &Config,
+    progress: impl Fn(&str),
+) -> anyhow::Result<Running> {
+    let node = Node::open(NodeOptions {
+        id: config.node.id.clone(),
+        data_dir: config.node.data_dir.clone(),
+        call_limits: CallLimits::default(),
+        metadata: config.node.metadata.clone().into_iter().collect(),
+    })?;
+    for entry in &config.plugins {
+        let bytes = entry.component_bytes(&config.base_dir)?;
+        let started = std::time::Instant::now();
+        let status = node
+            .load(LoadSpec {
+                name: entry.name.clone(),
+                component: Arc::from(bytes),
+                capabilities: entry.capabilities.clone(),
+                limits: entry.limits.to_limits(),
+                config_json: entry.config_json(),
+            })
+            .await
+            .with_context(|| format!("loading plugin `{}`", entry.name))?;
+        progress(&format!(
+            "loaded {} ({}, version {}) in {} ms",
+            entry.name,
+            entry.component,
+            status.version,
+            started.elapsed().as_millis()
+        ));
+    }
+    let (http_addr, server) = ingress::serve(
+        node.clone(),
+        config.node.http,
+        IngressOptions {
+            max_body_bytes: config.node.max_body_bytes,
+            request_timeout: Duration::from_millis(config.node.request_timeout_ms),
+            admin_token: config.admin.token.clone(),
+        },
+    )
+    .await?;
+    Ok(Running {
+        node,
+        http_addr,
+        server,
+    })
+}

@@ -1,0 +1,208 @@
+//! Client requests: helpers on [`Request`] and [`Response`], and a tiny
+//! router for [`crate::Pattern::on_request`].
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{Method, Request, Response};
+
+impl Request {
+    /// Decodes the body as JSON.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Response> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| Response::error(400, &format!("invalid JSON body: {e}")))
+    }
+
+    /// The value of a query parameter (`a=1&b=2`), not percent-decoded
+    /// beyond `+` to space.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| v.replace('+', " "))
+        })
+    }
+
+    /// The first header with this (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Response {
+    /// A response with a status and a body.
+    pub fn new(status: u16, content_type: &str, body: Vec<u8>) -> Response {
+        Response {
+            status,
+            headers: vec![("content-type".into(), content_type.into())],
+            body,
+        }
+    }
+
+    /// A JSON response.
+    pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Response {
+        match serde_json::to_vec(value) {
+            Ok(body) => Response::new(status, "application/json", body),
+            Err(e) => Response::error(500, &format!("cannot encode response: {e}")),
+        }
+    }
+
+    /// A plain-text response.
+    pub fn text(status: u16, text: &str) -> Response {
+        Response::new(
+            status,
+            "text/plain; charset=utf-8",
+            text.as_bytes().to_vec(),
+        )
+    }
+
+    /// A JSON error body `{"error": message}`.
+    pub fn error(status: u16, message: &str) -> Response {
+        Response::json(status, &serde_json::json!({ "error": message }))
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: &str, value: &str) -> Response {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// Path parameters captured by a [`Router`] pattern.
+#[derive(Debug, Default, Clone)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    /// The value captured for `{name}` or `{*name}`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a route handler returns: `Err` carries an early error response,
+/// so handlers can use `?` on [`Request::json`] and the like.
+pub type Reply = Result<Response, Response>;
+
+type Handler<P> = fn(&mut P, &Request, &Params) -> Reply;
+
+/// Routes requests by method and path pattern.
+///
+/// Patterns are `/`-separated segments: a literal, `{name}` (one segment) or
+/// a final `{*name}` (the rest of the path, possibly empty). The first
+/// matching route wins; a path that matches no route is 404, and one that
+/// matches only with another method is 405.
+pub struct Router<P> {
+    routes: Vec<(Method, String, Handler<P>)>,
+}
+
+impl<P> Default for Router<P> {
+    fn default() -> Self {
+        Router { routes: Vec::new() }
+    }
+}
+
+impl<P> Router<P> {
+    /// An empty router.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a route.
+    pub fn route(mut self, method: Method, pattern: &str, handler: Handler<P>) -> Self {
+        self.routes.push((method, pattern.to_string(), handler));
+        self
+    }
+
+    /// Adds a GET route.
+    pub fn get(self, pattern: &str, handler: Handler<P>) -> Self {
+        self.route(Method::Get, pattern, handler)
+    }
+
+    /// Adds a POST route.
+    pub fn post(self, pattern: &str, handler: Handler<P>) -> Self {
+        self.route(Method::Post, pattern, handler)
+    }
+
+    /// Adds a PUT route.
+    pub fn put(self, pattern: &str, handler: Handler<P>) -> Self {
+        self.route(Method::Put, pattern, handler)
+    }
+
+    /// Adds a DELETE route.
+    pub fn delete(self, pattern: &str, handler: Handler<P>) -> Self {
+        self.route(Method::Delete, pattern, handler)
+    }
+
+    /// Dispatches `req` to the first matching route.
+    pub fn handle(&self, pattern: &mut P, req: Request) -> Response {
+        let mut path_matched = false;
+        for (method, route, handler) in &self.routes {
+            if let Some(params) = match_path(route, &req.path) {
+                if *method == req.method {
+                    return handler(pattern, &req, &params).unwrap_or_else(|e| e);
+                }
+                path_matched = true;
+            }
+        }
+        if path_matched {
+            Response::error(405, "method not allowed")
+        } else {
+            Response::error(404, &format!("no route for {}", req.path))
+        }
+    }
+}
+
+fn match_path(pattern: &str, path: &str) -> Option<Params> {
+    let mut params = Vec::new();
+    let mut rest = path.trim_start_matches('/');
+    let segments: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        if let Some(name) = seg.strip_prefix("{*").and_then(|s| s.strip_suffix('}')) {
+            if i + 1 != segments.len() {
+                return None;
+            }
+            params.push((name.to_string(), rest.to_string()));
+            return Some(Params(params));
+        }
+        let (head, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            if head.is_empty() {
+                return None;
+            }
+            params.push((name.to_string(), head.to_string()));
+        } else if *seg != head {
+            return None;
+        }
+        rest = tail;
+        if i + 1 < segments.len() && rest.is_empty() && !segments[i + 1].starts_with("{*") {
+            return None;
+        }
+    }
+    rest.is_empty().then_some(Params(params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::match_path;
+
+    #[test]
+    fn literal_and_named_segments_match() {
+        let p = match_path("/kv/{key}", "/kv/apple").unwrap();
+        assert_eq!(p.get("key"), Some("apple"));
+        assert!(match_path("/kv/{key}", "/kv").is_none());
+        assert!(match_path("/kv/{key}", "/kv/a/b").is_none());
+        assert!(match_path("/kv", "/kv").is_some());
+    }
+
+    #[test]
+    fn rest_segment_takes_the_remainder() {
+        let p = match_path("/files/{*path}", "/files/a/b/c").unwrap();
+        assert_eq!(p.get("path"), Some("a/b/c"));
+        let p = match_path("/files/{*path}", "/files/").unwrap();
+        assert_eq!(p.get("path"), Some(""));
+    }
+}

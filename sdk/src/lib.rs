@@ -1,0 +1,186 @@
+//! The guest SDK for Plexus pattern plugins.
+//!
+//! A plugin is one type implementing [`Pattern`], exported with
+//! [`export_pattern!`] from a `cdylib` crate built for `wasm32-wasip2`.
+//!
+//! Layout:
+//! - [`Pattern`]: the hooks; all but `init` have defaults.
+//! - [`http`]: [`Request`], [`Response`] and a small [`http::Router`].
+//! - [`consensus`], [`storage`], [`messaging`], [`membership`], [`timers`],
+//!   [`log`]: the host's interfaces with typed helpers.
+//! - [`codec`]: the compact binary encoding used for log entries and
+//!   messages.
+//!
+//! ```no_run
+//! use plexus_sdk::{export_pattern, http::Router, InitContext, Pattern, Request, Response};
+//!
+//! struct Counter {
+//!     hits: u64,
+//! }
+//!
+//! impl Pattern for Counter {
+//!     type Output = ();
+//!
+//!     fn init(_ctx: InitContext) -> Result<Self, String> {
+//!         Ok(Counter { hits: 0 })
+//!     }
+//!
+//!     fn on_request(&mut self, req: Request) -> Response {
+//!         Router::new()
+//!             .get("/hits", |this: &mut Self, _req, _params| {
+//!                 this.hits += 1;
+//!                 Response::json(200, &this.hits)
+//!             })
+//!             .handle(self, req)
+//!     }
+//!
+//!     fn snapshot(&mut self) -> Vec<u8> {
+//!         self.hits.to_le_bytes().to_vec()
+//!     }
+//!
+//!     fn restore(&mut self, state: Vec<u8>) -> Result<(), String> {
+//!         let bytes: [u8; 8] = state.try_into().map_err(|_| "bad snapshot".to_string())?;
+//!         self.hits = u64::from_le_bytes(bytes);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! export_pattern!(Counter);
+//! ```
+#![deny(missing_docs)]
+
+/// Bindings generated from the `plexus:cluster` WIT package.
+#[allow(missing_docs, unsafe_code, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_plugin",
+        default_bindings_module: "plexus_sdk::bindings",
+    });
+}
+
+pub mod codec;
+pub mod consensus;
+pub mod http;
+pub mod log;
+pub mod membership;
+pub mod messaging;
+pub mod storage;
+pub mod timers;
+
+#[doc(hidden)]
+pub mod __private;
+
+pub use bindings::exports::plexus::cluster::pattern::{InitContext, Method, Request, Response};
+pub use bindings::plexus::cluster::types::{
+    CommittedEntry, Limits, Member, MemberEvent, MemberState, NodeId,
+};
+
+/// A pattern plugin: its state and its hooks.
+///
+/// The host calls one hook at a time on one instance, so hooks take
+/// `&mut self` and need no locking. Every hook except [`Pattern::init`] has
+/// a default that does nothing (or answers 404).
+///
+/// State kept in fields is lost when the instance is restarted after a trap;
+/// keep what must survive in [`storage`] (atomic per hook call), or hand it
+/// over on hot swap with [`Pattern::snapshot`] and [`Pattern::restore`].
+pub trait Pattern: Sized + 'static {
+    /// What [`Pattern::apply`] returns for one entry: handed back to the
+    /// caller of [`consensus::propose`] on the proposing node, dropped
+    /// elsewhere. Use `()` when the plugin does not use the log.
+    type Output: Default;
+
+    /// Builds the instance. Called once per instance, before any other hook.
+    fn init(ctx: InitContext) -> Result<Self, String>;
+
+    /// Handles a client request routed to this plugin.
+    fn on_request(&mut self, req: Request) -> Response {
+        let _ = req;
+        Response::text(404, "no such route")
+    }
+
+    /// Handles a message from this plugin on another node (or this one).
+    /// The returned bytes answer a [`messaging::request`].
+    fn on_message(&mut self, from: NodeId, topic: String, payload: Vec<u8>) -> Option<Vec<u8>> {
+        let _ = (from, topic, payload);
+        None
+    }
+
+    /// Applies one committed entry of this plugin's log stream. Must be
+    /// deterministic: every node applies the same entries in the same order.
+    ///
+    /// The default ignores entries, which is only right for plugins that
+    /// never propose.
+    fn apply(&mut self, entry: CommittedEntry) -> Self::Output {
+        let _ = entry;
+        Self::Output::default()
+    }
+
+    /// Reacts to membership changes.
+    fn on_membership(&mut self, events: Vec<MemberEvent>) {
+        let _ = events;
+    }
+
+    /// A timer set with [`timers::set`] fired.
+    fn on_timer(&mut self, id: u64) {
+        let _ = id;
+    }
+
+    /// State to hand to the next version on hot swap.
+    fn snapshot(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Takes over state from [`Pattern::snapshot`], after `init`.
+    fn restore(&mut self, state: Vec<u8>) -> Result<(), String> {
+        let _ = state;
+        Ok(())
+    }
+}
+
+/// Exports a [`Pattern`] implementation as the component's `pattern`
+/// interface. Use it once, in the plugin's crate root.
+#[macro_export]
+macro_rules! export_pattern {
+    ($ty:ty) => {
+        const _: () = {
+            struct __PlexusExport;
+
+            impl $crate::bindings::exports::plexus::cluster::pattern::Guest for __PlexusExport {
+                fn init(ctx: $crate::InitContext) -> Result<(), String> {
+                    $crate::__private::init::<$ty>(ctx)
+                }
+                fn on_request(req: $crate::Request) -> $crate::Response {
+                    $crate::__private::on_request::<$ty>(req)
+                }
+                fn on_message(
+                    from: $crate::NodeId,
+                    topic: String,
+                    payload: Vec<u8>,
+                ) -> Option<Vec<u8>> {
+                    $crate::__private::on_message::<$ty>(from, topic, payload)
+                }
+                fn apply(entries: Vec<$crate::CommittedEntry>) {
+                    $crate::__private::apply::<$ty>(entries)
+                }
+                fn on_membership(events: Vec<$crate::MemberEvent>) {
+                    $crate::__private::on_membership::<$ty>(events)
+                }
+                fn on_timer(id: u64) {
+                    $crate::__private::on_timer::<$ty>(id)
+                }
+                fn snapshot() -> Vec<u8> {
+                    $crate::__private::snapshot::<$ty>()
+                }
+                fn restore(state: Vec<u8>) -> Result<(), String> {
+                    $crate::__private::restore::<$ty>(state)
+                }
+            }
+
+    $crate::bindings::__export_plugin!(__PlexusExport with_types_in $crate::bindings);
+        };
+    };
+}

@@ -1,0 +1,82 @@
+//! The plugin's private, durable key-value namespace on this node.
+//!
+//! All writes of one hook call commit atomically when the call returns.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::bindings::plexus::cluster::storage as wit;
+
+pub use wit::{BatchOp, KeyValue, StorageError as Error, Version, Versioned};
+
+/// Reads a key.
+pub fn get(key: impl AsRef<[u8]>) -> Result<Option<Versioned>, Error> {
+    wit::get(key.as_ref())
+}
+
+/// Writes a key; returns its new version.
+pub fn put(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<Version, Error> {
+    wit::put(key.as_ref(), value.as_ref())
+}
+
+/// Removes a key; returns whether it existed.
+pub fn delete(key: impl AsRef<[u8]>) -> Result<bool, Error> {
+    wit::delete(key.as_ref())
+}
+
+/// Writes `value` (or deletes when `None`) if the key is at `expected`.
+pub fn compare_and_swap(
+    key: impl AsRef<[u8]>,
+    expected: Option<Version>,
+    value: Option<&[u8]>,
+) -> Result<Option<Version>, Error> {
+    wit::compare_and_swap(key.as_ref(), expected, value)
+}
+
+/// Runs the operations atomically.
+pub fn batch(ops: &[BatchOp]) -> Result<Vec<Version>, Error> {
+    wit::batch(ops)
+}
+
+/// One page of keys under `prefix`, after `start_after`.
+pub fn scan(
+    prefix: impl AsRef<[u8]>,
+    start_after: Option<&[u8]>,
+    limit: u32,
+) -> Result<Vec<KeyValue>, Error> {
+    wit::scan(prefix.as_ref(), start_after, limit)
+}
+
+/// Every key under `prefix`, fetched page by page.
+pub fn scan_all(prefix: impl AsRef<[u8]>) -> Result<Vec<KeyValue>, Error> {
+    let prefix = prefix.as_ref();
+    let mut out: Vec<KeyValue> = Vec::new();
+    loop {
+        let after = out.last().map(|kv| kv.key.clone());
+        let page = wit::scan(prefix, after.as_deref(), 1000)?;
+        let done = page.len() < 1000;
+        out.extend(page);
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+/// Reads a key holding a value written by [`put_typed`].
+pub fn get_typed<T: DeserializeOwned>(
+    key: impl AsRef<[u8]>,
+) -> Result<Option<(T, Version)>, Error> {
+    match get(key)? {
+        None => Ok(None),
+        Some(v) => crate::codec::decode(&v.value)
+            .map(|t| Some((t, v.version)))
+            .map_err(|e| Error::Io(e.to_string())),
+    }
+}
+
+/// Encodes `value` with [`crate::codec`] and writes it.
+pub fn put_typed<T: Serialize + ?Sized>(
+    key: impl AsRef<[u8]>,
+    value: &T,
+) -> Result<Version, Error> {
+    put(key, crate::codec::encode(value))
+}
