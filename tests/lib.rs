@@ -1,1 +1,269 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the integration tests: nodes in this process on real
+//! redb files, `plexus` processes on 127.0.0.1, and a small HTTP client.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use plexus::node::{LoadSpec, Node, NodeOptions};
+use plexus::primitives::CallLimits;
+use plexus::runtime::Capability;
+use plexus::runtime::actor::PluginLimits;
+use plexus::runtime::bindings::pattern::{Method, Request, Response};
+
+/// The real component built from `plugins/<name>`.
+pub fn wasm(name: &str) -> Arc<[u8]> {
+    Arc::from(plexus::bundled::get(name).unwrap_or_else(|| panic!("no bundled plugin {name}")))
+}
+
+/// The same component with a custom section appended: identical code, a
+/// different content hash, so swaps between the two change version.
+pub fn variant(bytes: &[u8], tag: u8) -> Arc<[u8]> {
+    let name = b"plexus-variant";
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section
+    out.push((1 + name.len() + 1) as u8);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.push(tag);
+    Arc::from(out)
+}
+
+/// Capabilities from names.
+pub fn caps(names: &[&str]) -> BTreeSet<Capability> {
+    names
+        .iter()
+        .map(|n| n.parse().expect("capability"))
+        .collect()
+}
+
+/// Every capability.
+pub fn all_caps() -> BTreeSet<Capability> {
+    Capability::ALL.into_iter().collect()
+}
+
+/// A node in this process with its data in a temporary directory.
+pub struct TestNode {
+    /// The node.
+    pub node: Arc<Node>,
+    /// Its data directory (kept alive with the node).
+    pub dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    /// Opens a fresh node.
+    pub fn new() -> TestNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = Node::open(NodeOptions {
+            id: "node-1".into(),
+            data_dir: dir.path().to_path_buf(),
+            call_limits: CallLimits::default(),
+            metadata: Vec::new(),
+        })
+        .expect("open node");
+        TestNode { node, dir }
+    }
+
+    /// Loads a bundled plugin under `name` with `caps` and `limits`.
+    pub async fn load(
+        &self,
+        name: &str,
+        plugin: &str,
+        caps: BTreeSet<Capability>,
+        limits: PluginLimits,
+        config: &str,
+    ) {
+        self.node
+            .load(LoadSpec {
+                name: name.into(),
+                component: wasm(plugin),
+                capabilities: caps,
+                limits,
+                config_json: config.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    }
+
+    /// Sends a request to a plugin and returns the response (panics if the
+    /// plugin did not answer).
+    pub async fn call(&self, plugin: &str, method: Method, path: &str, body: &[u8]) -> Response {
+        self.try_call(plugin, method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{plugin} {path}: {e}"))
+    }
+
+    /// Sends a request to a plugin.
+    pub async fn try_call(
+        &self,
+        plugin: &str,
+        method: Method,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Response, plexus::node::RequestError> {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        let req = Request {
+            method,
+            path: path.into(),
+            query: query.into(),
+            headers: Vec::new(),
+            body: body.to_vec(),
+        };
+        self.node
+            .request(plugin, req, Duration::from_secs(20))
+            .await
+    }
+
+    /// Waits until `plugin` answers `GET path` with 200, up to `timeout`.
+    pub async fn wait_ok(&self, plugin: &str, path: &str, timeout: Duration) -> Response {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self.try_call(plugin, Method::Get, path, b"").await {
+                if r.status == 200 {
+                    return r;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{plugin} {path} did not answer 200 within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Default for TestNode {
+    fn default() -> Self {
+        TestNode::new()
+    }
+}
+
+/// Parses a response body as JSON.
+pub fn body_json(r: &Response) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| {
+        panic!(
+            "status {}: body is not JSON ({e}): {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        )
+    })
+}
+
+/// Limits with a given memory cap and CPU deadline.
+pub fn limits(memory_mib: u64, cpu_ms: u64) -> PluginLimits {
+    PluginLimits {
+        memory_bytes: memory_mib << 20,
+        cpu: Duration::from_millis(cpu_ms),
+        mailbox: 1024,
+    }
+}
+
+/// The `plexus` binary of this build.
+pub fn plexus_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(format!("plexus{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} not built; run the tests with --workspace",
+        bin.display()
+    );
+    bin
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A `plexus up` process; killed when dropped.
+pub struct Process {
+    /// The child.
+    pub child: Child,
+    /// Its HTTP address.
+    pub addr: SocketAddr,
+    /// Its stderr log file.
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `plexus up config` in `dir` and waits for `/healthz`.
+    pub async fn up(dir: &Path, config: &Path, addr: SocketAddr) -> Process {
+        let log = dir.join(format!("node-{}.log", addr.port()));
+        let child = Command::new(plexus_bin())
+            .arg("up")
+            .arg(config)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn plexus");
+        let mut p = Process { child, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = http(addr, "GET", "/healthz", &[], b"").await {
+                return p;
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!(
+                    "plexus exited with {status}: {}",
+                    std::fs::read_to_string(&p.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plexus did not come up: {}",
+                std::fs::read_to_string(&p.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns status and body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::copy_from_slice(body)))?)
+        .await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes().to_vec();
+    Ok((status, body))
+}

@@ -1,0 +1,266 @@
+//! Hostile guests: the chaos plugin loops, exhausts memory, traps in each
+//! hook and sends oversized payloads. Each time the node must contain it:
+//! the caller gets an error, the plugin is restarted, and a kv plugin on
+//! the same node keeps serving.
+
+use std::time::Duration;
+
+use plexus::node::RequestError;
+use plexus::runtime::actor::{CallError, PluginLimits};
+use plexus::runtime::bindings::pattern::Method;
+use plexus_tests::{TestNode, all_caps, body_json, caps, limits};
+
+async fn node_with(chaos_limits: PluginLimits, config: &str) -> TestNode {
+    let n = TestNode::new();
+    n.load(
+        "kv",
+        "replicated-kv",
+        caps(&["consensus", "storage"]),
+        PluginLimits::default(),
+        "{}",
+    )
+    .await;
+    n.load("chaos", "chaos", all_caps(), chaos_limits, config)
+        .await;
+    n
+}
+
+/// The kv plugin still takes writes and the chaos plugin, restarted,
+/// answers again.
+async fn still_serving(n: &TestNode) {
+    let r = n.call("kv", Method::Put, "/kv/alive", b"yes").await;
+    assert_eq!(r.status, 200);
+    n.wait_ok("chaos", "/ping", Duration::from_secs(10)).await;
+}
+
+fn trap_message(r: Result<plexus::runtime::bindings::pattern::Response, RequestError>) -> String {
+    match r {
+        Err(RequestError::Call(CallError::Trap(msg))) => msg,
+        other => panic!("expected a trap, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infinite_loop_hits_the_cpu_deadline() {
+    let n = node_with(limits(64, 200), "{}").await;
+    let started = std::time::Instant::now();
+    let msg = trap_message(n.try_call("chaos", Method::Post, "/loop", b"").await);
+    assert!(msg.contains("CPU deadline of 200 ms"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    still_serving(&n).await;
+    let status = n.node.plugin("chaos").unwrap();
+    assert_eq!(status.traps, 1);
+    assert_eq!(status.restarts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_keeps_serving_while_a_neighbour_loops() {
+    let n = node_with(limits(64, 1500), "{}").await;
+    let node = n.node.clone();
+    let looping = tokio::spawn(async move {
+        let req = plexus::runtime::bindings::pattern::Request {
+            method: Method::Post,
+            path: "/loop".into(),
+            query: String::new(),
+            headers: vec![],
+            body: vec![],
+        };
+        node.request("chaos", req, Duration::from_secs(10)).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The looping guest yields at every epoch tick, so the kv plugin's
+    // requests go through meanwhile.
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        assert_eq!(
+            n.call("kv", Method::Put, &format!("/kv/k{i}"), b"v")
+                .await
+                .status,
+            200
+        );
+    }
+    assert!(!looping.is_finished(), "the loop should still be running");
+    assert!(started.elapsed() < Duration::from_millis(1400));
+    assert!(looping.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bomb_hits_the_cap() {
+    let n = node_with(limits(32, 5000), "{}").await;
+    let msg = trap_message(n.try_call("chaos", Method::Post, "/oom", b"").await);
+    assert!(msg.contains("memory"), "{msg}");
+    still_serving(&n).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_in_on_request_restarts_the_plugin() {
+    let n = node_with(PluginLimits::default(), "{}").await;
+    let msg = trap_message(n.try_call("chaos", Method::Post, "/trap", b"").await);
+    assert!(msg.contains("unreachable") || msg.contains("trap"), "{msg}");
+    still_serving(&n).await;
+    assert_eq!(n.node.plugin("chaos").unwrap().restarts, 1);
+}
+
+async fn wait_restarts(n: &TestNode, at_least: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while n.node.plugin("chaos").unwrap().restarts < at_least {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no restart: {:?}",
+            n.node.plugin("chaos")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_in_on_message_restarts_the_plugin() {
+    let n = node_with(PluginLimits::default(), "{}").await;
+    assert_eq!(
+        n.call("chaos", Method::Post, "/trap-message", b"")
+            .await
+            .status,
+        202
+    );
+    wait_restarts(&n, 1).await;
+    still_serving(&n).await;
+    assert!(
+        n.node
+            .plugin("chaos")
+            .unwrap()
+            .last_error
+            .unwrap()
+            .contains("on-message")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_in_on_timer_restarts_the_plugin() {
+    let n = node_with(PluginLimits::default(), "{}").await;
+    assert_eq!(
+        n.call("chaos", Method::Post, "/trap-timer", b"")
+            .await
+            .status,
+        202
+    );
+    wait_restarts(&n, 1).await;
+    still_serving(&n).await;
+    assert!(
+        n.node
+            .plugin("chaos")
+            .unwrap()
+            .last_error
+            .unwrap()
+            .contains("on-timer")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_in_apply_is_retried_until_the_entry_applies() {
+    let n = node_with(PluginLimits::default(), "{}").await;
+    // The entry makes apply trap for 300 ms of wall time: the proposing
+    // request traps (it applies its own entry), then redelivery through
+    // `apply` traps until the window passes, and finally succeeds.
+    let r = n
+        .try_call("chaos", Method::Post, "/trap-apply?ms=300", b"")
+        .await;
+    assert!(
+        matches!(r, Err(RequestError::Call(CallError::Trap(_)))),
+        "{r:?}"
+    );
+    still_serving(&n).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    n.wait_ok("chaos", "/ping", Duration::from_secs(10)).await;
+    let status = n.node.plugin("chaos").unwrap();
+    assert!(status.traps >= 2, "{status:?}");
+    assert!(status.last_error.unwrap().contains("apply"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_in_on_membership_crash_loops_without_harming_others() {
+    let n = TestNode::new();
+    n.load(
+        "kv",
+        "replicated-kv",
+        caps(&["consensus", "storage"]),
+        PluginLimits::default(),
+        "{}",
+    )
+    .await;
+    // on-membership runs right after init, so the load itself reports it.
+    let err = n
+        .node
+        .load(plexus::node::LoadSpec {
+            name: "chaos".into(),
+            component: plexus_tests::wasm("chaos"),
+            capabilities: all_caps(),
+            limits: PluginLimits::default(),
+            config_json: r#"{"fail_in": "on-membership"}"#.into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("on-membership"), "{err}");
+    assert!(n.node.plugin("chaos").is_none());
+    assert_eq!(n.call("kv", Method::Put, "/kv/k", b"v").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_in_init_refuses_the_load() {
+    let n = TestNode::new();
+    for (config, expect) in [
+        (r#"{"fail_in": "init"}"#, "refusing to start"),
+        (r#"{"fail_in": "init-trap"}"#, "trap in init"),
+    ] {
+        let err = n
+            .node
+            .load(plexus::node::LoadSpec {
+                name: "chaos".into(),
+                component: plexus_tests::wasm("chaos"),
+                capabilities: all_caps(),
+                limits: PluginLimits::default(),
+                config_json: config.into(),
+            })
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("init failed"), "{err}");
+        let _ = expect;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_payload_is_rejected_as_too_large() {
+    let n = node_with(limits(256, 5000), "{}").await;
+    let r = n
+        .call("chaos", Method::Post, "/propose-big?mb=64", b"")
+        .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(body_json(&r)["limit"], 1 << 20);
+    let r = n
+        .call("chaos", Method::Post, "/message-big?mb=64", b"")
+        .await;
+    assert_eq!(r.status, 413);
+    // The guest was not harmed: the same instance answers.
+    assert_eq!(n.node.plugin("chaos").unwrap().restarts, 0);
+    still_serving(&n).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_not_granted_is_refused_at_load() {
+    let n = TestNode::new();
+    let err = n
+        .node
+        .load(plexus::node::LoadSpec {
+            name: "kv".into(),
+            component: plexus_tests::wasm("replicated-kv"),
+            capabilities: caps(&["storage", "log"]),
+            limits: PluginLimits::default(),
+            config_json: "{}".into(),
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("plexus:cluster/consensus@0.1.0"), "{err}");
+    assert!(err.contains("not granted"), "{err}");
+    assert!(n.node.plugins().is_empty());
+}

@@ -1,0 +1,169 @@
+//! leader-election on one node: leases, renewal, release, fencing tokens,
+//! and the node's own campaign driven by timers.
+
+use std::time::Duration;
+
+use plexus::runtime::actor::PluginLimits;
+use plexus::runtime::bindings::pattern::Method;
+use plexus_tests::{TestNode, body_json, caps};
+
+async fn election(config: &str) -> TestNode {
+    let n = TestNode::new();
+    n.load(
+        "election",
+        "leader-election",
+        caps(&["consensus", "storage", "timers", "log"]),
+        PluginLimits::default(),
+        config,
+    )
+    .await;
+    n
+}
+
+fn acquire(holder: &str, ttl_ms: u64) -> Vec<u8> {
+    serde_json::json!({ "holder": holder, "ttl_ms": ttl_ms })
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_holder_per_role_and_tokens_only_grow() {
+    let n = election("{}").await;
+    let a = n
+        .call(
+            "election",
+            Method::Post,
+            "/roles/db/acquire",
+            &acquire("a", 300),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    let t1 = body_json(&a)["token"].as_u64().unwrap();
+
+    // b is refused while a's lease runs; a renewing keeps its token.
+    let b = n
+        .call(
+            "election",
+            Method::Post,
+            "/roles/db/acquire",
+            &acquire("b", 300),
+        )
+        .await;
+    assert_eq!(b.status, 409);
+    assert_eq!(body_json(&b)["holder"], "a");
+    let renew = n
+        .call(
+            "election",
+            Method::Post,
+            "/roles/db/acquire",
+            &acquire("a", 300),
+        )
+        .await;
+    assert_eq!(body_json(&renew)["token"].as_u64(), Some(t1));
+
+    // After expiry b takes over with a strictly larger fencing token.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = n
+        .call(
+            "election",
+            Method::Post,
+            "/roles/db/acquire",
+            &acquire("b", 5000),
+        )
+        .await;
+    assert_eq!(b.status, 200);
+    let t2 = body_json(&b)["token"].as_u64().unwrap();
+    assert!(t2 > t1);
+
+    // a cannot release what it no longer holds; b can.
+    let rel = serde_json::json!({ "holder": "a", "token": t1 }).to_string();
+    assert_eq!(
+        n.call(
+            "election",
+            Method::Post,
+            "/roles/db/release",
+            rel.as_bytes()
+        )
+        .await
+        .status,
+        409
+    );
+    let rel = serde_json::json!({ "holder": "b", "token": t2 }).to_string();
+    assert_eq!(
+        n.call(
+            "election",
+            Method::Post,
+            "/roles/db/release",
+            rel.as_bytes()
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        n.call("election", Method::Get, "/roles/db", b"")
+            .await
+            .status,
+        404
+    );
+
+    // A release does not reset the token sequence.
+    let c = n
+        .call(
+            "election",
+            Method::Post,
+            "/roles/db/acquire",
+            &acquire("c", 5000),
+        )
+        .await;
+    assert!(body_json(&c)["token"].as_u64().unwrap() > t2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_campaigns_and_renews_by_timer() {
+    let n = election(r#"{"campaign": ["scheduler"], "ttl_ms": 300}"#).await;
+    let first = body_json(
+        &n.wait_ok("election", "/roles/scheduler", Duration::from_secs(5))
+            .await,
+    );
+    assert_eq!(first["holder"], "node-1");
+    // Several lease lengths later the node still holds it, with the same
+    // token (renewed, never lost) and a later expiry.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let later = body_json(
+        &n.call("election", Method::Get, "/roles/scheduler", b"")
+            .await,
+    );
+    assert_eq!(later["holder"], "node-1");
+    assert_eq!(later["token"], first["token"]);
+    assert_eq!(later["expired"], false);
+    assert!(later["expires_at_ms"].as_u64() > first["expires_at_ms"].as_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_rejected_with_400() {
+    let n = election("{}").await;
+    assert_eq!(
+        n.call("election", Method::Post, "/roles/db/acquire", b"not json")
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        n.call(
+            "election",
+            Method::Post,
+            "/roles/db/acquire",
+            &acquire("a", 1)
+        )
+        .await
+        .status,
+        400
+    );
+    assert_eq!(
+        n.call("election", Method::Get, "/nowhere", b"")
+            .await
+            .status,
+        404
+    );
+}

@@ -1,1 +1,9 @@
-fn main() {}
+//! Integration tests: real components built from `plugins/`, real redb
+//! files, real `plexus` processes on 127.0.0.1.
+
+mod bad_input;
+mod chaos;
+mod leader_election;
+mod process;
+mod replicated_kv;
+mod swap;

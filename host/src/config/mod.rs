@@ -457,7 +457,7 @@ mod tests {
     #[test]
     fn unknown_key_is_rejected_with_its_path() {
         let e = parse("version = 1\n[node]\nid = \"a\"\nport = 3\n").unwrap_err();
-        assert_eq!(e.key, "node");
+        assert_eq!(e.key, "node.port");
         assert!(e.message.contains("port"), "{e}");
         assert_eq!(e.line, 4);
     }

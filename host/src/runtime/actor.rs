@@ -241,25 +241,28 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn describe(e: &wasmtime::Error, limits: &PluginLimits) -> String {
-    match e.downcast_ref::<Trap>() {
+fn describe(hook: &str, e: &wasmtime::Error, limits: &PluginLimits) -> String {
+    let cause = match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => {
             format!("exceeded its CPU deadline of {} ms", limits.cpu.as_millis())
         }
-        Some(Trap::OutOfFuel) => "ran out of fuel".into(),
-        _ => {
-            let text = format!("{e:#}");
-            if text.contains("memory") && text.contains("grow") {
+        Some(Trap::UnreachableCodeReached) => {
+            "trapped: unreachable executed (the guest panicked or aborted)".into()
+        }
+        Some(trap) => format!("trapped: {trap}"),
+        None => {
+            let root = e.root_cause().to_string();
+            if root.contains("memory") {
                 format!(
-                    "exceeded its memory cap of {} MiB ({text})",
+                    "exceeded its memory cap of {} MiB ({root})",
                     limits.memory_bytes >> 20
                 )
             } else {
-                // Keep the first lines: the cause and the top of the backtrace.
-                text.lines().take(8).collect::<Vec<_>>().join("\n")
+                root
             }
         }
-    }
+    };
+    format!("{hook}: {cause}")
 }
 
 impl Instance {
@@ -337,7 +340,7 @@ impl Instance {
             .plexus_cluster_pattern()
             .call_init(&mut inst.store, &ctx)
             .await;
-        match inst.finish(env, r).await {
+        match inst.finish(env, "init", r).await {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => return Err(LoadError::Init(msg)),
             Err(e) => return Err(LoadError::Init(e.to_string())),
@@ -353,7 +356,7 @@ impl Instance {
             .plexus_cluster_pattern()
             .call_on_membership(&mut inst.store, &events)
             .await;
-        inst.finish(env, r)
+        inst.finish(env, "on-membership", r)
             .await
             .map_err(|e| LoadError::Init(format!("on-membership: {e}")))?;
         Ok(inst)
@@ -366,7 +369,12 @@ impl Instance {
 
     /// Ends a hook call: commits its storage writes and delivery cursor, or
     /// discards them if it failed. An error means the instance is unusable.
-    async fn finish<R>(&mut self, env: &PluginEnv, r: wasmtime::Result<R>) -> Result<R, CallError> {
+    async fn finish<R>(
+        &mut self,
+        env: &PluginEnv,
+        hook: &str,
+        r: wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
         match r {
             Ok(value) => {
                 let data = self.store.data_mut();
@@ -394,7 +402,7 @@ impl Instance {
             }
             Err(e) => {
                 self.store.data_mut().storage.discard();
-                let msg = describe(&e, &env.limits);
+                let msg = describe(hook, &e, &env.limits);
                 tracing::warn!(plugin = %env.name, version = %self.prepared.version, "hook failed: {msg}");
                 env.update(|s| {
                     s.traps += 1;
@@ -768,7 +776,7 @@ impl Actor {
             .call_apply(&mut inst.store, &entries)
             .instrument(span)
             .await;
-        match inst.finish(&self.env, r).await {
+        match inst.finish(&self.env, "apply", r).await {
             Ok(()) => self.succeeded(),
             Err(_) => self.kill(),
         }
@@ -792,7 +800,7 @@ impl Actor {
                     .call_on_request(&mut inst.store, &req)
                     .instrument(span)
                     .await;
-                let r = inst.finish(&env, r).await;
+                let r = inst.finish(&env, "on-request", r).await;
                 self.after(&r);
                 let _ = reply.send(r);
             }
@@ -810,7 +818,7 @@ impl Actor {
                     .call_on_message(&mut inst.store, &from, &topic, &payload)
                     .instrument(span)
                     .await;
-                let r = inst.finish(&env, r).await;
+                let r = inst.finish(&env, "on-message", r).await;
                 self.after(&r);
                 if let Some(reply) = reply {
                     let _ = reply.send(r);
@@ -832,7 +840,7 @@ impl Actor {
                     .call_on_timer(&mut inst.store, id)
                     .instrument(span)
                     .await;
-                let r = inst.finish(&env, r).await;
+                let r = inst.finish(&env, "on-timer", r).await;
                 self.after(&r);
             }
             Mail::Swap { next, reply } => {
@@ -868,7 +876,7 @@ impl Actor {
             .plexus_cluster_pattern()
             .call_snapshot(&mut old.store)
             .await;
-        let state = match old.finish(&env, r).await {
+        let state = match old.finish(&env, "snapshot", r).await {
             Ok(state) => state,
             Err(e) => {
                 self.kill();
@@ -885,7 +893,7 @@ impl Actor {
             .plexus_cluster_pattern()
             .call_restore(&mut next.store, &state)
             .await;
-        match next.finish(&env, r).await {
+        match next.finish(&env, "restore", r).await {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => return Err(SwapError::Restore(msg)),
             Err(e) => return Err(SwapError::Restore(e.to_string())),

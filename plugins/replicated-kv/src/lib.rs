@@ -243,10 +243,10 @@ impl Pattern for Kv {
     fn on_request(&mut self, req: Request) -> Response {
         Router::new()
             .get("/kv", list)
-            .get("/kv/{key}", get)
-            .put("/kv/{key}", put)
-            .post("/kv/{key}", put)
-            .delete("/kv/{key}", delete)
+            .get("/kv/{*key}", get)
+            .put("/kv/{*key}", put)
+            .post("/kv/{*key}", put)
+            .delete("/kv/{*key}", delete)
             .get("/stats", stats)
             .handle(self, req)
     }
