@@ -124,10 +124,10 @@ impl TestNode {
     pub async fn wait_ok(&self, plugin: &str, path: &str, timeout: Duration) -> Response {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(r) = self.try_call(plugin, Method::Get, path, b"").await {
-                if r.status == 200 {
-                    return r;
-                }
+            if let Ok(r) = self.try_call(plugin, Method::Get, path, b"").await
+                && r.status == 200
+            {
+                return r;
             }
             assert!(
                 Instant::now() < deadline,

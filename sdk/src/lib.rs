@@ -29,7 +29,7 @@
 //!         Router::new()
 //!             .get("/hits", |this: &mut Self, _req, _params| {
 //!                 this.hits += 1;
-//!                 Response::json(200, &this.hits)
+//!                 Ok(Response::json(200, &this.hits))
 //!             })
 //!             .handle(self, req)
 //!     }

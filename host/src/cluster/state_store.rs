@@ -24,6 +24,9 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
+/// A key with its value and version, as a scan returns it.
+pub type Item = (Vec<u8>, Vec<u8>, u64);
+
 /// One write of a transaction: a new value with its version, or a delete.
 pub type Write = (Vec<u8>, Option<(Vec<u8>, u64)>);
 
@@ -43,7 +46,7 @@ pub trait KvBackend: Send + Sync + 'static {
         prefix: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, StoreError>;
+    ) -> Result<Vec<Item>, StoreError>;
     /// Applies `writes` and, when given, records `applied` as the namespace's
     /// applied log index, atomically and durably.
     fn commit(&self, ns: &str, writes: Vec<Write>, applied: Option<u64>) -> Result<(), StoreError>;
@@ -104,7 +107,7 @@ impl KvBackend for RedbKv {
         prefix: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, StoreError> {
+    ) -> Result<Vec<Item>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(KV).map_err(err)?;
         let start = match start_after {

@@ -258,12 +258,10 @@ fn span_of(text: &str, key: &str) -> Option<Range<usize>> {
         span = value.span();
         current = Some(value.get_ref());
         table = None;
-        if let Some(i) = index {
-            if let toml::de::DeValue::Array(items) = value.get_ref() {
-                let item = items.get(i)?;
-                span = item.span();
-                current = Some(item.get_ref());
-            }
+        if let (Some(i), toml::de::DeValue::Array(items)) = (index, value.get_ref()) {
+            let item = items.get(i)?;
+            span = item.span();
+            current = Some(item.get_ref());
         }
     }
     Some(span)
@@ -344,10 +342,8 @@ impl Config {
                 "must be in 1..=268435456".into(),
             ));
         }
-        if let Some(secret) = &self.cluster.secret {
-            if secret.len() < 16 {
-                return Err(("cluster.secret".into(), "must be at least 16 bytes".into()));
-            }
+        if self.cluster.secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(("cluster.secret".into(), "must be at least 16 bytes".into()));
         }
         for (i, peer) in self.cluster.peers.iter().enumerate() {
             let ok = peer.split_once('@').is_some_and(|(id, addr)| {
@@ -360,10 +356,8 @@ impl Config {
                 ));
             }
         }
-        if let Some(token) = &self.admin.token {
-            if token.len() < 8 {
-                return Err(("admin.token".into(), "must be at least 8 bytes".into()));
-            }
+        if self.admin.token.as_ref().is_some_and(|t| t.len() < 8) {
+            return Err(("admin.token".into(), "must be at least 8 bytes".into()));
         }
         let mut seen = BTreeSet::new();
         for (i, p) in self.plugins.iter().enumerate() {

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::node::{Node, RequestError};
-use crate::runtime::actor::{CallError, SwapError};
+use crate::runtime::actor::{CallError, PluginStatus, SwapError};
 use crate::runtime::bindings::pattern;
 
 /// Ingress settings.
@@ -273,7 +273,8 @@ fn metrics(node: &Arc<Node>) -> Resp {
     use std::fmt::Write;
     let mut out = String::new();
     let plugins = node.plugins();
-    let families: [(&str, &str, fn(&crate::runtime::actor::PluginStatus) -> f64); 6] = [
+    type Family = (&'static str, &'static str, fn(&PluginStatus) -> f64);
+    let families: [Family; 6] = [
         (
             "plexus_plugin_requests_total",
             "Client requests handled.",
