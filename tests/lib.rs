@@ -164,17 +164,37 @@ pub fn limits(memory_mib: u64, cpu_ms: u64) -> PluginLimits {
     }
 }
 
-/// The `plexus` binary of this build.
+/// The `plexus` binary of this build, built first if this test run did not
+/// build it (cargo builds a package's binaries only for that package's own
+/// tests).
 pub fn plexus_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join(format!("plexus{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} not built; run the tests with --workspace",
-        bin.display()
-    );
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            let dir = exe.parent().and_then(Path::parent).expect("target dir");
+            let bin = dir.join(format!("plexus{}", std::env::consts::EXE_SUFFIX));
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "-p", "plexus", "--bin", "plexus"]);
+            if profile != "debug" {
+                cmd.args(["--profile", profile]);
+            }
+            if let Some(target_dir) = dir.parent() {
+                cmd.arg("--target-dir").arg(target_dir);
+            }
+            let status = cmd
+                .status()
+                .expect("running cargo build for the plexus binary");
+            assert!(
+                status.success() && bin.exists(),
+                "building {} failed",
+                bin.display()
+            );
+            bin
+        })
+        .clone()
 }
 
 /// A free port on 127.0.0.1.

@@ -117,6 +117,11 @@ impl Node {
         &self.runtime
     }
 
+    /// The services plugins are wired to.
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
     /// The consensus commit index.
     pub fn commit_index(&self) -> u64 {
         self.services.log.commit_index()
@@ -265,6 +270,24 @@ impl Node {
             .map_err(|_| RequestError::NoSuchPlugin(name.to_string()))?;
         handle
             .message(from, topic, payload, timeout)
+            .await
+            .map_err(RequestError::Call)
+    }
+
+    /// Queues a one-way message for a plugin as if sent by `from`, waiting
+    /// for mailbox space (back-pressure) but not for the handler.
+    pub async fn deliver(
+        &self,
+        name: &str,
+        from: &str,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), RequestError> {
+        let handle = self
+            .get(name)
+            .map_err(|_| RequestError::NoSuchPlugin(name.to_string()))?;
+        handle
+            .deliver(from, topic, payload)
             .await
             .map_err(RequestError::Call)
     }

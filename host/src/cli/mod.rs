@@ -1,10 +1,17 @@
 //! The `plexus` command line.
 
-use std::path::PathBuf;
+pub mod client;
+pub mod scaffold;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
+use client::{AdminClient, human_duration, table};
 
 /// Run distributed-system patterns as hot-swappable WebAssembly components.
 #[derive(Debug, Parser)]
@@ -15,11 +22,40 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// How to reach a running node's admin API.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// The node's HTTP address.
+    #[arg(
+        long,
+        env = "PLEXUS_ADDR",
+        default_value = "127.0.0.1:7070",
+        global = true
+    )]
+    pub addr: String,
+    /// The admin bearer token (`admin.token` in the node's config).
+    #[arg(long, env = "PLEXUS_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Remote {
+    fn client(&self) -> AdminClient {
+        AdminClient {
+            addr: self.addr.clone(),
+            token: self.token.clone(),
+        }
+    }
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a node. Without CONFIG: one node on 127.0.0.1:7070 with data in
-    /// ./plexus-data and the bundled pattern plugins.
+    /// ./plexus-data and the bundled pattern plugins. With CONFIG, edits to
+    /// the file are applied while the node runs.
     Up {
         /// The node's TOML config.
         config: Option<PathBuf>,
@@ -29,29 +65,168 @@ pub enum Command {
         /// The node's TOML config.
         config: PathBuf,
     },
+    /// Manage the plugins of a running node.
+    Plugin {
+        /// What to do.
+        #[command(subcommand)]
+        command: PluginCommand,
+        /// Where the node is.
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Inspect the cluster.
+    Cluster {
+        /// What to do.
+        #[command(subcommand)]
+        command: ClusterCommand,
+        /// Where the node is.
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Create a plugin crate that builds and loads as is.
+    New {
+        /// Plugin name, `[a-z0-9-]`.
+        name: String,
+        /// Directory to create (default: `plugins/NAME` inside the Plexus
+        /// workspace, else `./NAME`).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Path to the plexus SDK sources, for a crate outside the workspace.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// List the plugins bundled in this binary.
     Bundled,
 }
 
-/// Runs the CLI; returns the process exit code.
+/// `plexus plugin …`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// List loaded plugins.
+    List,
+    /// Load a plugin.
+    Load {
+        /// Its name on the node.
+        name: String,
+        /// A `.wasm` file (uploaded) or `bundled:NAME`.
+        component: String,
+        /// Interfaces to grant (repeatable): membership, consensus,
+        /// messaging, storage, timers, log.
+        #[arg(long = "cap", value_name = "CAPABILITY")]
+        caps: Vec<String>,
+        /// Linear memory cap in MiB.
+        #[arg(long, default_value_t = 64)]
+        memory_mib: u64,
+        /// CPU deadline per hook call in ms.
+        #[arg(long, default_value_t = 1000)]
+        cpu_ms: u64,
+        /// Mailbox capacity.
+        #[arg(long, default_value_t = 1024)]
+        mailbox: usize,
+        /// The plugin's config, as JSON.
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// Replace a running plugin by a new component, handing its state over.
+    Swap {
+        /// The plugin.
+        name: String,
+        /// A `.wasm` file (uploaded) or `bundled:NAME`.
+        component: String,
+        /// New config for the plugin, as JSON (default: unchanged).
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// Stop and remove a plugin (its storage stays on the node).
+    Unload {
+        /// The plugin.
+        name: String,
+    },
+}
+
+/// `plexus cluster …`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Show the node and cluster state.
+    Status,
+}
+
+fn component_json(component: &str) -> anyhow::Result<serde_json::Value> {
+    if component.starts_with("bundled:") {
+        return Ok(serde_json::json!({ "component": component }));
+    }
+    let bytes = std::fs::read(component).with_context(|| format!("reading {component}"))?;
+    Ok(
+        serde_json::json!({ "wasm_base64": base64::engine::general_purpose::STANDARD.encode(bytes) }),
+    )
+}
+
+fn parse_config(config: Option<&str>) -> anyhow::Result<Option<serde_json::Value>> {
+    config
+        .map(|c| serde_json::from_str(c).with_context(|| "--config is not valid JSON"))
+        .transpose()
+}
+
+fn merge(mut base: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    if let (Some(b), serde_json::Value::Object(e)) = (base.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    base
+}
+
+fn print_plugins(list: &serde_json::Value) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let s = |k: &str| p[k].as_str().unwrap_or("-").to_string();
+            let n = |k: &str| p[k].as_u64().map_or("-".into(), |v| v.to_string());
+            let uptime = p["loaded_at_ms"].as_u64().map_or("-".into(), |t| {
+                human_duration(now_ms.saturating_sub(t) / 1000)
+            });
+            let pause = p["last_swap_pause_us"]
+                .as_u64()
+                .map_or("-".into(), |us| format!("{us} us"));
+            vec![
+                s("name"),
+                s("version"),
+                s("state"),
+                uptime,
+                n("restarts"),
+                n("traps"),
+                n("requests"),
+                n("swaps"),
+                pause,
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "NAME",
+                "VERSION",
+                "STATE",
+                "UPTIME",
+                "RESTARTS",
+                "TRAPS",
+                "REQUESTS",
+                "SWAPS",
+                "LAST PAUSE"
+            ],
+            &rows
+        )
+    );
+}
+
+/// Runs the CLI.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Up { config } => {
-            let config = load(config)?;
-            let running =
-                crate::serve::start_with_progress(&config, |line| eprintln!("plexus: {line}"))
-                    .await?;
-            eprintln!(
-                "plexus: node {} serving http://{} (data in {})",
-                running.node.id(),
-                running.http_addr,
-                config.node.data_dir.display()
-            );
-            shutdown_signal().await;
-            eprintln!("plexus: shutting down");
-            running.shutdown().await;
-            Ok(())
-        }
+        Command::Up { config } => up(config).await,
         Command::Check { config } => {
             let config = load(Some(config))?;
             let runtime = crate::runtime::engine::Runtime::new(None)?;
@@ -64,6 +239,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("config valid: {} plugin(s)", config.plugins.len());
             Ok(())
         }
+        Command::Plugin { command, remote } => plugin(command, &remote).await,
+        Command::Cluster {
+            command: ClusterCommand::Status,
+            remote,
+        } => {
+            let status = remote.client().get("/v1/admin/status").await?;
+            if remote.json {
+                println!("{status:#}");
+            } else {
+                println!("node          {}", status["node"].as_str().unwrap_or("-"));
+                println!(
+                    "members       {}",
+                    status["members"].as_array().map_or(0, Vec::len)
+                );
+                println!("leader        {}", status["leader"].as_str().unwrap_or("-"));
+                println!("term          {}", status["term"]);
+                println!("commit index  {}", status["commit_index"]);
+                println!("plugins       {}", status["plugins"]);
+            }
+            Ok(())
+        }
+        Command::New { name, dir, sdk } => {
+            let done = scaffold::scaffold(&name, dir.as_deref(), sdk.as_deref())?;
+            println!("created {}", done.dir.display());
+            if let Some(test) = &done.test {
+                println!("created {}", test.display());
+            }
+            println!("build:  {}", done.build);
+            println!(
+                "load:   plexus plugin load {name} {} --cap consensus --cap storage --cap log",
+                done.wasm.display()
+            );
+            Ok(())
+        }
         Command::Bundled => {
             for name in crate::bundled::names() {
                 println!("{name}");
@@ -71,6 +280,135 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn plugin(command: PluginCommand, remote: &Remote) -> anyhow::Result<()> {
+    let client = remote.client();
+    let answer = match command {
+        PluginCommand::List => {
+            let list = client.get("/v1/admin/plugins").await?;
+            if remote.json {
+                println!("{list:#}");
+            } else {
+                print_plugins(&list);
+            }
+            return Ok(());
+        }
+        PluginCommand::Load {
+            name,
+            component,
+            caps,
+            memory_mib,
+            cpu_ms,
+            mailbox,
+            config,
+        } => {
+            let body = merge(
+                serde_json::json!({
+                    "name": name,
+                    "capabilities": caps,
+                    "limits": { "memory_mib": memory_mib, "cpu_ms": cpu_ms, "mailbox": mailbox },
+                    "config": parse_config(config.as_deref())?.unwrap_or(serde_json::json!({})),
+                }),
+                component_json(&component)?,
+            );
+            let status = client
+                .call(
+                    "POST",
+                    "/v1/admin/plugins",
+                    "application/json",
+                    body.to_string().into_bytes(),
+                )
+                .await?;
+            if !remote.json {
+                println!(
+                    "loaded {name} (version {})",
+                    status["version"].as_str().unwrap_or("-")
+                );
+                return Ok(());
+            }
+            status
+        }
+        PluginCommand::Swap {
+            name,
+            component,
+            config,
+        } => {
+            let mut body = component_json(&component)?;
+            if let Some(c) = parse_config(config.as_deref())? {
+                body = merge(body, serde_json::json!({ "config": c }));
+            }
+            let path = format!("/v1/admin/plugins/{name}/swap");
+            let report = client
+                .call(
+                    "POST",
+                    &path,
+                    "application/json",
+                    body.to_string().into_bytes(),
+                )
+                .await?;
+            if !remote.json {
+                println!(
+                    "swapped {name}: {} -> {} (pause {} us, {} bytes of state handed over)",
+                    report["from"].as_str().unwrap_or("-"),
+                    report["to"].as_str().unwrap_or("-"),
+                    report["pause_us"],
+                    report["state_bytes"]
+                );
+                return Ok(());
+            }
+            report
+        }
+        PluginCommand::Unload { name } => {
+            let answer = client
+                .call(
+                    "DELETE",
+                    &format!("/v1/admin/plugins/{name}"),
+                    "application/json",
+                    Vec::new(),
+                )
+                .await?;
+            if !remote.json {
+                println!("unloaded {name}");
+                return Ok(());
+            }
+            answer
+        }
+    };
+    println!("{answer:#}");
+    Ok(())
+}
+
+async fn up(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = load(path.clone())?;
+    let running =
+        crate::serve::start_with_progress(&config, |line| eprintln!("plexus: {line}")).await?;
+    eprintln!(
+        "plexus: node {} serving http://{} (data in {})",
+        running.node.id(),
+        running.http_addr,
+        config.node.data_dir.display()
+    );
+    let watcher = match &path {
+        Some(p) => {
+            let reconciler =
+                crate::config::reconcile::Reconciler::new(running.node.clone(), &config)?;
+            eprintln!("plexus: watching {} for changes", p.display());
+            Some(tokio::spawn(crate::config::reconcile::watch(
+                reconciler,
+                p.clone(),
+                Duration::from_millis(500),
+            )))
+        }
+        None => None,
+    };
+    shutdown_signal().await;
+    eprintln!("plexus: shutting down");
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    running.shutdown().await;
+    Ok(())
 }
 
 fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {

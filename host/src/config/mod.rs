@@ -30,6 +30,8 @@ use serde::Deserialize;
 use crate::runtime::Capability;
 use crate::runtime::actor::PluginLimits;
 
+pub mod reconcile;
+
 /// A config error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}:{line}:{column}: {key}: {message}")]

@@ -236,13 +236,35 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
             Some(s) => json(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default()),
             None => error(StatusCode::NOT_FOUND, &format!("no plugin named `{name}`")),
         },
-        (Method::POST, ["plugins", name, "swap"]) => {
-            let name = name.to_string();
-            let (_, body) = match read_body(req, 64 << 20).await {
+        (Method::POST, ["plugins"]) => {
+            let (_, body) = match read_body(req, ADMIN_BODY_LIMIT).await {
                 Ok(x) => x,
                 Err(resp) => return resp,
             };
-            match node.swap(&name, Arc::from(body.to_vec()), None).await {
+            admin_load(node, &body).await
+        }
+        (Method::POST, ["plugins", name, "swap"]) => {
+            let name = name.to_string();
+            let is_json = req
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+            let (_, body) = match read_body(req, ADMIN_BODY_LIMIT).await {
+                Ok(x) => x,
+                Err(resp) => return resp,
+            };
+            let (component, config) = if is_json {
+                match serde_json::from_slice::<AdminSwap>(&body)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| Ok((s.component.resolve()?, s.config.map(|c| c.to_string()))))
+                {
+                    Ok(x) => x,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+                }
+            } else {
+                (body.to_vec(), None)
+            };
+            match node.swap(&name, Arc::from(component), config).await {
                 Ok(report) => json(
                     StatusCode::OK,
                     &serde_json::to_value(report).unwrap_or_default(),
@@ -257,11 +279,121 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
             Ok(()) => json(StatusCode::OK, &serde_json::json!({ "unloaded": name })),
             Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
         },
-        (Method::GET, ["status"]) => json(
-            StatusCode::OK,
-            &serde_json::json!({ "node": node.id(), "commit_index": node.commit_index(), "plugins": node.plugins().len() }),
-        ),
+        (Method::GET, ["status"]) => {
+            let services = node.services();
+            let (epoch, members) = services.view.snapshot();
+            let members: Vec<_> = members
+                .iter()
+                .map(|m| serde_json::json!({ "id": m.id, "state": format!("{:?}", m.state).to_lowercase(), "voter": m.voter }))
+                .collect();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "node": node.id(),
+                    "members": members,
+                    "membership_epoch": epoch,
+                    "leader": services.log.leader(),
+                    "term": services.log.term(),
+                    "commit_index": node.commit_index(),
+                    "plugins": node.plugins().len(),
+                }),
+            )
+        }
         _ => error(StatusCode::NOT_FOUND, &format!("no admin route for {path}")),
+    }
+}
+
+/// Largest component accepted by the admin API.
+const ADMIN_BODY_LIMIT: usize = 64 << 20;
+
+/// Where a component comes from in an admin request: `component` is
+/// `bundled:NAME` or a path on the node's file system; `wasm_base64` carries
+/// the bytes themselves.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ComponentRef {
+    component: Option<String>,
+    wasm_base64: Option<String>,
+}
+
+impl ComponentRef {
+    fn resolve(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine;
+        match (&self.component, &self.wasm_base64) {
+            (Some(_), Some(_)) => Err("give either `component` or `wasm_base64`, not both".into()),
+            (None, None) => Err("missing `component` or `wasm_base64`".into()),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| format!("wasm_base64: {e}")),
+            (Some(c), None) => match c.strip_prefix("bundled:") {
+                Some(name) => crate::bundled::get(name)
+                    .map(<[u8]>::to_vec)
+                    .ok_or_else(|| format!("no bundled plugin `{name}`")),
+                None => std::fs::read(c).map_err(|e| format!("reading {c}: {e}")),
+            },
+        }
+    }
+}
+
+/// `POST /v1/admin/plugins`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminLoad {
+    name: String,
+    #[serde(flatten)]
+    component: ComponentRef,
+    #[serde(default)]
+    capabilities: std::collections::BTreeSet<crate::runtime::Capability>,
+    #[serde(default)]
+    limits: Option<crate::config::LimitsEntry>,
+    #[serde(default)]
+    config: Option<serde_json::Value>,
+}
+
+/// `POST /v1/admin/plugins/{name}/swap` with a JSON body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSwap {
+    #[serde(flatten)]
+    component: ComponentRef,
+    #[serde(default)]
+    config: Option<serde_json::Value>,
+}
+
+async fn admin_load(node: &Arc<Node>, body: &[u8]) -> Resp {
+    let load: AdminLoad = match serde_json::from_slice(body) {
+        Ok(l) => l,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid load request: {e}"),
+            );
+        }
+    };
+    if let Err(e) = crate::config::check_name(&load.name) {
+        return error(StatusCode::BAD_REQUEST, &format!("name {e}"));
+    }
+    let bytes = match load.component.resolve() {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let limits = load.limits.unwrap_or_default();
+    let spec = crate::node::LoadSpec {
+        name: load.name,
+        component: Arc::from(bytes),
+        capabilities: load.capabilities,
+        limits: limits.to_limits(),
+        config_json: load.config.map_or_else(|| "{}".into(), |c| c.to_string()),
+    };
+    match node.load(spec).await {
+        Ok(status) => json(
+            StatusCode::CREATED,
+            &serde_json::to_value(status).unwrap_or_default(),
+        ),
+        Err(e @ crate::node::NodeError::AlreadyLoaded(_)) => {
+            error(StatusCode::CONFLICT, &e.to_string())
+        }
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
     }
 }
 

@@ -265,6 +265,50 @@ fn describe(hook: &str, e: &wasmtime::Error, limits: &PluginLimits) -> String {
     format!("{hook}: {cause}")
 }
 
+/// A store for one instance of plugin `name`: its WASI context (no files,
+/// sockets or environment; stderr goes to the node's), its limits, and the
+/// contexts of every interface, wired to `services`. Timers and local
+/// messages are delivered into `mailbox`, tagged with `generation`;
+/// `applied` is the plugin's delivery cursor in the log.
+pub fn new_store(
+    prepared: &Prepared,
+    name: &str,
+    services: &Services,
+    limits: &PluginLimits,
+    mailbox: mpsc::WeakSender<Mail>,
+    generation: u64,
+    applied: u64,
+) -> Store<PluginState> {
+    let state = PluginState {
+        wasi: WasiCtxBuilder::new().inherit_stderr().build(),
+        table: ResourceTable::new(),
+        limits: StoreLimitsBuilder::new()
+            .memory_size(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX))
+            .trap_on_grow_failure(true)
+            .build(),
+        storage: StorageCtx::new(name, services.kv.clone(), services.call_limits),
+        consensus: ConsensusCtx::new(name, services.log.clone(), services.call_limits, applied),
+        membership: MembershipCtx::new(services.view.clone()),
+        messaging: MessagingCtx::new(mailbox.clone(), services.view.clone(), services.call_limits),
+        timers: TimersCtx::new(mailbox, generation),
+        log: LogCtx::new(name, &prepared.version),
+        call_started: Instant::now(),
+        cpu_budget: limits.cpu,
+    };
+    let mut store = Store::new(prepared.pre.engine(), state);
+    store.limiter(|s| &mut s.limits);
+    store.epoch_deadline_callback(|ctx| {
+        let data = ctx.data();
+        if data.call_started.elapsed() > data.cpu_budget {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store.set_epoch_deadline(1);
+    store
+}
+
 impl Instance {
     /// Instantiates `prepared` and runs `init` and the first membership
     /// event. Nothing is shared with a running instance until it is
@@ -280,42 +324,15 @@ impl Instance {
             .kv
             .applied_index(&env.name)
             .map_err(|e| LoadError::Init(e.to_string()))?;
-        let state = PluginState {
-            wasi: WasiCtxBuilder::new().inherit_stderr().build(),
-            table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(usize::try_from(env.limits.memory_bytes).unwrap_or(usize::MAX))
-                .trap_on_grow_failure(true)
-                .build(),
-            storage: StorageCtx::new(&env.name, services.kv.clone(), services.call_limits),
-            consensus: ConsensusCtx::new(
-                &env.name,
-                services.log.clone(),
-                services.call_limits,
-                applied,
-            ),
-            membership: MembershipCtx::new(services.view.clone()),
-            messaging: MessagingCtx::new(
-                mailbox.clone(),
-                services.view.clone(),
-                services.call_limits,
-            ),
-            timers: TimersCtx::new(mailbox, generation),
-            log: LogCtx::new(&env.name, &prepared.version),
-            call_started: Instant::now(),
-            cpu_budget: env.limits.cpu,
-        };
-        let mut store = Store::new(prepared.pre.engine(), state);
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_callback(|ctx| {
-            let data = ctx.data();
-            if data.call_started.elapsed() > data.cpu_budget {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
-        store.set_epoch_deadline(1);
+        let mut store = new_store(
+            &prepared,
+            &env.name,
+            services,
+            &env.limits,
+            mailbox,
+            generation,
+            applied,
+        );
         let bindings = prepared
             .pre
             .instantiate_async(&mut store)
@@ -551,6 +568,22 @@ impl PluginHandle {
             Ok(Err(_)) => Err(CallError::Stopped),
             Err(_) => Err(CallError::Timeout),
         }
+    }
+
+    /// Queues a one-way message, waiting only for mailbox space.
+    pub async fn deliver(
+        &self,
+        from: &str,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), CallError> {
+        let mail = Mail::Message {
+            from: from.to_string(),
+            topic: topic.to_string(),
+            payload,
+            reply: None,
+        };
+        self.tx.send(mail).await.map_err(|_| CallError::Stopped)
     }
 
     /// Replaces the running version by `prepared`, handing state over with
