@@ -3,7 +3,9 @@
 
 mod bad_input;
 mod chaos;
+mod config_golden;
 mod leader_election;
+mod operate;
 mod process;
 mod replicated_kv;
 mod swap;
