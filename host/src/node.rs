@@ -302,6 +302,16 @@ impl Node {
             .collect()
     }
 
+    /// Status and latency histograms of every plugin, by name.
+    pub fn plugin_metrics(&self) -> Vec<(PluginStatus, crate::runtime::metrics::PluginMetrics)> {
+        self.plugins
+            .read()
+            .expect("plugin map poisoned")
+            .values()
+            .map(|h| (h.status(), h.metrics()))
+            .collect()
+    }
+
     /// Status of one plugin.
     pub fn plugin(&self, name: &str) -> Option<PluginStatus> {
         self.get(name).ok().map(|h| h.status())

@@ -196,6 +196,18 @@ async fn admin_api_needs_the_token_and_swaps_over_http() {
         metrics.contains("plexus_plugin_requests_total{plugin=\"kv\""),
         "{metrics}"
     );
+    for expected in [
+        "plexus_plugin_call_duration_seconds_bucket{plugin=\"kv\"",
+        "hook=\"on-request\"",
+        "plexus_plugin_swap_pause_seconds_count{plugin=\"kv\"} 1\n",
+        "plexus_consensus_proposals_total 1\n",
+        "plexus_consensus_is_leader 1\n",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "{expected} missing from {metrics}"
+        );
+    }
 }
 
 #[test]

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::log::{BoxFuture, ConsensusBackend, Entry, LogError};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::log::{BoxFuture, ConsensusBackend, Entry, LogError, LogStats};
 
 /// `(stream, index)` → `term (8 bytes LE) ++ data`.
 const ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("entries");
@@ -34,6 +36,8 @@ struct Shared {
     node: String,
     commit_index: watch::Sender<u64>,
     streams: Mutex<HashMap<String, watch::Sender<u64>>>,
+    proposals: AtomicU64,
+    writes: AtomicU64,
 }
 
 /// The single-node [`ConsensusBackend`].
@@ -66,6 +70,8 @@ impl LocalLog {
             node: node.to_string(),
             commit_index: watch::Sender::new(last),
             streams: Mutex::new(HashMap::new()),
+            proposals: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
         tokio::spawn(writer(shared.clone(), rx));
@@ -86,6 +92,10 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
             .unwrap_or_else(|e| Err(err(e)));
         match result {
             Ok(first) => {
+                shared.writes.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .proposals
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
                 let mut last_per_stream: HashMap<String, u64> = HashMap::new();
                 let mut index = first;
                 for p in group.drain(..) {
@@ -227,5 +237,12 @@ impl ConsensusBackend for LocalLog {
 
     fn commit_index(&self) -> u64 {
         *self.shared.commit_index.borrow()
+    }
+
+    fn stats(&self) -> LogStats {
+        LogStats {
+            proposals: self.shared.proposals.load(Ordering::Relaxed),
+            writes: self.shared.writes.load(Ordering::Relaxed),
+        }
     }
 }

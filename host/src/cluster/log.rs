@@ -37,6 +37,15 @@ pub enum LogError {
     Storage(String),
 }
 
+/// Counters a log keeps about itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogStats {
+    /// Entries proposed and committed.
+    pub proposals: u64,
+    /// Durable writes (fsyncs) that committed them.
+    pub writes: u64,
+}
+
 /// A totally ordered, durable log with one stream per plugin.
 ///
 /// To be correct, an implementation must: give every entry a unique index
@@ -67,4 +76,6 @@ pub trait ConsensusBackend: Send + Sync + 'static {
     fn term(&self) -> u64;
     /// The last committed index of the whole log.
     fn commit_index(&self) -> u64;
+    /// Counters for metrics.
+    fn stats(&self) -> LogStats;
 }

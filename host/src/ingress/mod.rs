@@ -455,11 +455,71 @@ fn metrics(node: &Arc<Node>) -> Resp {
             );
         }
     }
+    let all = node.plugin_metrics();
     let _ = writeln!(
         out,
-        "# HELP plexus_consensus_commit_index Last committed log index.\n# TYPE plexus_consensus_commit_index gauge"
+        "# HELP plexus_plugin_call_duration_seconds Hook call duration, including its storage commit.\n# TYPE plexus_plugin_call_duration_seconds histogram"
     );
-    let _ = writeln!(out, "plexus_consensus_commit_index {}", node.commit_index());
+    for (s, m) in &all {
+        for (hook, h) in &m.calls {
+            let labels = format!(
+                "plugin=\"{}\",version=\"{}\",hook=\"{hook}\"",
+                s.name, s.version
+            );
+            h.render(&mut out, "plexus_plugin_call_duration_seconds", &labels);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP plexus_plugin_swap_pause_seconds Mailbox pause of hot swaps.\n# TYPE plexus_plugin_swap_pause_seconds histogram"
+    );
+    for (s, m) in &all {
+        m.swap_pause.render(
+            &mut out,
+            "plexus_plugin_swap_pause_seconds",
+            &format!("plugin=\"{}\"", s.name),
+        );
+    }
+    let log = node.services().log.clone();
+    let stats = log.stats();
+    let gauges: [(&str, &str, &str, u64); 5] = [
+        (
+            "plexus_consensus_commit_index",
+            "gauge",
+            "Last committed log index.",
+            node.commit_index(),
+        ),
+        (
+            "plexus_consensus_term",
+            "gauge",
+            "Current term.",
+            log.term(),
+        ),
+        (
+            "plexus_consensus_is_leader",
+            "gauge",
+            "Whether this node leads.",
+            u64::from(log.leader().as_deref() == Some(node.id())),
+        ),
+        (
+            "plexus_consensus_proposals_total",
+            "counter",
+            "Entries proposed and committed.",
+            stats.proposals,
+        ),
+        (
+            "plexus_consensus_log_writes_total",
+            "counter",
+            "Durable log writes (fsyncs); proposals per write is the batching factor.",
+            stats.writes,
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
     hyper::Response::builder()
         .header("content-type", "text/plain; version=0.0.4")
         .body(Full::new(Bytes::from(out)))

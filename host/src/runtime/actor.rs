@@ -22,6 +22,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use super::bindings::Plugin;
 use super::bindings::pattern::{InitContext, Request, Response};
 use super::bindings::types::MemberEvent;
+use super::metrics::PluginMetrics;
 use super::state::PluginState;
 use super::{Capability, LoadError, Prepared};
 use crate::cluster::log::ConsensusBackend;
@@ -33,6 +34,18 @@ use crate::primitives::membership::{MembershipCtx, MembershipView};
 use crate::primitives::messaging::MessagingCtx;
 use crate::primitives::storage::StorageCtx;
 use crate::primitives::timers::TimersCtx;
+
+/// Hook names, as metric labels.
+const HOOKS: [&str; 8] = [
+    "init",
+    "on-request",
+    "on-message",
+    "apply",
+    "on-membership",
+    "on-timer",
+    "snapshot",
+    "restore",
+];
 
 /// Most committed entries handed to one `apply` call.
 const APPLY_BATCH: usize = 256;
@@ -218,6 +231,7 @@ pub struct PluginEnv {
     config_json: Mutex<String>,
     generation: AtomicU64,
     status: Mutex<PluginStatus>,
+    metrics: Mutex<PluginMetrics>,
 }
 
 impl PluginEnv {
@@ -392,6 +406,30 @@ impl Instance {
         hook: &str,
         r: wasmtime::Result<R>,
     ) -> Result<R, CallError> {
+        let started = self.store.data().call_started;
+        let result = self.settle(env, hook, r).await;
+        let hook: &'static str = HOOKS
+            .iter()
+            .find(|h| **h == hook)
+            .copied()
+            .unwrap_or("other");
+        let elapsed = started.elapsed().as_secs_f64();
+        env.metrics
+            .lock()
+            .expect("metrics poisoned")
+            .calls
+            .entry(hook)
+            .or_default()
+            .observe(elapsed);
+        result
+    }
+
+    async fn settle<R>(
+        &mut self,
+        env: &PluginEnv,
+        hook: &str,
+        r: wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
         match r {
             Ok(value) => {
                 let data = self.store.data_mut();
@@ -469,6 +507,7 @@ impl PluginHandle {
             .subscribe(&spec.name)
             .map_err(|e| LoadError::Init(e.to_string()))?;
         let env = Arc::new(PluginEnv {
+            metrics: Mutex::new(PluginMetrics::default()),
             status: Mutex::new(PluginStatus {
                 name: spec.name.clone(),
                 version: prepared.version.clone(),
@@ -504,7 +543,8 @@ impl PluginHandle {
             last_prepared: None,
             failures: 0,
         };
-        let span = tracing::info_span!("plugin", name = %env.name);
+        let span =
+            tracing::info_span!("plugin", node = %env.services.view.local(), name = %env.name);
         let task = tokio::spawn(actor.run().instrument(span));
         Ok(PluginHandle { env, tx, task })
     }
@@ -517,6 +557,11 @@ impl PluginHandle {
     /// Granted capabilities.
     pub fn capabilities(&self) -> &BTreeSet<Capability> {
         &self.env.capabilities
+    }
+
+    /// Latency histograms.
+    pub fn metrics(&self) -> PluginMetrics {
+        self.env.metrics.lock().expect("metrics poisoned").clone()
     }
 
     /// Current status.
@@ -764,6 +809,12 @@ impl Actor {
     fn install(&mut self, next: Instance, report: &SwapReport) {
         self.instance = Some(next);
         self.failures = 0;
+        self.env
+            .metrics
+            .lock()
+            .expect("metrics poisoned")
+            .swap_pause
+            .observe(report.pause_us as f64 / 1e6);
         self.env.update(|s| {
             s.version = report.to.clone();
             s.state = RunState::Running;

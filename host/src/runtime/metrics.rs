@@ -1,0 +1,79 @@
+//! Per-plugin latency histograms, rendered in Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Upper bounds of the latency buckets, in seconds.
+pub const BUCKETS: [f64; 14] = [
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+    0.01, 0.1, 1.0, 10.0,
+];
+
+/// A cumulative-bucket histogram.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    /// Records one observation, in seconds.
+    pub fn observe(&mut self, secs: f64) {
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.counts[i] += 1;
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Appends the series of this histogram, with `labels` (`a="b",...`).
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, n) in BUCKETS.iter().zip(self.counts) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+/// What a plugin's actor measures.
+#[derive(Debug, Clone, Default)]
+pub struct PluginMetrics {
+    /// Duration of hook calls, by hook name, including the commit of their
+    /// storage transaction.
+    pub calls: BTreeMap<&'static str, Histogram>,
+    /// Pause of each hot swap.
+    pub swap_pause: Histogram,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_and_inf_counts_everything() {
+        let mut h = Histogram::default();
+        h.observe(0.000_003);
+        h.observe(0.003);
+        h.observe(30.0);
+        let mut out = String::new();
+        h.render(&mut out, "x", "p=\"a\"");
+        assert!(
+            out.contains("x_bucket{p=\"a\",le=\"0.000005\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_bucket{p=\"a\",le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{p=\"a\",le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{p=\"a\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{p=\"a\"} 3\n"), "{out}");
+    }
+}
