@@ -75,3 +75,19 @@ fn full_config_carries_every_setting() {
         serde_json::json!({ "replicas": 3, "mode": "strict" })
     );
 }
+
+#[test]
+fn example_configs_are_valid() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut checked = 0;
+    for dir in [examples.clone(), examples.join("cluster")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 4, "single-node.toml and the three cluster nodes");
+}

@@ -248,3 +248,51 @@ fn check_accepts_a_good_config_and_compiles_its_components() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("config valid: 1 plugin(s)"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_plugin_answers_504_within_the_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"version = 1
+[node]
+http = "127.0.0.1:{port}"
+data_dir = "data"
+request_timeout_ms = 300
+
+[[plugins]]
+name = "chaos"
+component = "bundled:chaos"
+capabilities = ["consensus", "messaging", "storage", "timers"]
+limits = {{ cpu_ms = 3000 }}
+"#
+        ),
+    )
+    .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let p = Process::up(dir.path(), &path, addr).await;
+    let started = std::time::Instant::now();
+    let (status, body) = http(p.addr, "POST", "/v1/plugins/chaos/loop", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+    assert!(started.elapsed() < std::time::Duration::from_millis(2500));
+    // Once the deadline stops the loop, the restarted plugin answers again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (status, _) = http(p.addr, "GET", "/v1/plugins/chaos/ping", &[], b"")
+            .await
+            .unwrap();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chaos never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
