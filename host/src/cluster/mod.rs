@@ -3,3 +3,4 @@
 pub mod local_log;
 pub mod log;
 pub mod state_store;
+pub mod transport;

@@ -1,0 +1,572 @@
+//! Peer transport: authenticated, length-delimited frames over TCP.
+//!
+//! Each node dials every peer once and keeps that connection (redialling
+//! with backoff when it drops); requests and their replies are multiplexed
+//! on it by id, so consensus and plugin messaging share one connection per
+//! direction. Frames are a 4-byte big-endian length and a postcard body,
+//! at most [`MAX_FRAME`] bytes.
+//!
+//! Authentication: the dialler sends its id and a nonce; the listener
+//! answers with its id, its own nonce and an HMAC-SHA256 over both nonces
+//! keyed by the cluster secret; the dialler checks it and answers with its
+//! own HMAC. A peer that cannot prove it knows the secret, or that sends a
+//! malformed or oversized frame, has its connection closed with a logged
+//! reason; nothing else is affected.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::log::BoxFuture;
+
+/// Largest frame accepted, in bytes.
+pub const MAX_FRAME: usize = 32 << 20;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a transport call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The peer is not in the configured member list.
+    #[error("unknown peer `{0}`")]
+    UnknownPeer(String),
+    /// No connection could be made or it broke before the reply; the
+    /// request may or may not have been handled.
+    #[error("peer `{0}` unreachable: {1}")]
+    Unreachable(String, String),
+    /// No reply in time; the request may have been handled.
+    #[error("request to `{0}` timed out")]
+    Timeout(String),
+    /// The peer's handler returned an error.
+    #[error("peer `{0}` failed the request: {1}")]
+    Remote(String, String),
+    /// The frame would exceed [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
+    TooLarge(usize),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Frame {
+    Hello {
+        node: String,
+        nonce: [u8; 32],
+    },
+    Challenge {
+        node: String,
+        nonce: [u8; 32],
+        proof: Vec<u8>,
+    },
+    Proof {
+        proof: Vec<u8>,
+    },
+    Request {
+        id: u64,
+        kind: u8,
+        body: Vec<u8>,
+    },
+    Reply {
+        id: u64,
+        result: Result<Vec<u8>, String>,
+    },
+    Oneway {
+        kind: u8,
+        body: Vec<u8>,
+    },
+}
+
+/// What a node does with frames from its peers.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers a request of `kind` from peer `from`.
+    fn request(
+        &self,
+        from: String,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
+    /// Takes a one-way message of `kind` from peer `from`.
+    fn oneway(&self, from: String, kind: u8, body: Vec<u8>);
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>, String>>>>>;
+
+struct Peer {
+    addr: SocketAddr,
+    /// Frames to write on the current connection; replaced on redial.
+    out: Mutex<Option<mpsc::Sender<Frame>>>,
+    pending: Pending,
+    dialing: tokio::sync::Mutex<()>,
+}
+
+/// The transport of one node.
+pub struct Transport {
+    node: String,
+    secret: Arc<[u8]>,
+    peers: HashMap<String, Arc<Peer>>,
+    next_id: AtomicU64,
+    handler: Mutex<Option<Arc<dyn Handler>>>,
+}
+
+fn mac(secret: &[u8], role: &[u8], a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    m.update(role);
+    m.update(a);
+    m.update(b);
+    m.finalize().into_bytes().to_vec()
+}
+
+fn verify(secret: &[u8], role: &[u8], a: &[u8], b: &[u8], proof: &[u8]) -> bool {
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    m.update(role);
+    m.update(a);
+    m.update(b);
+    m.verify_slice(proof).is_ok()
+}
+
+fn nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    getrandom::fill(&mut n).expect("the OS random source is available");
+    n
+}
+
+async fn write_frame(
+    stream: &mut (impl AsyncWriteExt + Unpin),
+    frame: &Frame,
+) -> std::io::Result<()> {
+    let body = postcard::to_allocvec(frame).map_err(std::io::Error::other)?;
+    if body.len() > MAX_FRAME {
+        return Err(std::io::Error::other(TransportError::TooLarge(body.len())));
+    }
+    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    stream.write_all(&buf).await
+}
+
+async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Frame> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_FRAME} byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    postcard::from_bytes(&body).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("malformed frame: {e}"),
+        )
+    })
+}
+
+impl Transport {
+    /// A transport for `node` that knows `peers` (id → address) and
+    /// authenticates with `secret`.
+    pub fn new(
+        node: &str,
+        secret: &[u8],
+        peers: impl IntoIterator<Item = (String, SocketAddr)>,
+    ) -> Arc<Transport> {
+        Arc::new(Transport {
+            node: node.to_string(),
+            secret: Arc::from(secret),
+            peers: peers
+                .into_iter()
+                .map(|(id, addr)| {
+                    let peer = Peer {
+                        addr,
+                        out: Mutex::new(None),
+                        pending: Arc::new(Mutex::new(HashMap::new())),
+                        dialing: tokio::sync::Mutex::new(()),
+                    };
+                    (id, Arc::new(peer))
+                })
+                .collect(),
+            next_id: AtomicU64::new(1),
+            handler: Mutex::new(None),
+        })
+    }
+
+    /// Sets what incoming frames are handed to.
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        *self.handler.lock().expect("handler poisoned") = Some(handler);
+    }
+
+    fn handler(&self) -> Option<Arc<dyn Handler>> {
+        self.handler.lock().expect("handler poisoned").clone()
+    }
+
+    /// The ids of the configured peers.
+    pub fn peers(&self) -> impl Iterator<Item = &str> {
+        self.peers.keys().map(String::as_str)
+    }
+
+    /// Accepts peer connections on `addr` until the task is dropped.
+    pub async fn listen(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding peer listener on {addr}: {e}"))?;
+        let this = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                let Ok((stream, remote)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let this = this.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.serve_incoming(stream).await {
+                        tracing::warn!(%remote, "peer connection closed: {e}");
+                    }
+                });
+            }
+        }))
+    }
+
+    async fn serve_incoming(self: Arc<Self>, mut stream: TcpStream) -> std::io::Result<()> {
+        let _ = stream.set_nodelay(true);
+        let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let Frame::Hello {
+                node,
+                nonce: theirs,
+            } = read_frame(&mut stream).await?
+            else {
+                return Err(std::io::Error::other("expected a hello"));
+            };
+            if !self.peers.contains_key(&node) {
+                return Err(std::io::Error::other(format!(
+                    "`{node}` is not a configured peer"
+                )));
+            }
+            let ours = nonce();
+            let proof = mac(&self.secret, b"listener", &theirs, &ours);
+            write_frame(
+                &mut stream,
+                &Frame::Challenge {
+                    node: self.node.clone(),
+                    nonce: ours,
+                    proof,
+                },
+            )
+            .await?;
+            let Frame::Proof { proof } = read_frame(&mut stream).await? else {
+                return Err(std::io::Error::other("expected a proof"));
+            };
+            if !verify(&self.secret, b"dialler", &ours, &theirs, &proof) {
+                return Err(std::io::Error::other(format!(
+                    "`{node}` failed authentication (wrong cluster secret)"
+                )));
+            }
+            Ok(node)
+        })
+        .await
+        .map_err(|_| std::io::Error::other("handshake timed out"))??;
+        let (mut rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel::<Frame>(1024);
+        tokio::spawn(writer(wr, rx));
+        loop {
+            match read_frame(&mut rd).await? {
+                Frame::Request { id, kind, body } => {
+                    let Some(handler) = self.handler() else {
+                        continue;
+                    };
+                    let tx = tx.clone();
+                    let from = peer.clone();
+                    tokio::spawn(async move {
+                        let result = handler.request(from, kind, body).await;
+                        let _ = tx.send(Frame::Reply { id, result }).await;
+                    });
+                }
+                Frame::Oneway { kind, body } => {
+                    if let Some(handler) = self.handler() {
+                        handler.oneway(peer.clone(), kind, body);
+                    }
+                }
+                other => {
+                    return Err(std::io::Error::other(format!(
+                        "unexpected frame from `{peer}`: {}",
+                        frame_name(&other)
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn connection(&self, id: &str) -> Result<mpsc::Sender<Frame>, TransportError> {
+        let peer = self
+            .peers
+            .get(id)
+            .ok_or_else(|| TransportError::UnknownPeer(id.to_string()))?;
+        if let Some(tx) = peer
+            .out
+            .lock()
+            .expect("peer poisoned")
+            .as_ref()
+            .filter(|tx| !tx.is_closed())
+        {
+            return Ok(tx.clone());
+        }
+        let _guard = peer.dialing.lock().await;
+        if let Some(tx) = peer
+            .out
+            .lock()
+            .expect("peer poisoned")
+            .as_ref()
+            .filter(|tx| !tx.is_closed())
+        {
+            return Ok(tx.clone());
+        }
+        let unreachable = |e: String| TransportError::Unreachable(id.to_string(), e);
+        let mut stream = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(peer.addr))
+            .await
+            .map_err(|_| unreachable("connect timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let ours = nonce();
+            write_frame(
+                &mut stream,
+                &Frame::Hello {
+                    node: self.node.clone(),
+                    nonce: ours,
+                },
+            )
+            .await?;
+            let Frame::Challenge {
+                node,
+                nonce: theirs,
+                proof,
+            } = read_frame(&mut stream).await?
+            else {
+                return Err(std::io::Error::other("expected a challenge"));
+            };
+            if node != id || !verify(&self.secret, b"listener", &ours, &theirs, &proof) {
+                return Err(std::io::Error::other(
+                    "peer failed authentication (wrong cluster secret or id)",
+                ));
+            }
+            let proof = mac(&self.secret, b"dialler", &theirs, &ours);
+            write_frame(&mut stream, &Frame::Proof { proof }).await
+        })
+        .await
+        .map_err(|_| unreachable("handshake timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+        let (mut rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel::<Frame>(1024);
+        tokio::spawn(writer(wr, rx));
+        let pending = peer.pending.clone();
+        let peer_id = id.to_string();
+        tokio::spawn(async move {
+            let reason = loop {
+                match read_frame(&mut rd).await {
+                    Ok(Frame::Reply { id, result }) => {
+                        if let Some(waiter) = pending.lock().expect("pending poisoned").remove(&id)
+                        {
+                            let _ = waiter.send(result);
+                        }
+                    }
+                    Ok(other) => break format!("unexpected frame {}", frame_name(&other)),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            tracing::debug!(peer = %peer_id, "connection closed: {reason}");
+            // Fail every request still waiting on this connection.
+            pending.lock().expect("pending poisoned").clear();
+        });
+        *peer.out.lock().expect("peer poisoned") = Some(tx.clone());
+        Ok(tx)
+    }
+
+    /// Sends a request and waits up to `timeout` for the reply.
+    pub async fn request(
+        &self,
+        to: &str,
+        kind: u8,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        if body.len() > MAX_FRAME - 64 {
+            return Err(TransportError::TooLarge(body.len()));
+        }
+        let tx = tokio::time::timeout(timeout, self.connection(to))
+            .await
+            .map_err(|_| TransportError::Timeout(to.to_string()))??;
+        let peer = &self.peers[to];
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        peer.pending
+            .lock()
+            .expect("pending poisoned")
+            .insert(id, reply);
+        if tx.send(Frame::Request { id, kind, body }).await.is_err() {
+            peer.pending.lock().expect("pending poisoned").remove(&id);
+            return Err(TransportError::Unreachable(
+                to.to_string(),
+                "connection closed".into(),
+            ));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(bytes))) => Ok(bytes),
+            Ok(Ok(Err(e))) => Err(TransportError::Remote(to.to_string(), e)),
+            Ok(Err(_)) => Err(TransportError::Unreachable(
+                to.to_string(),
+                "connection closed".into(),
+            )),
+            Err(_) => {
+                peer.pending.lock().expect("pending poisoned").remove(&id);
+                Err(TransportError::Timeout(to.to_string()))
+            }
+        }
+    }
+
+    /// Queues a one-way message. At most once: dropped if the peer cannot
+    /// be reached.
+    pub async fn send(&self, to: &str, kind: u8, body: Vec<u8>) -> Result<(), TransportError> {
+        if body.len() > MAX_FRAME - 64 {
+            return Err(TransportError::TooLarge(body.len()));
+        }
+        let tx = self.connection(to).await?;
+        tx.send(Frame::Oneway { kind, body })
+            .await
+            .map_err(|_| TransportError::Unreachable(to.to_string(), "connection closed".into()))
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "hello",
+        Frame::Challenge { .. } => "challenge",
+        Frame::Proof { .. } => "proof",
+        Frame::Request { .. } => "request",
+        Frame::Reply { .. } => "reply",
+        Frame::Oneway { .. } => "oneway",
+    }
+}
+
+async fn writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
+    while let Some(frame) = rx.recv().await {
+        if let Err(e) = write_frame(&mut wr, &frame).await {
+            tracing::debug!("peer write failed: {e}");
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl Handler for Echo {
+        fn request(
+            &self,
+            from: String,
+            kind: u8,
+            body: Vec<u8>,
+        ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+            Box::pin(async move {
+                if kind == 9 {
+                    return Err("refused".into());
+                }
+                let mut out = from.into_bytes();
+                out.push(kind);
+                out.extend(body);
+                Ok(out)
+            })
+        }
+        fn oneway(&self, _: String, _: u8, _: Vec<u8>) {}
+    }
+
+    async fn pair(secret_b: &[u8]) -> (Arc<Transport>, Arc<Transport>) {
+        let la = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let lb = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let a = Transport::new("a", b"0123456789abcdef", [("b".to_string(), lb)]);
+        let b = Transport::new("b", secret_b, [("a".to_string(), la)]);
+        a.set_handler(Arc::new(Echo));
+        b.set_handler(Arc::new(Echo));
+        a.listen(la).await.unwrap();
+        b.listen(lb).await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn requests_are_answered_over_an_authenticated_connection() {
+        let (a, _b) = pair(b"0123456789abcdef").await;
+        let reply = a
+            .request("b", 3, b"xy".to_vec(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(reply, b"a\x03xy");
+        let err = a
+            .request("b", 9, Vec::new(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TransportError::Remote(_, ref m) if m == "refused"),
+            "{err}"
+        );
+        assert!(matches!(
+            a.request("zz", 1, Vec::new(), Duration::from_secs(1)).await,
+            Err(TransportError::UnknownPeer(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_secret_is_refused() {
+        let (a, _b) = pair(b"another-secret-entirely").await;
+        let err = a
+            .request("b", 1, Vec::new(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Unreachable(..)), "{err}");
+        assert!(err.to_string().contains("authentication"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_frames_close_only_that_connection() {
+        let (a, _b) = pair(b"0123456789abcdef").await;
+        let addr = a.peers.get("b").unwrap().addr;
+        // Garbage instead of a hello.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0, "connection closed");
+        // A length beyond the limit.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0, "connection closed");
+        // The node still serves its real peer.
+        assert!(
+            a.request("b", 1, Vec::new(), Duration::from_secs(5))
+                .await
+                .is_ok()
+        );
+    }
+}
