@@ -4,7 +4,7 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let filter = EnvFilter::try_from_env("PLEXUS_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,cranelift=warn,wasmtime=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=off,cranelift=warn,wasmtime=warn"));
     if std::env::var("PLEXUS_LOG_FORMAT").as_deref() == Ok("json") {
         tracing_subscriber::fmt()
             .with_env_filter(filter)

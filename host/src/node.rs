@@ -2,14 +2,19 @@
 //! runs.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use crate::cluster::local_log::LocalLog;
+use crate::cluster::log::BoxFuture;
+use crate::cluster::raft::{RaftLog, RaftOptions};
 use crate::cluster::state_store::RedbKv;
+use crate::cluster::transport::{Handler, Transport};
 use crate::primitives::CallLimits;
 use crate::primitives::membership::MembershipView;
+use crate::primitives::messaging::{Envelope, KIND_MESSAGE, KIND_REQUEST};
 use crate::runtime::actor::{
     CallError, PluginHandle, PluginLimits, PluginSpec, PluginStatus, Services, SwapError,
     SwapReport,
@@ -29,6 +34,77 @@ pub struct NodeOptions {
     pub call_limits: CallLimits,
     /// Metadata announced in the member list.
     pub metadata: Vec<(String, String)>,
+}
+
+/// How a node joins a replicated cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Address for peer traffic.
+    pub listen: SocketAddr,
+    /// The other voters: name and peer address.
+    pub peers: Vec<(String, SocketAddr)>,
+    /// The shared secret peers authenticate with.
+    pub secret: String,
+}
+
+/// Routes peer requests to consensus or to plugins.
+struct PeerHandler {
+    raft: Arc<RaftLog>,
+    node: Weak<Node>,
+}
+
+impl Handler for PeerHandler {
+    fn request(
+        &self,
+        from: String,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        if kind != KIND_REQUEST {
+            return self.raft.handle(kind, body).unwrap_or_else(|| {
+                Box::pin(async move { Err(format!("unknown request kind {kind}")) })
+            });
+        }
+        let node = self.node.clone();
+        Box::pin(async move {
+            let env: Envelope = postcard::from_bytes(&body)
+                .map_err(|e| format!("malformed plugin request: {e}"))?;
+            let node = node.upgrade().ok_or("node stopping")?;
+            match node
+                .message(
+                    &env.plugin,
+                    &from,
+                    &env.topic,
+                    env.payload,
+                    Duration::from_secs(60),
+                )
+                .await
+            {
+                Ok(reply) => Ok(reply.unwrap_or_default()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+
+    fn oneway(&self, from: String, kind: u8, body: Vec<u8>) {
+        if kind != KIND_MESSAGE {
+            tracing::debug!(%from, kind, "ignoring unknown one-way frame");
+            return;
+        }
+        let Ok(env) = postcard::from_bytes::<Envelope>(&body) else {
+            tracing::warn!(%from, "dropping a malformed plugin message");
+            return;
+        };
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            if let Some(node) = node.upgrade() {
+                // At most once: a plugin that is not loaded here drops it.
+                let _ = node
+                    .deliver(&env.plugin, &from, &env.topic, env.payload)
+                    .await;
+            }
+        });
+    }
 }
 
 /// A plugin to load.
@@ -82,22 +158,69 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the node's stores under `data_dir` (creating them) and starts
-    /// its log. Must be called inside a tokio runtime.
+    /// Opens a single-node cluster: the node's stores under `data_dir`
+    /// (created if missing) and its local log. Must be called inside a
+    /// tokio runtime.
     pub fn open(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
         use anyhow::Context;
         std::fs::create_dir_all(&opts.data_dir)
             .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
+        let log = LocalLog::open(&opts.data_dir.join("log.redb"), &opts.id)
+            .with_context(|| format!("opening {}", opts.data_dir.join("log.redb").display()))?;
+        let view = MembershipView::single(&opts.id, opts.metadata.clone());
+        Node::assemble(opts, Arc::new(log), view, None)
+    }
+
+    /// Opens a member of a replicated cluster: starts the peer transport on
+    /// `cluster.listen` and the Raft log shared with `cluster.peers`.
+    pub async fn open_cluster(
+        opts: NodeOptions,
+        cluster: ClusterOptions,
+    ) -> anyhow::Result<Arc<Node>> {
+        use anyhow::Context;
+        std::fs::create_dir_all(&opts.data_dir)
+            .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
+        let transport = Transport::new(
+            &opts.id,
+            cluster.secret.as_bytes(),
+            cluster.peers.iter().cloned(),
+        );
+        transport.listen(cluster.listen).await?;
+        let mut members: BTreeMap<String, SocketAddr> = cluster.peers.iter().cloned().collect();
+        members.insert(opts.id.clone(), cluster.listen);
+        let raft = RaftLog::start(RaftOptions {
+            me: &opts.id,
+            members: members.clone(),
+            dir: &opts.data_dir,
+            transport: transport.clone(),
+        })
+        .await
+        .context("starting the replicated log")?;
+        let view = MembershipView::cluster(&opts.id, members.into_keys(), opts.metadata.clone());
+        let node = Node::assemble(opts, Arc::new(raft.clone()), view, Some(transport.clone()))?;
+        transport.set_handler(Arc::new(PeerHandler {
+            raft,
+            node: Arc::downgrade(&node),
+        }));
+        Ok(node)
+    }
+
+    fn assemble(
+        opts: NodeOptions,
+        log: Arc<dyn crate::cluster::log::ConsensusBackend>,
+        view: Arc<MembershipView>,
+        transport: Option<Arc<Transport>>,
+    ) -> anyhow::Result<Arc<Node>> {
+        use anyhow::Context;
         let runtime = Runtime::new(Some(opts.data_dir.join("cache")))?;
         let kv = RedbKv::open(&opts.data_dir.join("state.redb"))
             .with_context(|| format!("opening {}", opts.data_dir.join("state.redb").display()))?;
-        let log = LocalLog::open(&opts.data_dir.join("log.redb"), &opts.id)
-            .with_context(|| format!("opening {}", opts.data_dir.join("log.redb").display()))?;
         let services = Services {
             kv: Arc::new(kv),
-            log: Arc::new(log),
-            view: MembershipView::single(&opts.id, opts.metadata),
+            log,
+            view,
             call_limits: opts.call_limits,
+            transport,
         };
         Ok(Arc::new(Node {
             id: opts.id,

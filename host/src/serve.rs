@@ -40,12 +40,29 @@ pub async fn start_with_progress(
     config: &Config,
     progress: impl Fn(&str),
 ) -> anyhow::Result<Running> {
-    let node = Node::open(NodeOptions {
+    let opts = NodeOptions {
         id: config.node.id.clone(),
         data_dir: config.node.data_dir.clone(),
         call_limits: CallLimits::default(),
         metadata: config.node.metadata.clone().into_iter().collect(),
-    })?;
+    };
+    let node = match config.cluster_options()? {
+        Some(cluster) => {
+            progress(&format!(
+                "joining a cluster of {} on {} (peers: {})",
+                cluster.peers.len() + 1,
+                cluster.listen,
+                cluster
+                    .peers
+                    .iter()
+                    .map(|(n, a)| format!("{n}@{a}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            Node::open_cluster(opts, cluster).await?
+        }
+        None => Node::open(opts)?,
+    };
     for entry in &config.plugins {
         let bytes = entry.component_bytes(&config.base_dir)?;
         let started = std::time::Instant::now();

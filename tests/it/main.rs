@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod chaos;
+mod cluster;
 mod config_golden;
 mod leader_election;
 mod operate;

@@ -2,5 +2,7 @@
 
 pub mod local_log;
 pub mod log;
+pub mod raft;
 pub mod state_store;
+pub mod streams;
 pub mod transport;

@@ -373,6 +373,7 @@ impl Transport {
         let (tx, rx) = mpsc::channel::<Frame>(1024);
         tokio::spawn(writer(wr, rx));
         let pending = peer.pending.clone();
+        let this_peer = peer.clone();
         let peer_id = id.to_string();
         tokio::spawn(async move {
             let reason = loop {
@@ -388,7 +389,9 @@ impl Transport {
                 }
             };
             tracing::debug!(peer = %peer_id, "connection closed: {reason}");
-            // Fail every request still waiting on this connection.
+            // Redial on next use, and fail every request still waiting on
+            // this connection.
+            this_peer.out.lock().expect("peer poisoned").take();
             pending.lock().expect("pending poisoned").clear();
         });
         *peer.out.lock().expect("peer poisoned") = Some(tx.clone());

@@ -277,6 +277,32 @@ impl Config {
             .expect("the embedded default config is valid")
     }
 
+    /// The cluster this node joins, or `None` for a single node (no
+    /// `[cluster]` peers).
+    pub fn cluster_options(&self) -> anyhow::Result<Option<crate::node::ClusterOptions>> {
+        if self.cluster.peers.is_empty() {
+            return Ok(None);
+        }
+        let (Some(listen), Some(secret)) = (self.cluster.listen, self.cluster.secret.clone())
+        else {
+            anyhow::bail!("cluster.peers needs cluster.listen and cluster.secret");
+        };
+        let peers = self
+            .cluster
+            .peers
+            .iter()
+            .map(|p| {
+                let (id, addr) = p.split_once('@').expect("validated");
+                (id.to_string(), addr.parse().expect("validated"))
+            })
+            .collect();
+        Ok(Some(crate::node::ClusterOptions {
+            listen,
+            peers,
+            secret,
+        }))
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -355,6 +381,31 @@ impl Config {
                 return Err((
                     format!("cluster.peers[{i}]"),
                     format!("`{peer}` is not of the form id@host:port"),
+                ));
+            }
+        }
+        if !self.cluster.peers.is_empty() {
+            if self.cluster.listen.is_none() {
+                return Err((
+                    "cluster.listen".into(),
+                    "required when cluster.peers is set".into(),
+                ));
+            }
+            if self.cluster.secret.is_none() {
+                return Err((
+                    "cluster.secret".into(),
+                    "required when cluster.peers is set".into(),
+                ));
+            }
+            if self
+                .cluster
+                .peers
+                .iter()
+                .any(|p| p.split_once('@').is_some_and(|(id, _)| id == self.node.id))
+            {
+                return Err((
+                    "cluster.peers".into(),
+                    "must not list this node itself".into(),
                 ));
             }
         }

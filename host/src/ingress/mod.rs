@@ -284,7 +284,7 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
             let (epoch, members) = services.view.snapshot();
             let members: Vec<_> = members
                 .iter()
-                .map(|m| serde_json::json!({ "id": m.id, "state": format!("{:?}", m.state).to_lowercase(), "voter": m.voter }))
+                .map(|m| serde_json::json!({ "id": m.id, "state": member_state(m.state), "voter": m.voter }))
                 .collect();
             json(
                 StatusCode::OK,
@@ -394,6 +394,15 @@ async fn admin_load(node: &Arc<Node>, body: &[u8]) -> Resp {
             error(StatusCode::CONFLICT, &e.to_string())
         }
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+    }
+}
+
+fn member_state(s: crate::runtime::bindings::types::MemberState) -> &'static str {
+    use crate::runtime::bindings::types::MemberState;
+    match s {
+        MemberState::Alive => "alive",
+        MemberState::Suspect => "suspect",
+        MemberState::Dead => "dead",
     }
 }
 

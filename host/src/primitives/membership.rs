@@ -35,6 +35,32 @@ impl MembershipView {
         })
     }
 
+    /// A static cluster: every configured member, alive and voting.
+    pub fn cluster(
+        node: &str,
+        members: impl IntoIterator<Item = String>,
+        metadata: Vec<(String, String)>,
+    ) -> Arc<Self> {
+        let mut list: Vec<Member> = members
+            .into_iter()
+            .map(|id| Member {
+                metadata: if id == node {
+                    metadata.clone()
+                } else {
+                    Vec::new()
+                },
+                id,
+                state: MemberState::Alive,
+                voter: true,
+            })
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        Arc::new(MembershipView {
+            local: node.to_string(),
+            inner: RwLock::new((1, list)),
+        })
+    }
+
     /// This node's id.
     pub fn local(&self) -> &str {
         &self.local

@@ -1,16 +1,20 @@
 //! `plexus:cluster/messaging`: messages between instances of one plugin.
 //!
-//! On a single node every message is local: `send` and `broadcast` queue
-//! into the plugin's own mailbox, and `request` to the node itself is
-//! refused with `loopback` (the instance that would answer is the caller).
+//! Messages to this node queue into the plugin's own mailbox; messages to
+//! other members go over the peer transport to the same plugin there. A
+//! `request` to the node itself is refused with `loopback` (the instance
+//! that would answer is the caller).
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use wasmtime::component::{HasData, Linker};
 
+use std::time::Duration;
+
 use super::membership::MembershipView;
 use super::{CallLimits, over};
+use crate::cluster::transport::{Transport, TransportError};
 use crate::runtime::actor::Mail;
 use crate::runtime::bindings::plexus::cluster::messaging::{self as wit, MessagingError};
 use crate::runtime::state::PluginState;
@@ -20,20 +24,67 @@ pub struct MessagingCtx {
     mailbox: mpsc::WeakSender<Mail>,
     view: Arc<MembershipView>,
     limits: CallLimits,
+    remote: Option<Remote>,
+}
+
+/// How a plugin reaches its peers on other nodes.
+#[derive(Clone)]
+pub struct Remote {
+    /// The node's transport.
+    pub transport: Arc<Transport>,
+    /// The plugin's name, which addresses it on every node.
+    pub plugin: String,
+}
+
+/// Transport kind of a one-way plugin message.
+pub const KIND_MESSAGE: u8 = 20;
+/// Transport kind of a plugin request.
+pub const KIND_REQUEST: u8 = 21;
+
+/// The body of a plugin message or request between nodes.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Envelope {
+    /// The plugin it is for (and from).
+    pub plugin: String,
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
 }
 
 impl MessagingCtx {
-    /// A context delivering local messages into `mailbox`.
+    /// A context delivering local messages into `mailbox` and, in a
+    /// cluster, others through `remote`.
     pub fn new(
         mailbox: mpsc::WeakSender<Mail>,
         view: Arc<MembershipView>,
         limits: CallLimits,
+        remote: Option<Remote>,
     ) -> Self {
         MessagingCtx {
             mailbox,
             view,
             limits,
+            remote,
         }
+    }
+
+    /// Sends to another node without waiting: at most once.
+    fn deliver_remote(&self, node: String, topic: String, payload: Vec<u8>) {
+        let Some(remote) = self.remote.clone() else {
+            return;
+        };
+        let body = postcard::to_allocvec(&Envelope {
+            plugin: remote.plugin,
+            topic,
+            payload,
+        })
+        .unwrap_or_default();
+        tokio::spawn(async move {
+            if let Err(e) = remote.transport.send(&node, KIND_MESSAGE, body).await {
+                tracing::debug!("message to {node} dropped: {e}");
+            }
+        });
     }
 
     fn check(&self, node: &str, payload: &[u8]) -> Result<(), MessagingError> {
@@ -74,9 +125,11 @@ impl wit::Host for MessagingCtx {
         if let Err(e) = self.check(&node, &payload) {
             return Ok(Err(e));
         }
-        // Every reachable member is this node until the cluster transport
-        // arrives.
-        self.deliver_local(topic, payload);
+        if node == self.view.local() {
+            self.deliver_local(topic, payload);
+        } else {
+            self.deliver_remote(node, topic, payload);
+        }
         Ok(Ok(()))
     }
 
@@ -88,21 +141,59 @@ impl wit::Host for MessagingCtx {
         if over(payload.len(), self.limits.max_message_bytes) {
             return Ok(Err(MessagingError::TooLarge(self.limits.max_message_bytes)));
         }
-        self.deliver_local(topic, payload);
-        Ok(Ok(1))
+        let (_, members) = self.view.snapshot();
+        let mut sent = 0;
+        for m in members {
+            if m.state == crate::runtime::bindings::plexus::cluster::types::MemberState::Dead {
+                continue;
+            }
+            sent += 1;
+            if m.id == self.view.local() {
+                self.deliver_local(topic.clone(), payload.clone());
+            } else {
+                self.deliver_remote(m.id, topic.clone(), payload.clone());
+            }
+        }
+        Ok(Ok(sent))
     }
 
     async fn request(
         &mut self,
         node: String,
-        _topic: String,
+        topic: String,
         payload: Vec<u8>,
-        _timeout_ms: u32,
+        timeout_ms: u32,
     ) -> wasmtime::Result<Result<Vec<u8>, MessagingError>> {
         if let Err(e) = self.check(&node, &payload) {
             return Ok(Err(e));
         }
-        Ok(Err(MessagingError::Loopback))
+        if node == self.view.local() {
+            return Ok(Err(MessagingError::Loopback));
+        }
+        let Some(remote) = self.remote.clone() else {
+            return Ok(Err(MessagingError::UnknownNode(node)));
+        };
+        let timeout = Duration::from_millis(u64::from(timeout_ms.clamp(1, 60_000)));
+        let body = postcard::to_allocvec(&Envelope {
+            plugin: remote.plugin,
+            topic,
+            payload,
+        })
+        .unwrap_or_default();
+        Ok(
+            match remote
+                .transport
+                .request(&node, KIND_REQUEST, body, timeout)
+                .await
+            {
+                Ok(reply) => Ok(reply),
+                Err(TransportError::Timeout(_)) => Err(MessagingError::Timeout),
+                Err(TransportError::TooLarge(_)) => {
+                    Err(MessagingError::TooLarge(self.limits.max_message_bytes))
+                }
+                Err(_) => Err(MessagingError::NoHandler),
+            },
+        )
     }
 }
 

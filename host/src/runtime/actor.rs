@@ -31,7 +31,7 @@ use crate::primitives::CallLimits;
 use crate::primitives::consensus::{ConsensusCtx, to_committed};
 use crate::primitives::log::LogCtx;
 use crate::primitives::membership::{MembershipCtx, MembershipView};
-use crate::primitives::messaging::MessagingCtx;
+use crate::primitives::messaging::{MessagingCtx, Remote};
 use crate::primitives::storage::StorageCtx;
 use crate::primitives::timers::TimersCtx;
 
@@ -84,6 +84,8 @@ pub struct Services {
     pub view: Arc<MembershipView>,
     /// Limits on every host call.
     pub call_limits: CallLimits,
+    /// The peer transport, in a cluster.
+    pub transport: Option<Arc<crate::cluster::transport::Transport>>,
 }
 
 /// Where a plugin is in its life.
@@ -303,7 +305,15 @@ pub fn new_store(
         storage: StorageCtx::new(name, services.kv.clone(), services.call_limits),
         consensus: ConsensusCtx::new(name, services.log.clone(), services.call_limits, applied),
         membership: MembershipCtx::new(services.view.clone()),
-        messaging: MessagingCtx::new(mailbox.clone(), services.view.clone(), services.call_limits),
+        messaging: MessagingCtx::new(
+            mailbox.clone(),
+            services.view.clone(),
+            services.call_limits,
+            services.transport.clone().map(|transport| Remote {
+                transport,
+                plugin: name.to_string(),
+            }),
+        ),
         timers: TimersCtx::new(mailbox, generation),
         log: LogCtx::new(name, &prepared.version),
         call_started: Instant::now(),

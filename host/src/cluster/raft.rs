@@ -1,0 +1,867 @@
+//! The replicated log: openraft over the peer transport, with the Raft log
+//! and the state machine in two redb files. Every openraft type stays in
+//! this module.
+//!
+//! The host coalesces concurrent proposals from all plugins into one Raft
+//! entry (a [`Batch`] of at most [`MAX_BATCH`] proposals, at most
+//! [`IN_FLIGHT`] entries in flight), because openraft 0.9 commits at most
+//! one entry per fsync round. Applying a batch gives each proposal its own
+//! dense log index, in order, the same on every node. A follower forwards
+//! proposals and read-index requests to the leader.
+
+// The error type of openraft's storage traits is theirs to choose.
+#![allow(clippy::result_large_err)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::storage::{
+    LogFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine,
+    Snapshot,
+};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, LogId, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership, Vote,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::log::{BoxFuture, ConsensusBackend, LogError, LogStats};
+use super::streams::{self, ENTRIES, Watches};
+use super::transport::{Transport, TransportError};
+
+/// Most proposals coalesced into one Raft entry.
+pub const MAX_BATCH: usize = 256;
+/// Most Raft entries a leader has in flight from the batcher.
+pub const IN_FLIGHT: usize = 4;
+/// How long a proposal may wait for a leader and a commit.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long a request forwarded to the leader may take before its outcome
+/// is reported unknown.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Transport request kinds used by consensus.
+pub mod kind {
+    /// Raft AppendEntries.
+    pub const APPEND: u8 = 1;
+    /// Raft Vote.
+    pub const VOTE: u8 = 2;
+    /// Raft InstallSnapshot (one chunk).
+    pub const SNAPSHOT: u8 = 3;
+    /// A proposal forwarded to the leader.
+    pub const PROPOSE: u8 = 10;
+    /// A read-index request forwarded to the leader.
+    pub const READ_INDEX: u8 = 11;
+}
+
+/// Proposals of several plugins, committed as one Raft entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<(String, Vec<u8>)>);
+
+openraft::declare_raft_types!(
+    /// The Raft types of Plexus.
+    pub TypeConfig:
+        D = Batch,
+        R = u64,
+);
+
+type NodeId = u64;
+type SErr = StorageError<NodeId>;
+
+/// A node's Raft id: the first 8 bytes of the SHA-256 of its name.
+pub fn raft_id(name: &str) -> NodeId {
+    let d = Sha256::digest(name.as_bytes());
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+fn io_err(e: impl std::fmt::Display) -> AnyError {
+    AnyError::error(e.to_string())
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("raft types serialize")
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(b)
+}
+
+// ---------------------------------------------------------------- log store
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const LOG_META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The Raft log in its own redb file. Every write is fsynced before it is
+/// acknowledged (`LogFlushed` fires after the commit returns).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    /// Opens or creates the log at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<LogStore> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(LOG)?;
+        txn.open_table(LOG_META)?;
+        txn.commit()?;
+        Ok(LogStore { db: Arc::new(db) })
+    }
+
+    fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, SErr> {
+        let read = || -> Result<Option<T>, AnyError> {
+            let txn = self.db.begin_read().map_err(io_err)?;
+            let t = txn.open_table(LOG_META).map_err(io_err)?;
+            match t.get(key).map_err(io_err)? {
+                Some(v) => dec(v.value()).map(Some).map_err(io_err),
+                None => Ok(None),
+            }
+        };
+        read().map_err(|e| StorageIOError::read_logs(e).into())
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), AnyError> {
+        let txn = self.db.begin_write().map_err(io_err)?;
+        txn.open_table(LOG_META)
+            .map_err(io_err)?
+            .insert(key, enc(value).as_slice())
+            .map_err(io_err)?;
+        txn.commit().map_err(io_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        let db = self.db.clone();
+        tokio::task::block_in_place(|| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let t = txn.open_table(LOG).map_err(io_err)?;
+            let mut out = Vec::new();
+            for item in t.range(range).map_err(io_err)? {
+                let (_, v) = item.map_err(io_err)?;
+                out.push(dec(v.value()).map_err(io_err)?);
+            }
+            Ok(out)
+        })
+        .map_err(|e: AnyError| StorageIOError::read_logs(e).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+        let purged: Option<LogId<NodeId>> = self.meta("purged")?;
+        let last = tokio::task::block_in_place(|| -> Result<Option<LogId<NodeId>>, AnyError> {
+            let txn = self.db.begin_read().map_err(io_err)?;
+            let t = txn.open_table(LOG).map_err(io_err)?;
+            match t.last().map_err(io_err)? {
+                Some((_, v)) => Ok(Some(
+                    dec::<Entry<TypeConfig>>(v.value()).map_err(io_err)?.log_id,
+                )),
+                None => Ok(None),
+            }
+        })
+        .map_err(StorageIOError::read_logs)?;
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last.or(purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
+        tokio::task::block_in_place(|| self.put_meta("vote", vote))
+            .map_err(|e| StorageIOError::write_vote(e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
+        self.meta("vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
+        tokio::task::block_in_place(|| self.put_meta("committed", &committed))
+            .map_err(|e| StorageIOError::write(e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(self.meta::<Option<LogId<NodeId>>>("committed")?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let result = tokio::task::block_in_place(|| -> Result<(), AnyError> {
+            let txn = self.db.begin_write().map_err(io_err)?;
+            {
+                let mut t = txn.open_table(LOG).map_err(io_err)?;
+                for e in entries {
+                    t.insert(e.log_id.index, enc(&e).as_slice())
+                        .map_err(io_err)?;
+                }
+            }
+            // Durable (fsync) before the callback acknowledges the append.
+            txn.commit().map_err(io_err)
+        });
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(e).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        tokio::task::block_in_place(|| -> Result<(), AnyError> {
+            let txn = self.db.begin_write().map_err(io_err)?;
+            txn.open_table(LOG)
+                .map_err(io_err)?
+                .retain_in(log_id.index.., |_, _| false)
+                .map_err(io_err)?;
+            txn.commit().map_err(io_err)
+        })
+        .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        tokio::task::block_in_place(|| -> Result<(), AnyError> {
+            let txn = self.db.begin_write().map_err(io_err)?;
+            txn.open_table(LOG_META)
+                .map_err(io_err)?
+                .insert("purged", enc(&log_id).as_slice())
+                .map_err(io_err)?;
+            txn.open_table(LOG)
+                .map_err(io_err)?
+                .retain_in(..=log_id.index, |_, _| false)
+                .map_err(io_err)?;
+            txn.commit().map_err(io_err)
+        })
+        .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+}
+
+// ------------------------------------------------------------ state machine
+
+const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm-meta");
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SmMeta {
+    applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    /// Dense index of the last proposal applied.
+    last_index: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    meta: SmMeta,
+    entries: Vec<(String, u64, Vec<u8>)>,
+}
+
+/// What the state machine shares with the consensus backend.
+pub struct SmShared {
+    db: Database,
+    watches: Watches,
+    meta: Mutex<SmMeta>,
+}
+
+/// The state machine: the per-plugin streams of committed proposals.
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<SmShared>,
+}
+
+impl StateMachine {
+    /// Opens or creates the state machine at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<StateMachine> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(ENTRIES)?;
+        let meta: SmMeta = match txn.open_table(SM_META)?.get("meta")? {
+            Some(v) => dec(v.value())?,
+            None => SmMeta::default(),
+        };
+        txn.commit()?;
+        Ok(StateMachine {
+            shared: Arc::new(SmShared {
+                watches: Watches::new(meta.last_index),
+                meta: Mutex::new(meta),
+                db,
+            }),
+        })
+    }
+
+    fn snapshot_bytes(&self) -> Result<(SmMeta, Vec<u8>), AnyError> {
+        let meta = self.shared.meta.lock().expect("sm poisoned").clone();
+        let txn = self.shared.db.begin_read().map_err(io_err)?;
+        let t = txn.open_table(ENTRIES).map_err(io_err)?;
+        let mut entries = Vec::new();
+        for item in t.iter().map_err(io_err)? {
+            let (k, v) = item.map_err(io_err)?;
+            let (stream, index) = k.value();
+            entries.push((stream.to_string(), index, v.value().to_vec()));
+        }
+        let data = SnapshotData {
+            meta: meta.clone(),
+            entries,
+        };
+        Ok((meta, enc(&data)))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        let (meta, bytes) = tokio::task::block_in_place(|| self.snapshot_bytes())
+            .map_err(StorageIOError::read_state_machine)?;
+        let snapshot_id = format!(
+            "{}-{}",
+            meta.applied.map_or(0, |l| l.index),
+            meta.last_index
+        );
+        Ok(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: meta.applied,
+                last_membership: meta.membership.clone(),
+                snapshot_id,
+            },
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), SErr> {
+        let m = self.shared.meta.lock().expect("sm poisoned");
+        Ok((m.applied, m.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<u64>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut meta = self.shared.meta.lock().expect("sm poisoned").clone();
+        let mut responses = Vec::new();
+        let mut per_stream: HashMap<String, u64> = HashMap::new();
+        let db = &self.shared.db;
+        tokio::task::block_in_place(|| -> Result<(), AnyError> {
+            let txn = db.begin_write().map_err(io_err)?;
+            {
+                let mut t = txn.open_table(ENTRIES).map_err(io_err)?;
+                let mut buf = Vec::new();
+                for entry in entries {
+                    meta.applied = Some(entry.log_id);
+                    match entry.payload {
+                        EntryPayload::Blank => responses.push(0),
+                        EntryPayload::Normal(Batch(ops)) => {
+                            responses.push(meta.last_index + 1);
+                            for (stream, data) in ops {
+                                meta.last_index += 1;
+                                streams::encode(entry.log_id.leader_id.term, &data, &mut buf);
+                                t.insert((stream.as_str(), meta.last_index), buf.as_slice())
+                                    .map_err(io_err)?;
+                                per_stream.insert(stream, meta.last_index);
+                            }
+                        }
+                        EntryPayload::Membership(m) => {
+                            meta.membership = StoredMembership::new(Some(entry.log_id), m);
+                            responses.push(0);
+                        }
+                    }
+                }
+            }
+            txn.open_table(SM_META)
+                .map_err(io_err)?
+                .insert("meta", enc(&meta).as_slice())
+                .map_err(io_err)?;
+            txn.commit().map_err(io_err)
+        })
+        .map_err(StorageIOError::write_state_machine)?;
+        let last = meta.last_index;
+        *self.shared.meta.lock().expect("sm poisoned") = meta;
+        self.shared.watches.publish(last, per_stream);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        let data: SnapshotData =
+            dec(snapshot.get_ref()).map_err(|e| StorageIOError::read_snapshot(None, io_err(e)))?;
+        let db = &self.shared.db;
+        tokio::task::block_in_place(|| -> Result<(), AnyError> {
+            let txn = db.begin_write().map_err(io_err)?;
+            {
+                let mut t = txn.open_table(ENTRIES).map_err(io_err)?;
+                t.retain(|_, _| false).map_err(io_err)?;
+                for (stream, index, value) in &data.entries {
+                    t.insert((stream.as_str(), *index), value.as_slice())
+                        .map_err(io_err)?;
+                }
+            }
+            txn.open_table(SM_META)
+                .map_err(io_err)?
+                .insert("meta", enc(&data.meta).as_slice())
+                .map_err(io_err)?;
+            txn.commit().map_err(io_err)
+        })
+        .map_err(StorageIOError::write_state_machine)?;
+        let last = data.meta.last_index;
+        *self.shared.meta.lock().expect("sm poisoned") = data.meta;
+        self.shared
+            .watches
+            .reload(&self.shared.db, last)
+            .map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        Ok(Some(self.build_snapshot().await?))
+    }
+}
+
+// ------------------------------------------------------------------ network
+
+/// Raft RPCs over the peer transport.
+#[derive(Clone)]
+pub struct Network {
+    transport: Arc<Transport>,
+    names: Arc<HashMap<NodeId, String>>,
+}
+
+/// A connection to one peer.
+pub struct Connection {
+    transport: Arc<Transport>,
+    target: NodeId,
+    name: Option<String>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
+        Connection {
+            transport: self.transport.clone(),
+            target,
+            name: self.names.get(&target).cloned(),
+        }
+    }
+}
+
+impl Connection {
+    async fn call<
+        Req: Serialize,
+        Resp: for<'de> Deserialize<'de>,
+        E: std::error::Error + for<'de> Deserialize<'de>,
+    >(
+        &self,
+        kind: u8,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
+        let Some(name) = &self.name else {
+            return Err(RPCError::Network(NetworkError::new(
+                &TransportError::UnknownPeer(self.target.to_string()),
+            )));
+        };
+        let bytes = self
+            .transport
+            .request(name, kind, enc(req), option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                TransportError::Timeout(_) | TransportError::Unreachable(..) => {
+                    RPCError::Unreachable(openraft::error::Unreachable::new(&e))
+                }
+                other => RPCError::Network(NetworkError::new(&other)),
+            })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            dec(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(kind::APPEND, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(kind::SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(kind::VOTE, &rpc, &option).await
+    }
+}
+
+// ------------------------------------------------------------------ backend
+
+type Raft = openraft::Raft<TypeConfig>;
+
+struct Proposal {
+    stream: String,
+    data: Vec<u8>,
+    reply: oneshot::Sender<Result<u64, LogError>>,
+}
+
+/// The replicated [`ConsensusBackend`].
+pub struct RaftLog {
+    raft: Raft,
+    me: String,
+    sm: Arc<SmShared>,
+    transport: Arc<Transport>,
+    names: Arc<HashMap<NodeId, String>>,
+    batcher: mpsc::Sender<Proposal>,
+    proposals: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
+}
+
+/// How to start the replicated log.
+pub struct RaftOptions<'a> {
+    /// This node's name.
+    pub me: &'a str,
+    /// Every voter, this node included: name → peer address.
+    pub members: BTreeMap<String, SocketAddr>,
+    /// Where the two redb files go.
+    pub dir: &'a Path,
+    /// The transport, already listening.
+    pub transport: Arc<Transport>,
+}
+
+impl RaftLog {
+    /// Opens the stores, starts Raft, and, on the member with the smallest
+    /// id of a fresh cluster, initialises the membership.
+    pub async fn start(opts: RaftOptions<'_>) -> anyhow::Result<Arc<RaftLog>> {
+        let log = LogStore::open(&opts.dir.join("raft-log.redb"))?;
+        let sm = StateMachine::open(&opts.dir.join("raft-sm.redb"))?;
+        let shared = sm.shared.clone();
+        let names: Arc<HashMap<NodeId, String>> = Arc::new(
+            opts.members
+                .keys()
+                .map(|n| (raft_id(n), n.clone()))
+                .collect(),
+        );
+        let config = openraft::Config {
+            cluster_name: "plexus".into(),
+            heartbeat_interval: 100,
+            election_timeout_min: 300,
+            election_timeout_max: 600,
+            max_payload_entries: 64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+            max_in_snapshot_log_to_keep: 5_000,
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate()?);
+        let network = Network {
+            transport: opts.transport.clone(),
+            names: names.clone(),
+        };
+        let me = raft_id(opts.me);
+        let raft = Raft::new(me, config, network, log, sm).await?;
+        if !raft.is_initialized().await? {
+            let first = opts.members.keys().map(|n| raft_id(n)).min();
+            if first == Some(me) {
+                let members: BTreeMap<NodeId, BasicNode> = opts
+                    .members
+                    .iter()
+                    .map(|(n, a)| {
+                        (
+                            raft_id(n),
+                            BasicNode {
+                                addr: a.to_string(),
+                            },
+                        )
+                    })
+                    .collect();
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::info!("cluster already initialised: {e}");
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        let proposals = Arc::new(AtomicU64::new(0));
+        let writes = Arc::new(AtomicU64::new(0));
+        tokio::spawn(batcher(raft.clone(), rx, proposals.clone(), writes.clone()));
+        Ok(Arc::new(RaftLog {
+            raft,
+            me: opts.me.to_string(),
+            sm: shared,
+            transport: opts.transport,
+            names,
+            batcher: tx,
+            proposals,
+            writes,
+        }))
+    }
+
+    fn leader_name(&self) -> Option<String> {
+        let id = self.raft.metrics().borrow().current_leader?;
+        self.names.get(&id).cloned()
+    }
+
+    /// Handles a transport request addressed to consensus; `None` if `kind`
+    /// is not consensus's.
+    pub fn handle(
+        self: &Arc<Self>,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> Option<BoxFuture<'static, Result<Vec<u8>, String>>> {
+        let this = self.clone();
+        Some(match kind {
+            kind::APPEND => Box::pin(async move {
+                let req: AppendEntriesRequest<TypeConfig> =
+                    dec(&body).map_err(|e| e.to_string())?;
+                Ok(enc(&this.raft.append_entries(req).await))
+            }),
+            kind::VOTE => Box::pin(async move {
+                let req: VoteRequest<NodeId> = dec(&body).map_err(|e| e.to_string())?;
+                Ok(enc(&this.raft.vote(req).await))
+            }),
+            kind::SNAPSHOT => Box::pin(async move {
+                let req: InstallSnapshotRequest<TypeConfig> =
+                    dec(&body).map_err(|e| e.to_string())?;
+                Ok(enc(&this.raft.install_snapshot(req).await))
+            }),
+            kind::PROPOSE => Box::pin(async move {
+                let (stream, data): (String, Vec<u8>) = dec(&body).map_err(|e| e.to_string())?;
+                let r = this.propose_here(stream, data).await;
+                Ok(enc(&r.map_err(|e| e.to_string())))
+            }),
+            kind::READ_INDEX => Box::pin(async move {
+                let r = this.read_index_here().await;
+                Ok(enc(&r.map_err(|e| e.to_string())))
+            }),
+            _ => return None,
+        })
+    }
+
+    async fn propose_here(&self, stream: String, data: Vec<u8>) -> Result<u64, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.batcher
+            .send(Proposal {
+                stream,
+                data,
+                reply,
+            })
+            .await
+            .map_err(|_| LogError::ShuttingDown)?;
+        rx.await.map_err(|_| LogError::ShuttingDown)?
+    }
+
+    async fn read_index_here(&self) -> Result<u64, LogError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(self.sm.watches.commit_index()),
+            Err(e) => Err(LogError::NotLeader(
+                e.forward_to_leader()
+                    .and_then(|f| f.leader_id)
+                    .and_then(|id| self.names.get(&id).cloned()),
+            )),
+        }
+    }
+
+    /// Runs `here` on the leader (locally or forwarded), retrying while no
+    /// leader is known, then waits until this node has applied the result.
+    async fn on_leader(
+        self: Arc<Self>,
+        kind: u8,
+        body: Vec<u8>,
+        here: impl Fn(Arc<Self>) -> BoxFuture<'static, Result<u64, LogError>>,
+    ) -> Result<u64, LogError> {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            let result = match self.leader_name() {
+                Some(l) if l == self.me => here(self.clone()).await,
+                Some(l) => match self
+                    .transport
+                    .request(&l, kind, body.clone(), FORWARD_TIMEOUT)
+                    .await
+                {
+                    Ok(bytes) => dec::<Result<u64, String>>(&bytes)
+                        .map_err(|e| LogError::Storage(e.to_string()))
+                        .and_then(|r| r.map_err(|e| LogError::NotLeader(Some(e)))),
+                    Err(TransportError::Timeout(_)) => Err(LogError::Timeout),
+                    Err(_) => Err(LogError::NotLeader(None)),
+                },
+                None => Err(LogError::NotLeader(None)),
+            };
+            match result {
+                Ok(index) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    return tokio::time::timeout(left, self.sm.watches.wait_for(index))
+                        .await
+                        .map(|()| index)
+                        .map_err(|_| LogError::Timeout);
+                }
+                Err(LogError::NotLeader(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(LogError::NotLeader(_)) => return Err(LogError::Timeout),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stops Raft.
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+async fn batcher(
+    raft: Raft,
+    mut rx: mpsc::Receiver<Proposal>,
+    proposals: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut group = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        if rx.recv_many(&mut group, MAX_BATCH).await == 0 {
+            return;
+        }
+        let taken: Vec<Proposal> = std::mem::take(&mut group);
+        let raft = raft.clone();
+        let (proposals, writes) = (proposals.clone(), writes.clone());
+        tokio::spawn(async move {
+            let (ops, replies): (Vec<_>, Vec<_>) = taken
+                .into_iter()
+                .map(|p| ((p.stream, p.data), p.reply))
+                .unzip();
+            let n = ops.len() as u64;
+            match raft.client_write(Batch(ops)).await {
+                Ok(resp) => {
+                    proposals.fetch_add(n, Ordering::Relaxed);
+                    writes.fetch_add(1, Ordering::Relaxed);
+                    for (i, reply) in replies.into_iter().enumerate() {
+                        let _ = reply.send(Ok(resp.data + i as u64));
+                    }
+                }
+                Err(e) => {
+                    let leader = e
+                        .forward_to_leader()
+                        .and_then(|f| f.leader_id)
+                        .map(|id| id.to_string());
+                    let err = if e.forward_to_leader().is_some() {
+                        LogError::NotLeader(leader)
+                    } else {
+                        LogError::Storage(e.to_string())
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+impl ConsensusBackend for Arc<RaftLog> {
+    fn propose(&self, stream: &str, data: Vec<u8>) -> BoxFuture<'static, Result<u64, LogError>> {
+        let body = enc(&(stream, &data));
+        let (stream, this) = (stream.to_string(), self.clone());
+        Box::pin(this.on_leader(kind::PROPOSE, body, move |me| {
+            let (stream, data) = (stream.clone(), data.clone());
+            Box::pin(async move { me.propose_here(stream, data).await })
+        }))
+    }
+
+    fn read_index(&self) -> BoxFuture<'static, Result<u64, LogError>> {
+        Box::pin(self.clone().on_leader(kind::READ_INDEX, Vec::new(), |me| {
+            Box::pin(async move { me.read_index_here().await })
+        }))
+    }
+
+    fn entries(
+        &self,
+        stream: &str,
+        after: u64,
+        through: u64,
+        max: usize,
+    ) -> Result<Vec<super::log::Entry>, LogError> {
+        streams::read(&self.sm.db, stream, after, through, max)
+    }
+
+    fn subscribe(&self, stream: &str) -> Result<tokio::sync::watch::Receiver<u64>, LogError> {
+        self.sm.watches.subscribe(&self.sm.db, stream)
+    }
+
+    fn leader(&self) -> Option<String> {
+        self.leader_name()
+    }
+
+    fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    fn commit_index(&self) -> u64 {
+        self.sm.watches.commit_index()
+    }
+
+    fn stats(&self) -> LogStats {
+        LogStats {
+            proposals: self.proposals.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+        }
+    }
+}

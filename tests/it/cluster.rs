@@ -1,0 +1,324 @@
+//! A 3-node cluster of real `plexus` processes on 127.0.0.1: replication,
+//! leader failover under writes, catch-up after restart, and leader
+//! election across failover.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use plexus_tests::{Process, free_port, http};
+
+const TOKEN: &str = "cluster-token";
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    http: Vec<SocketAddr>,
+    nodes: Vec<Option<Process>>,
+}
+
+fn node_config(i: usize, http: &[SocketAddr], peer: &[SocketAddr], ttl_ms: u64) -> String {
+    let peers: Vec<String> = (0..peer.len())
+        .filter(|j| *j != i)
+        .map(|j| format!("\"node-{}@{}\"", j + 1, peer[j]))
+        .collect();
+    format!(
+        r#"version = 1
+[node]
+id = "node-{n}"
+data_dir = "data-{n}"
+http = "{http}"
+
+[cluster]
+listen = "{listen}"
+peers = [{peers}]
+secret = "a-cluster-secret-for-tests"
+
+[admin]
+token = "{TOKEN}"
+
+[[plugins]]
+name = "kv"
+component = "bundled:replicated-kv"
+capabilities = ["consensus", "storage", "log"]
+
+[[plugins]]
+name = "election"
+component = "bundled:leader-election"
+capabilities = ["consensus", "storage", "timers", "log"]
+config = {{ campaign = ["primary"], ttl_ms = {ttl_ms} }}
+"#,
+        n = i + 1,
+        http = http[i],
+        listen = peer[i],
+        peers = peers.join(", ")
+    )
+}
+
+impl Cluster {
+    async fn start(ttl_ms: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
+        let http: Vec<SocketAddr> = (0..3).map(|_| addr(free_port())).collect();
+        let peer: Vec<SocketAddr> = (0..3).map(|_| addr(free_port())).collect();
+        for i in 0..3 {
+            std::fs::write(
+                dir.path().join(format!("node-{}.toml", i + 1)),
+                node_config(i, &http, &peer, ttl_ms),
+            )
+            .unwrap();
+        }
+        let mut c = Cluster {
+            dir,
+            http,
+            nodes: Vec::new(),
+        };
+        for i in 0..3 {
+            let p = c.spawn(i).await;
+            c.nodes.push(Some(p));
+        }
+        c
+    }
+
+    fn config(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node-{}.toml", i + 1))
+    }
+
+    async fn spawn(&self, i: usize) -> Process {
+        Process::up(self.dir.path(), &self.config(i), self.http[i]).await
+    }
+
+    async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            for i in 0..3 {
+                if self.nodes[i].is_none() {
+                    continue;
+                }
+                let auth = format!("Bearer {TOKEN}");
+                if let Ok((200, body)) = http(
+                    self.http[i],
+                    "GET",
+                    "/v1/admin/status",
+                    &[("authorization", &auth)],
+                    b"",
+                )
+                .await
+                {
+                    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    if let Some(l) = status["leader"].as_str() {
+                        let l: usize = l.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+                        if self.nodes[l].is_some() {
+                            return l;
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader elected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].take() {
+            p.kill();
+        }
+    }
+
+    fn alive(&self) -> Vec<usize> {
+        (0..3).filter(|i| self.nodes[*i].is_some()).collect()
+    }
+}
+
+async fn get(addr: SocketAddr, key: &str) -> Option<Vec<u8>> {
+    match http(addr, "GET", &format!("/v1/plugins/kv/kv/{key}"), &[], b"").await {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
+}
+
+async fn put(addr: SocketAddr, key: &str, value: &str) -> bool {
+    matches!(
+        http(
+            addr,
+            "PUT",
+            &format!("/v1/plugins/kv/kv/{key}"),
+            &[],
+            value.as_bytes()
+        )
+        .await,
+        Ok((200, _))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_one_node_is_read_on_the_others() {
+    let c = Cluster::start(3000).await;
+    c.leader().await;
+    assert!(put(c.http[0], "greeting", "hello").await);
+    assert!(put(c.http[2], "other", "from-3").await);
+    for i in 0..3 {
+        assert_eq!(
+            get(c.http[i], "greeting").await.as_deref(),
+            Some(&b"hello"[..]),
+            "node-{}",
+            i + 1
+        );
+        assert_eq!(
+            get(c.http[i], "other").await.as_deref(),
+            Some(&b"from-3"[..]),
+            "node-{}",
+            i + 1
+        );
+    }
+    // Versions are log indices, so a compare-and-swap works on any node.
+    let (_, body) = http(c.http[1], "GET", "/v1/plugins/kv/kv?prefix=greet", &[], b"")
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let version = listed[0]["version"].as_u64().unwrap();
+    let (status, _) = http(
+        c.http[1],
+        "PUT",
+        &format!("/v1/plugins/kv/kv/greeting?version={version}"),
+        &[],
+        b"hi",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = http(
+        c.http[2],
+        "PUT",
+        &format!("/v1/plugins/kv/kv/greeting?version={version}"),
+        &[],
+        b"late",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 409);
+    // One holder of the campaigned role, the same on every node.
+    let mut holders = Vec::new();
+    for i in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok((200, body)) = http(
+                c.http[i],
+                "GET",
+                "/v1/plugins/election/roles/primary",
+                &[],
+                b"",
+            )
+            .await
+            {
+                let lease: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                holders.push((
+                    lease["holder"].as_str().unwrap().to_string(),
+                    lease["token"].as_u64().unwrap(),
+                ));
+                break;
+            }
+            assert!(Instant::now() < deadline, "role never held");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(holders.windows(2).all(|w| w[0] == w[1]), "{holders:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_loses_no_acknowledged_write() {
+    let mut c = Cluster::start(3000).await;
+    let leader = c.leader().await;
+    let writer = (leader + 1) % 3;
+    let mut acked: Vec<(String, String)> = Vec::new();
+    let mut failed = 0;
+    for i in 0..60 {
+        if i == 20 {
+            c.kill(leader);
+        }
+        let (key, value) = (format!("k{}", i % 15), format!("v{i}"));
+        // Retry through whichever survivor answers; only a 200 counts.
+        let mut ok = false;
+        for attempt in 0..3 {
+            let node = c.alive()[(writer + attempt) % c.alive().len()];
+            if put(c.http[node], &key, &value).await {
+                ok = true;
+                break;
+            }
+        }
+        if ok {
+            acked.retain(|(k, _)| *k != key);
+            acked.push((key, value));
+        } else {
+            failed += 1;
+        }
+    }
+    assert!(failed <= 5, "{failed} writes failed around the failover");
+    let new_leader = c.leader().await;
+    assert_ne!(new_leader, leader);
+    for i in c.alive() {
+        for (key, value) in &acked {
+            assert_eq!(
+                get(c.http[i], key).await.as_deref(),
+                Some(value.as_bytes()),
+                "node-{} lost {key}",
+                i + 1
+            );
+        }
+    }
+    // The killed node restarts and catches up.
+    let p = c.spawn(leader).await;
+    c.nodes[leader] = Some(p);
+    for (key, value) in &acked {
+        assert_eq!(
+            get(c.http[leader], key).await.as_deref(),
+            Some(value.as_bytes()),
+            "restarted node missing {key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_role_moves_on_with_a_larger_fencing_token_when_its_holder_dies() {
+    let mut c = Cluster::start(1000).await;
+    let read = |c: &Cluster, i: usize| {
+        let addr = c.http[i];
+        async move {
+            match http(addr, "GET", "/v1/plugins/election/roles/primary", &[], b"").await {
+                Ok((200, body)) => {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    Some((
+                        v["holder"].as_str().unwrap().to_string(),
+                        v["token"].as_u64().unwrap(),
+                        v["expired"].as_bool().unwrap(),
+                    ))
+                }
+                _ => None,
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (holder, token) = loop {
+        if let Some((h, t, false)) = read(&c, 0).await {
+            break (h, t);
+        }
+        assert!(Instant::now() < deadline, "nobody took the role");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let holder_index: usize = holder.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+    c.kill(holder_index);
+    let survivor = c.alive()[0];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((h, t, false)) = read(&c, survivor).await
+            && h != holder
+        {
+            assert!(t > token, "fencing token went from {token} to {t}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the role never moved from {holder}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
