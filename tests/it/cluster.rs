@@ -322,3 +322,54 @@ async fn the_role_moves_on_with_a_larger_fencing_token_when_its_holder_dies() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_minority_node_rejoins_and_catches_up() {
+    let c = Cluster::start(3000).await;
+    let leader = c.leader().await;
+    let paused = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let pid = c.nodes[paused].as_ref().unwrap().child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    };
+    signal("-STOP");
+    // The majority keeps serving writes and reads.
+    for i in 0..20 {
+        assert!(
+            put(
+                c.http[if i % 2 == 0 { leader } else { other }],
+                &format!("p{i}"),
+                &format!("v{i}")
+            )
+            .await,
+            "write {i}"
+        );
+    }
+    assert_eq!(
+        get(c.http[other], "p19").await.as_deref(),
+        Some(&b"v19"[..])
+    );
+    signal("-CONT");
+    // Back, it answers linearizable reads with everything written meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..20 {
+        loop {
+            if get(c.http[paused], &format!("p{i}")).await.as_deref()
+                == Some(format!("v{i}").as_bytes())
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "paused node never caught up on p{i}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
