@@ -13,6 +13,7 @@ use crate::cluster::raft::{RaftLog, RaftOptions};
 use crate::cluster::state_store::RedbKv;
 use crate::cluster::transport::{Handler, Transport};
 use crate::primitives::CallLimits;
+use crate::primitives::consensus::Control;
 use crate::primitives::membership::MembershipView;
 use crate::primitives::messaging::{Envelope, KIND_MESSAGE, KIND_REQUEST};
 use crate::runtime::actor::{
@@ -105,6 +106,15 @@ impl Handler for PeerHandler {
             }
         });
     }
+}
+
+/// The outcome of a cluster-wide swap on this node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterSwap {
+    /// The log index every node switches at.
+    pub index: u64,
+    /// The version now running here.
+    pub version: String,
 }
 
 /// A plugin to load.
@@ -221,6 +231,7 @@ impl Node {
             view,
             call_limits: opts.call_limits,
             transport,
+            runtime: runtime.clone(),
         };
         Ok(Arc::new(Node {
             id: opts.id,
@@ -349,6 +360,57 @@ impl Node {
                 other => SwapError::Load(LoadError::Invalid(other.to_string())),
             })?;
         handle.swap(prepared, config_json).await
+    }
+
+    /// Swaps a plugin on every node at the same log index: the component
+    /// goes into the plugin's log stream as a control entry, and each node
+    /// switches when it applies it, between the entries before and after.
+    /// Returns the index once this node has switched; a node that cannot
+    /// load the version keeps the old one and reports it in its status.
+    pub async fn swap_cluster(
+        &self,
+        name: &str,
+        component: Arc<[u8]>,
+        config_json: Option<String>,
+    ) -> Result<ClusterSwap, SwapError> {
+        let handle = self
+            .get(name)
+            .map_err(|_| SwapError::Call(CallError::Stopped))?;
+        // Refuse here what would fail everywhere, before it is in the log.
+        self.prepare(name, component.clone(), handle.capabilities().clone())
+            .await
+            .map_err(|e| match e {
+                NodeError::Load { source, .. } => SwapError::Load(source),
+                other => SwapError::Load(LoadError::Invalid(other.to_string())),
+            })?;
+        let entry = Control::Swap {
+            component: component.to_vec(),
+            config: config_json,
+        }
+        .encode();
+        let index =
+            self.services.log.propose(name, entry).await.map_err(|e| {
+                SwapError::Load(LoadError::Invalid(format!("proposing the swap: {e}")))
+            })?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = handle.status();
+            if status.control_index >= index {
+                return match status.swapped_at_index {
+                    Some(i) if i == index => Ok(ClusterSwap {
+                        index,
+                        version: status.version,
+                    }),
+                    _ => Err(SwapError::Load(LoadError::Invalid(
+                        status.last_error.unwrap_or_default(),
+                    ))),
+                };
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(SwapError::Call(CallError::Timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops and removes a plugin. Its storage stays.

@@ -136,6 +136,9 @@ pub enum PluginCommand {
         /// New config for the plugin, as JSON (default: unchanged).
         #[arg(long)]
         config: Option<String>,
+        /// Swap on every node of the cluster, at the same log index.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Stop and remove a plugin (its storage stays on the node).
     Unload {
@@ -333,6 +336,36 @@ async fn plugin(command: PluginCommand, remote: &Remote) -> anyhow::Result<()> {
             name,
             component,
             config,
+            cluster: true,
+        } => {
+            let mut body = component_json(&component)?;
+            if let Some(c) = parse_config(config.as_deref())? {
+                body = merge(body, serde_json::json!({ "config": c }));
+            }
+            let path = format!("/v1/admin/plugins/{name}/swap?scope=cluster");
+            let done = client
+                .call(
+                    "POST",
+                    &path,
+                    "application/json",
+                    body.to_string().into_bytes(),
+                )
+                .await?;
+            if !remote.json {
+                println!(
+                    "swapped {name} cluster-wide at log index {} (now version {})",
+                    done["index"],
+                    done["version"].as_str().unwrap_or("-")
+                );
+                return Ok(());
+            }
+            done
+        }
+        PluginCommand::Swap {
+            name,
+            component,
+            config,
+            cluster: false,
         } => {
             let mut body = component_json(&component)?;
             if let Some(c) = parse_config(config.as_deref())? {

@@ -245,6 +245,7 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
         }
         (Method::POST, ["plugins", name, "swap"]) => {
             let name = name.to_string();
+            let req_query = req.uri().query().unwrap_or_default().to_string();
             let is_json = req
                 .headers()
                 .get(hyper::header::CONTENT_TYPE)
@@ -264,6 +265,18 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
             } else {
                 (body.to_vec(), None)
             };
+            if req_query.contains("scope=cluster") {
+                return match node.swap_cluster(&name, Arc::from(component), config).await {
+                    Ok(done) => json(
+                        StatusCode::OK,
+                        &serde_json::to_value(done).unwrap_or_default(),
+                    ),
+                    Err(SwapError::Call(CallError::Stopped)) => {
+                        error(StatusCode::NOT_FOUND, &format!("no plugin named `{name}`"))
+                    }
+                    Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+                };
+            }
             match node.swap(&name, Arc::from(component), config).await {
                 Ok(report) => json(
                     StatusCode::OK,

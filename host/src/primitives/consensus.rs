@@ -42,11 +42,19 @@ impl ConsensusCtx {
     }
 
     /// Undelivered entries through `through`, advancing the cursor.
+    ///
+    /// If a host control entry (a cluster-wide swap) lies among them, this
+    /// instance must not apply what follows it: nothing is delivered and
+    /// the outcome is reported unknown (`timeout`); the plugin actor applies
+    /// the entries on both sides of the swap in order.
     fn take_through(&mut self, through: u64) -> Result<Vec<CommittedEntry>, ConsensusError> {
         let entries = self
             .backend
             .entries(&self.stream, self.delivered, through, usize::MAX)
             .map_err(to_wit)?;
+        if entries.iter().any(is_control) {
+            return Err(ConsensusError::Timeout);
+        }
         if let Some(last) = entries.last() {
             self.delivered = last.index;
         }
@@ -55,8 +63,52 @@ impl ConsensusCtx {
     }
 }
 
-/// Converts a backend entry to its WIT form.
-pub fn to_committed(e: Entry) -> CommittedEntry {
+/// First byte of every stored entry: a guest's proposal. Guests cannot
+/// write any other tag, so they cannot forge host control entries.
+pub const TAG_GUEST: u8 = 0;
+/// First byte of a host control entry (see [`Control`]).
+pub const TAG_CONTROL: u8 = 1;
+
+/// A host control entry in a plugin's stream, applied by the host at its
+/// log index on every node.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum Control {
+    /// Replace the plugin by this component (and config, when given).
+    Swap {
+        /// The component's bytes.
+        component: Vec<u8>,
+        /// New `config` JSON for `init`.
+        config: Option<String>,
+    },
+}
+
+impl Control {
+    /// The stored form: the control tag, then the encoded entry.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![TAG_CONTROL];
+        out.extend(postcard::to_allocvec(self).expect("control entries encode"));
+        out
+    }
+
+    /// Decodes a stored control entry.
+    pub fn decode(data: &[u8]) -> Option<Control> {
+        match data.split_first() {
+            Some((&TAG_CONTROL, rest)) => postcard::from_bytes(rest).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a stored entry is a host control entry.
+pub fn is_control(e: &Entry) -> bool {
+    e.data.first() == Some(&TAG_CONTROL)
+}
+
+/// Converts a stored guest entry to its WIT form (dropping the tag).
+pub fn to_committed(mut e: Entry) -> CommittedEntry {
+    if !e.data.is_empty() {
+        e.data.remove(0);
+    }
     CommittedEntry {
         index: e.index,
         term: e.term,
@@ -81,7 +133,11 @@ impl wit::Host for ConsensusCtx {
         if over(data.len(), self.limits.max_entry_bytes) {
             return Ok(Err(ConsensusError::TooLarge(self.limits.max_entry_bytes)));
         }
-        let index = match self.backend.propose(&self.stream, data).await {
+        let mut tagged = Vec::with_capacity(data.len() + 1);
+        tagged.push(TAG_GUEST);
+        tagged.extend_from_slice(&data);
+        drop(data);
+        let index = match self.backend.propose(&self.stream, tagged).await {
             Ok(index) => index,
             Err(e) => return Ok(Err(to_wit(e))),
         };

@@ -28,7 +28,7 @@ use super::{Capability, LoadError, Prepared};
 use crate::cluster::log::ConsensusBackend;
 use crate::cluster::state_store::KvBackend;
 use crate::primitives::CallLimits;
-use crate::primitives::consensus::{ConsensusCtx, to_committed};
+use crate::primitives::consensus::{ConsensusCtx, Control, is_control, to_committed};
 use crate::primitives::log::LogCtx;
 use crate::primitives::membership::{MembershipCtx, MembershipView};
 use crate::primitives::messaging::{MessagingCtx, Remote};
@@ -86,6 +86,8 @@ pub struct Services {
     pub call_limits: CallLimits,
     /// The peer transport, in a cluster.
     pub transport: Option<Arc<crate::cluster::transport::Transport>>,
+    /// The engine, for versions that arrive through the log.
+    pub runtime: Arc<super::engine::Runtime>,
 }
 
 /// Where a plugin is in its life.
@@ -127,6 +129,10 @@ pub struct PluginStatus {
     pub last_swap_pause_us: Option<u64>,
     /// The last failure, if any.
     pub last_error: Option<String>,
+    /// Log index of the last cluster-wide swap this node applied.
+    pub swapped_at_index: Option<u64>,
+    /// Log index of the last host control entry this node processed.
+    pub control_index: u64,
     /// Mailbox items waiting.
     pub mailbox_depth: usize,
     /// Pauses of recent swaps, in microseconds, oldest first.
@@ -531,6 +537,8 @@ impl PluginHandle {
                 swaps: 0,
                 last_swap_pause_us: None,
                 last_error: None,
+                swapped_at_index: None,
+                control_index: 0,
                 mailbox_depth: 0,
                 swap_pauses_us: Vec::new(),
             }),
@@ -855,10 +863,23 @@ impl Actor {
                 return;
             }
         };
-        let through = if entries.len() < APPLY_BATCH {
-            target
-        } else {
+        // A host control entry splits the batch: what comes before it is
+        // applied by the current version, what comes after by the next.
+        let mut entries = entries;
+        let mut cut = false;
+        if let Some(pos) = entries.iter().position(is_control) {
+            if pos == 0 {
+                let control = entries.swap_remove(0);
+                self.control(control.index, &control.data).await;
+                return;
+            }
+            entries.truncate(pos);
+            cut = true;
+        }
+        let through = if cut || entries.len() >= APPLY_BATCH {
             entries.last().map_or(target, |e| e.index)
+        } else {
+            target
         };
         let entries: Vec<_> = entries.into_iter().map(to_committed).collect();
         inst.begin();
@@ -874,6 +895,69 @@ impl Actor {
             Ok(()) => self.succeeded(),
             Err(_) => self.kill(),
         }
+    }
+
+    /// Applies a host control entry at `index`: a cluster-wide swap. Every
+    /// node reaches it at the same point of the plugin's stream; a node that
+    /// cannot load the new version keeps the old one and reports it.
+    async fn control(&mut self, index: u64, data: &[u8]) {
+        let env = self.env.clone();
+        let outcome = match Control::decode(data) {
+            None => Err("undecodable control entry".to_string()),
+            Some(Control::Swap { component, config }) => self.cluster_swap(component, config).await,
+        };
+        match &outcome {
+            Ok(report) => {
+                tracing::info!(plugin = %env.name, index, from = %report.from, to = %report.to, pause_us = report.pause_us, "cluster-wide swap applied")
+            }
+            Err(e) => {
+                tracing::error!(plugin = %env.name, index, "cluster-wide swap failed here; the old version keeps serving: {e}")
+            }
+        }
+        env.update(|s| {
+            s.control_index = index;
+            if let Err(e) = &outcome {
+                s.last_error = Some(format!("cluster-wide swap at index {index} failed: {e}"));
+            } else {
+                s.swapped_at_index = Some(index);
+            }
+        });
+        if let Some(inst) = self.instance.as_mut() {
+            inst.store.data_mut().consensus.delivered = index;
+        }
+    }
+
+    async fn cluster_swap(
+        &mut self,
+        component: Vec<u8>,
+        config: Option<String>,
+    ) -> Result<SwapReport, String> {
+        let env = self.env.clone();
+        let runtime = env.services.runtime.clone();
+        let caps = env.capabilities.clone();
+        let prepared =
+            tokio::task::spawn_blocking(move || super::prepare(&runtime, &component, &caps))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        let previous = config
+            .map(|c| std::mem::replace(&mut *env.config_json.lock().expect("config poisoned"), c));
+        let restore_config = |env: &PluginEnv| {
+            if let Some(previous) = previous.clone() {
+                *env.config_json.lock().expect("config poisoned") = previous;
+            }
+        };
+        let next = match Instance::start(&env, prepared, self.mailbox.clone()).await {
+            Ok(next) => next,
+            Err(e) => {
+                restore_config(&env);
+                return Err(e.to_string());
+            }
+        };
+        self.swap(next).await.map_err(|e| {
+            restore_config(&env);
+            e.to_string()
+        })
     }
 
     async fn handle(&mut self, mail: Mail) -> bool {
