@@ -11,6 +11,7 @@ use crate::cluster::local_log::LocalLog;
 use crate::cluster::log::BoxFuture;
 use crate::cluster::raft::{RaftLog, RaftOptions};
 use crate::cluster::state_store::RedbKv;
+use crate::cluster::swim;
 use crate::cluster::transport::{Handler, Transport};
 use crate::primitives::CallLimits;
 use crate::primitives::consensus::Control;
@@ -206,8 +207,50 @@ impl Node {
         })
         .await
         .context("starting the replicated log")?;
-        let view = MembershipView::cluster(&opts.id, members.into_keys(), opts.metadata.clone());
-        let node = Node::assemble(opts, Arc::new(raft.clone()), view, Some(transport.clone()))?;
+        let view =
+            MembershipView::cluster(&opts.id, members.keys().cloned(), opts.metadata.clone());
+        let me = opts.id.clone();
+        let node = Node::assemble(
+            opts,
+            Arc::new(raft.clone()),
+            view.clone(),
+            Some(transport.clone()),
+        )?;
+        // Gossip runs on the peer port, over UDP.
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let id = |name: &str, addr: SocketAddr, generation| swim::Id {
+            name: name.to_string(),
+            addr,
+            generation,
+        };
+        let peers = cluster.peers.iter().map(|(n, a)| id(n, *a, 0)).collect();
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+        swim::start(
+            id(&me, cluster.listen, generation),
+            peers,
+            Arc::from(cluster.secret.as_bytes()),
+            view,
+            events_tx,
+        )
+        .await?;
+        let weak = Arc::downgrade(&node);
+        tokio::spawn(async move {
+            while let Some(events) = events_rx.recv().await {
+                let Some(node) = weak.upgrade() else { return };
+                let handles: Vec<_> = node
+                    .plugins
+                    .read()
+                    .expect("plugin map poisoned")
+                    .values()
+                    .cloned()
+                    .collect();
+                for h in handles {
+                    h.membership(events.clone()).await;
+                }
+            }
+        });
         transport.set_handler(Arc::new(PeerHandler {
             raft,
             node: Arc::downgrade(&node),

@@ -454,3 +454,66 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
         }
     }
 }
+
+async fn states(addr: SocketAddr) -> Option<Vec<(String, String)>> {
+    let auth = format!("Bearer {TOKEN}");
+    let (status, body) = http(
+        addr,
+        "GET",
+        "/v1/admin/status",
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+    .ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    Some(
+        v["members"]
+            .as_array()?
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap_or("").to_string(),
+                    m["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect(),
+    )
+}
+
+async fn wait_state(addr: SocketAddr, member: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = states(addr).await
+            && s.iter().any(|(id, st)| id == member && st == state)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{member} never became {state} as seen from {addr}: {:?}",
+            states(addr).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failure_detector_sees_a_member_die_and_come_back() {
+    let mut c = Cluster::start(3000).await;
+    for i in 0..3 {
+        for m in 1..=3 {
+            wait_state(c.http[i], &format!("node-{m}"), "alive").await;
+        }
+    }
+    c.kill(2);
+    wait_state(c.http[0], "node-3", "dead").await;
+    wait_state(c.http[1], "node-3", "dead").await;
+    let p = c.spawn(2).await;
+    c.nodes[2] = Some(p);
+    wait_state(c.http[0], "node-3", "alive").await;
+    wait_state(c.http[2], "node-1", "alive").await;
+}

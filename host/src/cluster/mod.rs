@@ -5,4 +5,5 @@ pub mod log;
 pub mod raft;
 pub mod state_store;
 pub mod streams;
+pub mod swim;
 pub mod transport;

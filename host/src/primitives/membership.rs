@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 use wasmtime::component::{HasData, Linker};
 
 use crate::runtime::bindings::plexus::cluster::membership as wit;
-use crate::runtime::bindings::plexus::cluster::types::{Member, MemberState};
+use crate::runtime::bindings::plexus::cluster::types::{Member, MemberEvent, MemberState};
 use crate::runtime::state::PluginState;
 
 /// The node's membership view, shared by all plugins.
@@ -49,8 +49,14 @@ impl MembershipView {
                 } else {
                     Vec::new()
                 },
+                // Peers are suspect until the failure detector hears from
+                // them.
+                state: if id == node {
+                    MemberState::Alive
+                } else {
+                    MemberState::Suspect
+                },
                 id,
-                state: MemberState::Alive,
                 voter: true,
             })
             .collect();
@@ -58,6 +64,22 @@ impl MembershipView {
         Arc::new(MembershipView {
             local: node.to_string(),
             inner: RwLock::new((1, list)),
+        })
+    }
+
+    /// Records a member's new state; returns the event if it changed.
+    pub fn set_state(&self, id: &str, state: MemberState) -> Option<MemberEvent> {
+        let mut inner = self.inner.write().expect("membership poisoned");
+        let (epoch, members) = &mut *inner;
+        let member = members.iter_mut().find(|m| m.id == id)?;
+        if member.state == state {
+            return None;
+        }
+        member.state = state;
+        *epoch += 1;
+        Some(MemberEvent {
+            member: member.clone(),
+            epoch: *epoch,
         })
     }
 

@@ -216,6 +216,8 @@ pub enum Mail {
         /// Which setting of the id.
         seq: u64,
     },
+    /// The membership view changed.
+    Membership(Vec<MemberEvent>),
     /// Replace the instance.
     Swap {
         /// The new, initialised instance.
@@ -633,6 +635,11 @@ impl PluginHandle {
         }
     }
 
+    /// Queues membership events for `on-membership`.
+    pub async fn membership(&self, events: Vec<MemberEvent>) {
+        let _ = self.tx.send(Mail::Membership(events)).await;
+    }
+
     /// Queues a one-way message, waiting only for mailbox space.
     pub async fn deliver(
         &self,
@@ -1019,6 +1026,16 @@ impl Actor {
                     .instrument(span)
                     .await;
                 let r = inst.finish(&env, "on-timer", r).await;
+                self.after(&r);
+            }
+            Mail::Membership(events) => {
+                inst.begin();
+                let r = inst
+                    .bindings
+                    .plexus_cluster_pattern()
+                    .call_on_membership(&mut inst.store, &events)
+                    .await;
+                let r = inst.finish(&env, "on-membership", r).await;
                 self.after(&r);
             }
             Mail::Swap { next, reply } => {
