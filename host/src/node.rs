@@ -47,6 +47,8 @@ pub struct ClusterOptions {
     pub peers: Vec<(String, SocketAddr)>,
     /// The shared secret peers authenticate with.
     pub secret: String,
+    /// Raft entries between snapshots.
+    pub snapshot_every: u64,
 }
 
 /// Routes peer requests to consensus or to plugins.
@@ -204,6 +206,7 @@ impl Node {
             members: members.clone(),
             dir: &opts.data_dir,
             transport: transport.clone(),
+            snapshot_every: cluster.snapshot_every,
         })
         .await
         .context("starting the replicated log")?;

@@ -583,6 +583,8 @@ pub struct RaftOptions<'a> {
     pub dir: &'a Path,
     /// The transport, already listening.
     pub transport: Arc<Transport>,
+    /// Raft entries between snapshots.
+    pub snapshot_every: u64,
 }
 
 impl RaftLog {
@@ -604,8 +606,8 @@ impl RaftLog {
             election_timeout_min: 300,
             election_timeout_max: 600,
             max_payload_entries: 64,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-            max_in_snapshot_log_to_keep: 5_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
+            max_in_snapshot_log_to_keep: opts.snapshot_every / 4,
             ..Default::default()
         };
         let config = Arc::new(config.validate()?);

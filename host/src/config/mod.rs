@@ -125,7 +125,7 @@ fn default_request_timeout() -> u64 {
 }
 
 /// `[cluster]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     /// Address for peer traffic.
@@ -135,6 +135,26 @@ pub struct ClusterSection {
     pub peers: Vec<String>,
     /// Shared secret that peers authenticate with (at least 16 bytes).
     pub secret: Option<String>,
+    /// Raft entries between snapshots of the replicated state; older log
+    /// entries are then purged and a lagging node catches up from the
+    /// snapshot.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+}
+
+fn default_snapshot_every() -> u64 {
+    20_000
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            listen: None,
+            peers: Vec::new(),
+            secret: None,
+            snapshot_every: default_snapshot_every(),
+        }
+    }
 }
 
 /// `[admin]`
@@ -300,6 +320,7 @@ impl Config {
             listen,
             peers,
             secret,
+            snapshot_every: self.cluster.snapshot_every,
         }))
     }
 
@@ -408,6 +429,12 @@ impl Config {
                     "must not list this node itself".into(),
                 ));
             }
+        }
+        if !(10..=10_000_000).contains(&self.cluster.snapshot_every) {
+            return Err((
+                "cluster.snapshot_every".into(),
+                "must be in 10..=10000000".into(),
+            ));
         }
         if self.admin.token.as_ref().is_some_and(|t| t.len() < 8) {
             return Err(("admin.token".into(), "must be at least 8 bytes".into()));
