@@ -1,0 +1,398 @@
+//! Cluster benchmark: a program that prints figures.
+//!
+//!     cargo bench -p plexus --bench cluster [-- --seconds 10 --clients 256 --trials 20]
+//!
+//! Starts three `plexus` processes on 127.0.0.1 and drives `replicated-kv`
+//! through the real HTTP path: 64 B values from concurrent clients, each
+//! with its own keep-alive connection, spread over the three nodes. With
+//! `--etcd PATH` (an `etcd` 3.4+ binary, e.g. from Debian's `etcd-server`)
+//! it runs the same load against a 3-member etcd on loopback through its
+//! HTTP gateway, in the same run. Then it measures leader failover: kill -9
+//! the leader, time until a surviving node acknowledges a write.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(Conn { sender, addr })
+    }
+
+    async fn send(&mut self, method: &str, path: &str, body: Vec<u8>) -> anyhow::Result<u16> {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .body(Full::new(Bytes::from(body)))?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await?;
+        Ok(status)
+    }
+}
+
+async fn once(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let mut c = tokio::time::timeout(Duration::from_secs(2), Conn::open(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if path.starts_with("/v1/admin") {
+        req = req.header("authorization", "Bearer bench-token");
+    }
+    let req = req.body(Full::new(Bytes::copy_from_slice(body))).ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), c.sender.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes().to_vec();
+    Some((status, body))
+}
+
+/// Sends `PUT`s of 64 B from `clients` connections for `seconds`; returns
+/// (ops/s, p50 ms, p99 ms, errors).
+async fn load(
+    targets: Vec<SocketAddr>,
+    clients: usize,
+    seconds: u64,
+    request: fn(u64) -> (String, Vec<u8>),
+) -> (f64, f64, f64, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let addr = targets[c % targets.len()];
+        let (stop, errors) = (stop.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let Ok(mut conn) = Conn::open(addr).await else {
+                errors.fetch_add(1, Ordering::Relaxed);
+                return lat;
+            };
+            let mut i = c as u64 * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let (path, body) = request(i);
+                let t = Instant::now();
+                match conn.send("POST", &path, body).await {
+                    Ok(200) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        match Conn::open(addr).await {
+                            Ok(c) => conn = c,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    (
+        all.len() as f64 / elapsed,
+        pct(0.5),
+        pct(0.99),
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+fn kv_put(i: u64) -> (String, Vec<u8>) {
+    (
+        format!("/v1/plugins/kv/kv/k{}", i % 100_000),
+        vec![b'x'; 64],
+    )
+}
+
+fn etcd_put(i: u64) -> (String, Vec<u8>) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        b64.encode(format!("k{}", i % 100_000)),
+        b64.encode([b'x'; 64])
+    );
+    ("/v3/kv/put".into(), body.into_bytes())
+}
+
+struct Procs(Vec<Option<Child>>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn plexus_config(dir: &Path, i: usize, http: &[SocketAddr], peer: &[SocketAddr]) -> PathBuf {
+    let peers: Vec<String> = (0..3)
+        .filter(|j| *j != i)
+        .map(|j| format!("\"node-{}@{}\"", j + 1, peer[j]))
+        .collect();
+    let text = format!(
+        "version = 1\n[node]\nid = \"node-{n}\"\ndata_dir = \"data-{n}\"\nhttp = \"{h}\"\nrequest_timeout_ms = 30000\n\
+         [cluster]\nlisten = \"{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n[admin]\ntoken = \"bench-token\"\n\
+         [[plugins]]\nname = \"kv\"\ncomponent = \"bundled:replicated-kv\"\ncapabilities = [\"consensus\", \"storage\"]\n\
+         limits = {{ mailbox = 4096 }}\n",
+        n = i + 1,
+        h = http[i],
+        l = peer[i],
+        p = peers.join(", ")
+    );
+    let path = dir.join(format!("node-{}.toml", i + 1));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn_plexus(dir: &Path, config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .arg("up")
+        .arg(config)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn plexus")
+}
+
+async fn wait_healthy(addr: SocketAddr, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some((200, _)) = once(addr, "GET", path, b"").await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} did not come up");
+}
+
+async fn leader(http: &[SocketAddr], alive: &[bool]) -> usize {
+    loop {
+        for i in 0..3 {
+            if !alive[i] {
+                continue;
+            }
+            if let Some((200, body)) = once(http[i], "GET", "/v1/admin/status", b"").await {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                if let Some(l) = v["leader"].as_str() {
+                    let l = l.trim_start_matches("node-").parse::<usize>().unwrap_or(1) - 1;
+                    if alive[l] {
+                        return l;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run_etcd(
+    etcd: &Path,
+    dir: &Path,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<(f64, f64, f64, u64)> {
+    let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let initial: Vec<String> = (0..3)
+        .map(|i| format!("e{i}=http://127.0.0.1:{}", peer[i]))
+        .collect();
+    let mut procs = Procs(Vec::new());
+    for i in 0..3 {
+        let child = Command::new(etcd)
+            .args(["--name", &format!("e{i}")])
+            .args([
+                "--data-dir",
+                &dir.join(format!("etcd-{i}")).display().to_string(),
+            ])
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{}", client[i]),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{}", client[i]),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", peer[i]),
+            ])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{}", peer[i]),
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-state", "new"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        procs.0.push(Some(child));
+    }
+    let targets: Vec<SocketAddr> = client
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, _)) =
+            once(targets[0], "POST", "/v3/kv/put", etcd_put(0).1.as_slice()).await
+        {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "etcd did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(load(targets, clients, seconds, etcd_put).await)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let seconds = arg("--seconds", 10);
+    let clients = arg("--clients", 256) as usize;
+    let trials = arg("--trials", 20);
+    let etcd = std::env::args()
+        .skip_while(|a| a != "--etcd")
+        .nth(1)
+        .map(PathBuf::from);
+    let dir = tempfile::tempdir()?;
+    let http: Vec<SocketAddr> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .collect();
+    let peer: Vec<SocketAddr> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .collect();
+    let configs: Vec<PathBuf> = (0..3)
+        .map(|i| plexus_config(dir.path(), i, &http, &peer))
+        .collect();
+    let mut procs = Procs(
+        configs
+            .iter()
+            .map(|c| Some(spawn_plexus(dir.path(), c)))
+            .collect(),
+    );
+    for a in &http {
+        wait_healthy(*a, "/healthz").await;
+    }
+    leader(&http, &[true; 3]).await;
+
+    println!(
+        "# plexus cluster benchmark: 3 nodes on 127.0.0.1, {clients} clients, 64 B values, {seconds} s"
+    );
+    println!();
+    println!(
+        "{:<40} {:>10} {:>9} {:>9} {:>8}",
+        "", "writes/s", "p50 ms", "p99 ms", "errors"
+    );
+    let (ops, p50, p99, errors) = load(http.clone(), clients, seconds, kv_put).await;
+    println!(
+        "{:<40} {ops:>10.0} {p50:>9.1} {p99:>9.1} {errors:>8}",
+        "plexus replicated-kv (HTTP PUT)"
+    );
+    if let Some(etcd) = &etcd {
+        match run_etcd(etcd, dir.path(), clients, seconds).await {
+            Ok((ops, p50, p99, errors)) => {
+                println!(
+                    "{:<40} {ops:>10.0} {p50:>9.1} {p99:>9.1} {errors:>8}",
+                    "etcd (v3 HTTP gateway put)"
+                )
+            }
+            Err(e) => println!("etcd: {e}"),
+        }
+    }
+    println!();
+
+    // Failover: kill -9 the leader, time the first acknowledged write.
+    let mut alive = [true; 3];
+    let mut times = Vec::new();
+    for _ in 0..trials {
+        let l = leader(&http, &alive).await;
+        let survivor = (l + 1) % 3;
+        if let Some(mut c) = procs.0[l].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        alive[l] = false;
+        let t = Instant::now();
+        let mut i = 0u64;
+        loop {
+            i += 1;
+            if let Some((200, _)) = once(
+                http[survivor],
+                "PUT",
+                &format!("/v1/plugins/kv/kv/f{i}"),
+                b"x",
+            )
+            .await
+            {
+                break;
+            }
+        }
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        procs.0[l] = Some(spawn_plexus(dir.path(), &configs[l]));
+        wait_healthy(http[l], "/healthz").await;
+        alive[l] = true;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| times[((times.len() as f64 - 1.0) * p) as usize];
+    println!(
+        "leader failover, {trials} trials (kill -9 leader -> first acknowledged write): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        pct(0.5),
+        pct(0.99),
+        times[times.len() - 1]
+    );
+    Ok(())
+}
