@@ -336,13 +336,14 @@ async fn plugin(command: PluginCommand, remote: &Remote) -> anyhow::Result<()> {
             name,
             component,
             config,
-            cluster: true,
+            cluster,
         } => {
             let mut body = component_json(&component)?;
             if let Some(c) = parse_config(config.as_deref())? {
                 body = merge(body, serde_json::json!({ "config": c }));
             }
-            let path = format!("/v1/admin/plugins/{name}/swap?scope=cluster");
+            let scope = if cluster { "?scope=cluster" } else { "" };
+            let path = format!("/v1/admin/plugins/{name}/swap{scope}");
             let done = client
                 .call(
                     "POST",
@@ -351,46 +352,26 @@ async fn plugin(command: PluginCommand, remote: &Remote) -> anyhow::Result<()> {
                     body.to_string().into_bytes(),
                 )
                 .await?;
-            if !remote.json {
-                println!(
-                    "swapped {name} cluster-wide at log index {} (now version {})",
-                    done["index"],
-                    done["version"].as_str().unwrap_or("-")
-                );
+            if remote.json {
+                done
+            } else {
+                if cluster {
+                    println!(
+                        "swapped {name} cluster-wide at log index {} (now version {})",
+                        done["index"],
+                        done["version"].as_str().unwrap_or("-")
+                    );
+                } else {
+                    println!(
+                        "swapped {name}: {} -> {} (pause {} us, {} bytes of state handed over)",
+                        done["from"].as_str().unwrap_or("-"),
+                        done["to"].as_str().unwrap_or("-"),
+                        done["pause_us"],
+                        done["state_bytes"]
+                    );
+                }
                 return Ok(());
             }
-            done
-        }
-        PluginCommand::Swap {
-            name,
-            component,
-            config,
-            cluster: false,
-        } => {
-            let mut body = component_json(&component)?;
-            if let Some(c) = parse_config(config.as_deref())? {
-                body = merge(body, serde_json::json!({ "config": c }));
-            }
-            let path = format!("/v1/admin/plugins/{name}/swap");
-            let report = client
-                .call(
-                    "POST",
-                    &path,
-                    "application/json",
-                    body.to_string().into_bytes(),
-                )
-                .await?;
-            if !remote.json {
-                println!(
-                    "swapped {name}: {} -> {} (pause {} us, {} bytes of state handed over)",
-                    report["from"].as_str().unwrap_or("-"),
-                    report["to"].as_str().unwrap_or("-"),
-                    report["pause_us"],
-                    report["state_bytes"]
-                );
-                return Ok(());
-            }
-            report
         }
         PluginCommand::Unload { name } => {
             let answer = client

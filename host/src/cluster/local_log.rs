@@ -7,17 +7,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{mpsc, oneshot, watch};
-
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::log::{BoxFuture, ConsensusBackend, Entry, LogError, LogStats};
+use redb::{Database, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot, watch};
 
-/// `(stream, index)` → `term (8 bytes LE) ++ data`.
-const ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("entries");
+use super::log::{BoxFuture, ConsensusBackend, Entry, LogError, LogStats};
+use super::streams::{self, ENTRIES, Watches, err};
+
 /// "last-index" → the highest index written.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -34,8 +32,7 @@ struct Proposal {
 struct Shared {
     db: Database,
     node: String,
-    commit_index: watch::Sender<u64>,
-    streams: Mutex<HashMap<String, watch::Sender<u64>>>,
+    watches: Watches,
     proposals: AtomicU64,
     writes: AtomicU64,
 }
@@ -44,10 +41,6 @@ struct Shared {
 pub struct LocalLog {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Proposal>,
-}
-
-fn err(e: impl std::fmt::Display) -> LogError {
-    LogError::Storage(e.to_string())
 }
 
 impl LocalLog {
@@ -68,8 +61,7 @@ impl LocalLog {
         let shared = Arc::new(Shared {
             db,
             node: node.to_string(),
-            commit_index: watch::Sender::new(last),
-            streams: Mutex::new(HashMap::new()),
+            watches: Watches::new(last),
             proposals: AtomicU64::new(0),
             writes: AtomicU64::new(0),
         });
@@ -96,20 +88,17 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
                 shared
                     .proposals
                     .fetch_add(group.len() as u64, Ordering::Relaxed);
-                let mut last_per_stream: HashMap<String, u64> = HashMap::new();
-                let mut index = first;
-                for p in group.drain(..) {
-                    last_per_stream.insert(p.stream, index);
-                    let _ = p.reply.send(Ok(index));
-                    index += 1;
-                }
-                shared.commit_index.send_replace(index - 1);
-                let mut streams = shared.streams.lock().expect("stream map poisoned");
-                for (stream, last) in last_per_stream {
-                    streams
-                        .entry(stream)
-                        .or_insert_with(|| watch::Sender::new(0))
-                        .send_replace(last);
+                let last = first + group.len() as u64 - 1;
+                let per_stream: HashMap<String, u64> = group
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (p.stream.clone(), first + i as u64))
+                    .collect();
+                // Publish before acknowledging, so a proposer that reads its
+                // stream right away finds its entry counted.
+                shared.watches.publish(last, per_stream);
+                for (i, p) in group.drain(..).enumerate() {
+                    let _ = p.reply.send(Ok(first + i as u64));
                 }
             }
             Err(e) => {
@@ -133,9 +122,7 @@ fn write_group(shared: &Shared, batch: &[(String, Vec<u8>)]) -> Result<u64, LogE
         let mut table = txn.open_table(ENTRIES).map_err(err)?;
         let mut buf = Vec::new();
         for (i, (stream, data)) in batch.iter().enumerate() {
-            buf.clear();
-            buf.extend_from_slice(&TERM.to_le_bytes());
-            buf.extend_from_slice(data);
+            streams::encode(TERM, data, &mut buf);
             table
                 .insert((stream.as_str(), last + 1 + i as u64), buf.as_slice())
                 .map_err(err)?;
@@ -168,7 +155,7 @@ impl ConsensusBackend for LocalLog {
     fn read_index(&self) -> BoxFuture<'static, Result<u64, LogError>> {
         // Alone, this node is always the leader and every acknowledged entry
         // is already in its log.
-        let index = *self.shared.commit_index.borrow();
+        let index = self.shared.watches.commit_index();
         Box::pin(async move { Ok(index) })
     }
 
@@ -179,52 +166,11 @@ impl ConsensusBackend for LocalLog {
         through: u64,
         max: usize,
     ) -> Result<Vec<Entry>, LogError> {
-        let txn = self.shared.db.begin_read().map_err(err)?;
-        let table = txn.open_table(ENTRIES).map_err(err)?;
-        let mut out = Vec::new();
-        if after >= through {
-            return Ok(out);
-        }
-        for item in table
-            .range((stream, after + 1)..=(stream, through))
-            .map_err(err)?
-        {
-            let (k, v) = item.map_err(err)?;
-            let raw = v.value();
-            let (term, data) = raw
-                .split_first_chunk::<8>()
-                .ok_or_else(|| LogError::Storage("corrupt log entry".into()))?;
-            out.push(Entry {
-                index: k.value().1,
-                term: u64::from_le_bytes(*term),
-                data: data.to_vec(),
-            });
-            if out.len() >= max {
-                break;
-            }
-        }
-        Ok(out)
+        streams::read(&self.shared.db, stream, after, through, max)
     }
 
     fn subscribe(&self, stream: &str) -> Result<watch::Receiver<u64>, LogError> {
-        let mut streams = self.shared.streams.lock().expect("stream map poisoned");
-        if let Some(tx) = streams.get(stream) {
-            return Ok(tx.subscribe());
-        }
-        let txn = self.shared.db.begin_read().map_err(err)?;
-        let table = txn.open_table(ENTRIES).map_err(err)?;
-        let last = table
-            .range((stream, 0)..=(stream, u64::MAX))
-            .map_err(err)?
-            .next_back()
-            .transpose()
-            .map_err(err)?
-            .map(|(k, _)| k.value().1)
-            .unwrap_or(0);
-        let tx = watch::Sender::new(last);
-        let rx = tx.subscribe();
-        streams.insert(stream.to_string(), tx);
-        Ok(rx)
+        self.shared.watches.subscribe(&self.shared.db, stream)
     }
 
     fn leader(&self) -> Option<String> {
@@ -236,7 +182,7 @@ impl ConsensusBackend for LocalLog {
     }
 
     fn commit_index(&self) -> u64 {
-        *self.shared.commit_index.borrow()
+        self.shared.watches.commit_index()
     }
 
     fn stats(&self) -> LogStats {
