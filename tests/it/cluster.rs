@@ -427,7 +427,10 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
     // was still the old version reports an unknown outcome (504), and
     // writes queued behind a node compiling the new version may time out;
     // neither is acknowledged, and no acknowledged write may be lost.
-    assert!(failed <= 50, "{failed} of 150 writes failed: the load did not go on through the swap");
+    assert!(
+        failed <= 50,
+        "{failed} of 150 writes failed: the load did not go on through the swap"
+    );
     for i in 0..3 {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
