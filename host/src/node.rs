@@ -395,6 +395,17 @@ impl Node {
         component: Arc<[u8]>,
         config_json: Option<String>,
     ) -> Result<SwapReport, SwapError> {
+        let (handle, prepared) = self.prepare_swap(name, component).await?;
+        handle.swap(prepared, config_json).await
+    }
+
+    /// The running plugin and the new component compiled and checked
+    /// against its capabilities.
+    async fn prepare_swap(
+        &self,
+        name: &str,
+        component: Arc<[u8]>,
+    ) -> Result<(Arc<PluginHandle>, crate::runtime::Prepared), SwapError> {
         let handle = self
             .get(name)
             .map_err(|_| SwapError::Call(CallError::Stopped))?;
@@ -405,7 +416,7 @@ impl Node {
                 NodeError::Load { source, .. } => SwapError::Load(source),
                 other => SwapError::Load(LoadError::Invalid(other.to_string())),
             })?;
-        handle.swap(prepared, config_json).await
+        Ok((handle, prepared))
     }
 
     /// Swaps a plugin on every node at the same log index: the component
@@ -419,16 +430,9 @@ impl Node {
         component: Arc<[u8]>,
         config_json: Option<String>,
     ) -> Result<ClusterSwap, SwapError> {
-        let handle = self
-            .get(name)
-            .map_err(|_| SwapError::Call(CallError::Stopped))?;
         // Refuse here what would fail everywhere, before it is in the log.
-        self.prepare(name, component.clone(), handle.capabilities().clone())
-            .await
-            .map_err(|e| match e {
-                NodeError::Load { source, .. } => SwapError::Load(source),
-                other => SwapError::Load(LoadError::Invalid(other.to_string())),
-            })?;
+        // This also leaves the compiled form in this node's cache.
+        let (handle, _) = self.prepare_swap(name, component.clone()).await?;
         let entry = Control::Swap {
             component: component.to_vec(),
             config: config_json,

@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use crate::config::Config;
 use crate::ingress::{self, IngressOptions};
-use crate::node::{LoadSpec, Node, NodeOptions};
+use crate::node::{Node, NodeOptions};
 use crate::primitives::CallLimits;
 
 /// A node that is up.
@@ -67,13 +67,7 @@ pub async fn start_with_progress(
         let bytes = entry.component_bytes(&config.base_dir)?;
         let started = std::time::Instant::now();
         let status = node
-            .load(LoadSpec {
-                name: entry.name.clone(),
-                component: Arc::from(bytes),
-                capabilities: entry.capabilities.clone(),
-                limits: entry.limits.to_limits(),
-                config_json: entry.config_json(),
-            })
+            .load(entry.load_spec(bytes))
             .await
             .with_context(|| format!("loading plugin `{}`", entry.name))?;
         progress(&format!(

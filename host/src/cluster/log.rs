@@ -21,7 +21,7 @@ pub struct Entry {
 }
 
 /// Why a log operation failed.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum LogError {
     /// Another node leads; definite.
     #[error("not the leader (leader: {0:?})")]

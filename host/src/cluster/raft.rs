@@ -511,7 +511,9 @@ impl Connection {
             .request(name, kind, enc(req), option.hard_ttl())
             .await
             .map_err(|e| match e {
-                TransportError::Timeout(_) | TransportError::Unreachable(..) => {
+                TransportError::Timeout(_)
+                | TransportError::Lost(_)
+                | TransportError::Unreachable(..) => {
                     RPCError::Unreachable(openraft::error::Unreachable::new(&e))
                 }
                 other => RPCError::Network(NetworkError::new(&other)),
@@ -683,13 +685,9 @@ impl RaftLog {
             }),
             kind::PROPOSE => Box::pin(async move {
                 let (stream, data): (String, Vec<u8>) = dec(&body).map_err(|e| e.to_string())?;
-                let r = this.propose_here(stream, data).await;
-                Ok(enc(&r.map_err(|e| e.to_string())))
+                Ok(enc(&this.propose_here(stream, data).await))
             }),
-            kind::READ_INDEX => Box::pin(async move {
-                let r = this.read_index_here().await;
-                Ok(enc(&r.map_err(|e| e.to_string())))
-            }),
+            kind::READ_INDEX => Box::pin(async move { Ok(enc(&this.read_index_here().await)) }),
             _ => return None,
         })
     }
@@ -735,11 +733,21 @@ impl RaftLog {
                     .request(&l, kind, body.clone(), FORWARD_TIMEOUT)
                     .await
                 {
-                    Ok(bytes) => dec::<Result<u64, String>>(&bytes)
-                        .map_err(|e| LogError::Storage(e.to_string()))
-                        .and_then(|r| r.map_err(|e| LogError::NotLeader(Some(e)))),
-                    Err(TransportError::Timeout(_)) => Err(LogError::Timeout),
-                    Err(_) => Err(LogError::NotLeader(None)),
+                    // The leader's own answer, `not-leader` included when
+                    // leadership moved meanwhile.
+                    Ok(bytes) => dec::<Result<u64, LogError>>(&bytes)
+                        .unwrap_or_else(|e| Err(LogError::Storage(e.to_string()))),
+                    // Sent, and maybe handled: retrying could apply it twice.
+                    Err(TransportError::Timeout(_) | TransportError::Lost(_)) => {
+                        Err(LogError::Timeout)
+                    }
+                    // Never reached the leader: safe to try again.
+                    Err(TransportError::Unreachable(..) | TransportError::UnknownPeer(_)) => {
+                        Err(LogError::NotLeader(None))
+                    }
+                    Err(e @ (TransportError::Remote(..) | TransportError::TooLarge(_))) => {
+                        Err(LogError::Storage(e.to_string()))
+                    }
                 },
                 None => Err(LogError::NotLeader(None)),
             };

@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use foca::{AccumulatingRuntime, Config, Foca, Identity, OwnedNotification, PostcardCodec, Timer};
-use hmac::{Hmac, Mac};
+use hmac::Mac;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use super::transport::keyed;
 use crate::primitives::membership::MembershipView;
 use crate::runtime::bindings::types::{MemberEvent, MemberState};
 
@@ -62,10 +62,7 @@ impl Identity for Id {
 }
 
 fn sign(secret: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut m =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    m.update(data);
-    let mut out = m.finalize().into_bytes().to_vec();
+    let mut out = keyed(secret, &[data]).finalize().into_bytes().to_vec();
     out.extend_from_slice(data);
     out
 }
@@ -75,10 +72,7 @@ fn open<'a>(secret: &[u8], packet: &'a [u8]) -> Option<&'a [u8]> {
         return None;
     }
     let (tag, data) = packet.split_at(TAG);
-    let mut m =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    m.update(data);
-    m.verify_slice(tag).ok().map(|()| data)
+    keyed(secret, &[data]).verify_slice(tag).ok().map(|()| data)
 }
 
 /// Starts gossip on `bind` for `me`, introducing it to `peers`. Membership

@@ -43,6 +43,10 @@ pub enum TransportError {
     /// request may or may not have been handled.
     #[error("peer `{0}` unreachable: {1}")]
     Unreachable(String, String),
+    /// The connection dropped after the request was sent: it may have been
+    /// handled.
+    #[error("connection to `{0}` dropped after the request was sent; it may have been handled")]
+    Lost(String),
     /// No reply in time; the request may have been handled.
     #[error("request to `{0}` timed out")]
     Timeout(String),
@@ -115,22 +119,26 @@ pub struct Transport {
     handler: Mutex<Option<Arc<dyn Handler>>>,
 }
 
-fn mac(secret: &[u8], role: &[u8], a: &[u8], b: &[u8]) -> Vec<u8> {
+/// HMAC-SHA256 keyed by the cluster secret over `parts`, in order. The
+/// transport's handshake and the gossip datagrams both use it.
+pub(crate) fn keyed(secret: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
     let mut m =
         <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    m.update(role);
-    m.update(a);
-    m.update(b);
-    m.finalize().into_bytes().to_vec()
+    for part in parts {
+        m.update(part);
+    }
+    m
+}
+
+fn mac(secret: &[u8], role: &[u8], a: &[u8], b: &[u8]) -> Vec<u8> {
+    keyed(secret, &[role, a, b])
+        .finalize()
+        .into_bytes()
+        .to_vec()
 }
 
 fn verify(secret: &[u8], role: &[u8], a: &[u8], b: &[u8], proof: &[u8]) -> bool {
-    let mut m =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    m.update(role);
-    m.update(a);
-    m.update(b);
-    m.verify_slice(proof).is_ok()
+    keyed(secret, &[role, a, b]).verify_slice(proof).is_ok()
 }
 
 fn nonce() -> [u8; 32] {
@@ -429,10 +437,7 @@ impl Transport {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Ok(bytes))) => Ok(bytes),
             Ok(Ok(Err(e))) => Err(TransportError::Remote(to.to_string(), e)),
-            Ok(Err(_)) => Err(TransportError::Unreachable(
-                to.to_string(),
-                "connection closed".into(),
-            )),
+            Ok(Err(_)) => Err(TransportError::Lost(to.to_string())),
             Err(_) => {
                 peer.pending.lock().expect("pending poisoned").remove(&id);
                 Err(TransportError::Timeout(to.to_string()))

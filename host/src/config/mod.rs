@@ -236,6 +236,17 @@ impl PluginEntry {
         serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
     }
 
+    /// What the node loads for this entry, given the component's bytes.
+    pub fn load_spec(&self, component: Vec<u8>) -> crate::node::LoadSpec {
+        crate::node::LoadSpec {
+            name: self.name.clone(),
+            component: std::sync::Arc::from(component),
+            capabilities: self.capabilities.clone(),
+            limits: self.limits.to_limits(),
+            config_json: self.config_json(),
+        }
+    }
+
     /// The component's bytes: bundled or read from disk.
     pub fn component_bytes(&self, base_dir: &Path) -> anyhow::Result<Vec<u8>> {
         if let Some(name) = self.component.strip_prefix("bundled:") {

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use super::{Config, PluginEntry};
-use crate::node::{LoadSpec, Node};
+use crate::node::Node;
 
 /// What a plugin entry resolved to when it was last applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,13 +131,7 @@ impl Reconciler {
 
     async fn load(&self, entry: &PluginEntry, bytes: Vec<u8>) -> Result<(), String> {
         self.node
-            .load(LoadSpec {
-                name: entry.name.clone(),
-                component: Arc::from(bytes),
-                capabilities: entry.capabilities.clone(),
-                limits: entry.limits.to_limits(),
-                config_json: entry.config_json(),
-            })
+            .load(entry.load_spec(bytes))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())

@@ -265,23 +265,19 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
             } else {
                 (body.to_vec(), None)
             };
-            if req_query.contains("scope=cluster") {
-                return match node.swap_cluster(&name, Arc::from(component), config).await {
-                    Ok(done) => json(
-                        StatusCode::OK,
-                        &serde_json::to_value(done).unwrap_or_default(),
-                    ),
-                    Err(SwapError::Call(CallError::Stopped)) => {
-                        error(StatusCode::NOT_FOUND, &format!("no plugin named `{name}`"))
-                    }
-                    Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
-                };
-            }
-            match node.swap(&name, Arc::from(component), config).await {
-                Ok(report) => json(
-                    StatusCode::OK,
-                    &serde_json::to_value(report).unwrap_or_default(),
-                ),
+            let cluster_wide = req_query.split('&').any(|p| p == "scope=cluster");
+            let component = Arc::from(component);
+            let result = if cluster_wide {
+                node.swap_cluster(&name, component, config)
+                    .await
+                    .map(|done| serde_json::to_value(done).unwrap_or_default())
+            } else {
+                node.swap(&name, component, config)
+                    .await
+                    .map(|report| serde_json::to_value(report).unwrap_or_default())
+            };
+            match result {
+                Ok(answer) => json(StatusCode::OK, &answer),
                 Err(SwapError::Call(CallError::Stopped)) => {
                     error(StatusCode::NOT_FOUND, &format!("no plugin named `{name}`"))
                 }

@@ -187,7 +187,9 @@ impl wit::Host for MessagingCtx {
                 .await
             {
                 Ok(reply) => Ok(reply),
-                Err(TransportError::Timeout(_)) => Err(MessagingError::Timeout),
+                Err(TransportError::Timeout(_) | TransportError::Lost(_)) => {
+                    Err(MessagingError::Timeout)
+                }
                 Err(TransportError::TooLarge(_)) => {
                     Err(MessagingError::TooLarge(self.limits.max_message_bytes))
                 }

@@ -245,6 +245,11 @@ pub struct PluginEnv {
 }
 
 impl PluginEnv {
+    /// The config of the installed version.
+    fn config(&self) -> String {
+        self.config_json.lock().expect("config poisoned").clone()
+    }
+
     fn update(&self, f: impl FnOnce(&mut PluginStatus)) {
         f(&mut self.status.lock().expect("status poisoned"));
     }
@@ -255,6 +260,9 @@ pub struct Instance {
     store: Store<PluginState>,
     bindings: Plugin,
     prepared: Prepared,
+    /// The config this instance was initialised with; it becomes the
+    /// plugin's config (used by restarts) when the instance is installed.
+    config_json: String,
     /// The applied index last committed to storage.
     persisted: u64,
 }
@@ -342,13 +350,14 @@ pub fn new_store(
 }
 
 impl Instance {
-    /// Instantiates `prepared` and runs `init` and the first membership
-    /// event. Nothing is shared with a running instance until it is
-    /// installed by the actor.
+    /// Instantiates `prepared` and runs `init` with `config_json` and the
+    /// first membership event. Nothing is shared with a running instance
+    /// until it is installed by the actor.
     async fn start(
         env: &Arc<PluginEnv>,
         prepared: Prepared,
         mailbox: mpsc::WeakSender<Mail>,
+        config_json: String,
     ) -> Result<Instance, LoadError> {
         let generation = env.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let services = &env.services;
@@ -374,10 +383,11 @@ impl Instance {
             store,
             bindings,
             prepared,
+            config_json,
             persisted: applied,
         };
         let ctx = InitContext {
-            config: env.config_json.lock().expect("config poisoned").clone(),
+            config: inst.config_json.clone(),
             node: services.view.local().to_string(),
             name: env.name.clone(),
             version: inst.prepared.version.clone(),
@@ -551,7 +561,8 @@ impl PluginHandle {
             config_json: Mutex::new(spec.config_json),
             generation: AtomicU64::new(0),
         });
-        let instance = Instance::start(&env, prepared, tx.downgrade()).await?;
+        let config = env.config();
+        let instance = Instance::start(&env, prepared, tx.downgrade(), config).await?;
         let actor = Actor {
             env: env.clone(),
             rx,
@@ -664,23 +675,13 @@ impl PluginHandle {
         prepared: Prepared,
         config_json: Option<String>,
     ) -> Result<SwapReport, SwapError> {
-        let previous = config_json.map(|c| {
-            std::mem::replace(
-                &mut *self.env.config_json.lock().expect("config poisoned"),
-                c,
-            )
-        });
         // Instantiate and init the new version here, off the actor, while the
-        // old one keeps serving.
-        let next = match Instance::start(&self.env, prepared, self.tx.downgrade()).await {
-            Ok(next) => next,
-            Err(e) => {
-                if let Some(previous) = previous {
-                    *self.env.config_json.lock().expect("config poisoned") = previous;
-                }
-                return Err(SwapError::Load(e));
-            }
-        };
+        // old one keeps serving. Its config takes effect only if it is
+        // installed.
+        let config = config_json.unwrap_or_else(|| self.env.config());
+        let next = Instance::start(&self.env, prepared, self.tx.downgrade(), config)
+            .await
+            .map_err(SwapError::Load)?;
         let (reply, rx) = oneshot::channel();
         let mail = Mail::Swap {
             next: Box::new(next),
@@ -810,7 +811,8 @@ impl Actor {
             return false;
         };
         let version = prepared.version.clone();
-        match Instance::start(&self.env, prepared, self.mailbox.clone()).await {
+        let config = self.env.config();
+        match Instance::start(&self.env, prepared, self.mailbox.clone(), config).await {
             Ok(inst) => {
                 tracing::info!(plugin = %self.env.name, %version, "plugin restarted");
                 self.instance = Some(inst);
@@ -832,6 +834,7 @@ impl Actor {
     }
 
     fn install(&mut self, next: Instance, report: &SwapReport) {
+        *self.env.config_json.lock().expect("config poisoned") = next.config_json.clone();
         self.instance = Some(next);
         self.failures = 0;
         self.env
@@ -947,24 +950,11 @@ impl Actor {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-        let previous = config
-            .map(|c| std::mem::replace(&mut *env.config_json.lock().expect("config poisoned"), c));
-        let restore_config = |env: &PluginEnv| {
-            if let Some(previous) = previous.clone() {
-                *env.config_json.lock().expect("config poisoned") = previous;
-            }
-        };
-        let next = match Instance::start(&env, prepared, self.mailbox.clone()).await {
-            Ok(next) => next,
-            Err(e) => {
-                restore_config(&env);
-                return Err(e.to_string());
-            }
-        };
-        self.swap(next).await.map_err(|e| {
-            restore_config(&env);
-            e.to_string()
-        })
+        let config = config.unwrap_or_else(|| env.config());
+        let next = Instance::start(&env, prepared, self.mailbox.clone(), config)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.swap(next).await.map_err(|e| e.to_string())
     }
 
     async fn handle(&mut self, mail: Mail) -> bool {
