@@ -13,7 +13,7 @@ use super::{CallLimits, over};
 use crate::cluster::log::{ConsensusBackend, Entry, LogError};
 use crate::runtime::bindings::plexus::cluster::consensus::{self as wit, ConsensusError};
 use crate::runtime::bindings::plexus::cluster::types::CommittedEntry;
-use crate::runtime::state::PluginState;
+use crate::runtime::state::{PluginState, WaitClock};
 
 /// One plugin instance's consensus context.
 pub struct ConsensusCtx {
@@ -22,6 +22,8 @@ pub struct ConsensusCtx {
     limits: CallLimits,
     /// Index of the last entry delivered to the guest.
     pub delivered: u64,
+    /// Where time spent waiting for the log is counted.
+    pub(crate) waited: WaitClock,
 }
 
 impl ConsensusCtx {
@@ -38,6 +40,7 @@ impl ConsensusCtx {
             backend,
             limits,
             delivered,
+            waited: WaitClock::default(),
         }
     }
 
@@ -137,7 +140,11 @@ impl wit::Host for ConsensusCtx {
         tagged.push(TAG_GUEST);
         tagged.extend_from_slice(&data);
         drop(data);
-        let index = match self.backend.propose(&self.stream, tagged).await {
+        let index = match self
+            .waited
+            .wait(self.backend.propose(&self.stream, tagged))
+            .await
+        {
             Ok(index) => index,
             Err(e) => return Ok(Err(to_wit(e))),
         };
@@ -147,7 +154,7 @@ impl wit::Host for ConsensusCtx {
     async fn read_barrier(
         &mut self,
     ) -> wasmtime::Result<Result<Vec<CommittedEntry>, ConsensusError>> {
-        let index = match self.backend.read_index().await {
+        let index = match self.waited.wait(self.backend.read_index()).await {
             Ok(index) => index,
             Err(e) => return Ok(Err(to_wit(e))),
         };

@@ -17,7 +17,7 @@ use super::{CallLimits, over};
 use crate::cluster::transport::{Transport, TransportError};
 use crate::runtime::actor::Mail;
 use crate::runtime::bindings::plexus::cluster::messaging::{self as wit, MessagingError};
-use crate::runtime::state::PluginState;
+use crate::runtime::state::{PluginState, WaitClock};
 
 /// One plugin instance's messaging context.
 pub struct MessagingCtx {
@@ -25,6 +25,7 @@ pub struct MessagingCtx {
     view: Arc<MembershipView>,
     limits: CallLimits,
     remote: Option<Remote>,
+    waited: WaitClock,
 }
 
 /// How a plugin reaches its peers on other nodes.
@@ -60,12 +61,14 @@ impl MessagingCtx {
         view: Arc<MembershipView>,
         limits: CallLimits,
         remote: Option<Remote>,
+        waited: WaitClock,
     ) -> Self {
         MessagingCtx {
             mailbox,
             view,
             limits,
             remote,
+            waited,
         }
     }
 
@@ -181,9 +184,9 @@ impl wit::Host for MessagingCtx {
         })
         .unwrap_or_default();
         Ok(
-            match remote
-                .transport
-                .request(&node, KIND_REQUEST, body, timeout)
+            match self
+                .waited
+                .wait(remote.transport.request(&node, KIND_REQUEST, body, timeout))
                 .await
             {
                 Ok(reply) => Ok(reply),

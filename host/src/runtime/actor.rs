@@ -23,7 +23,7 @@ use super::bindings::Plugin;
 use super::bindings::pattern::{InitContext, Request, Response};
 use super::bindings::types::MemberEvent;
 use super::metrics::PluginMetrics;
-use super::state::PluginState;
+use super::state::{PluginState, WaitClock};
 use super::{Capability, LoadError, Prepared};
 use crate::cluster::log::ConsensusBackend;
 use crate::cluster::state_store::KvBackend;
@@ -311,6 +311,10 @@ pub fn new_store(
     generation: u64,
     applied: u64,
 ) -> Store<PluginState> {
+    let waited = WaitClock::default();
+    let mut consensus =
+        ConsensusCtx::new(name, services.log.clone(), services.call_limits, applied);
+    consensus.waited = waited.clone();
     let state = PluginState {
         wasi: WasiCtxBuilder::new().inherit_stderr().build(),
         table: ResourceTable::new(),
@@ -319,7 +323,7 @@ pub fn new_store(
             .trap_on_grow_failure(true)
             .build(),
         storage: StorageCtx::new(name, services.kv.clone(), services.call_limits),
-        consensus: ConsensusCtx::new(name, services.log.clone(), services.call_limits, applied),
+        consensus,
         membership: MembershipCtx::new(services.view.clone()),
         messaging: MessagingCtx::new(
             mailbox.clone(),
@@ -329,9 +333,11 @@ pub fn new_store(
                 transport,
                 plugin: name.to_string(),
             }),
+            waited.clone(),
         ),
         timers: TimersCtx::new(mailbox, generation),
         log: LogCtx::new(name, &prepared.version),
+        waited,
         call_started: Instant::now(),
         cpu_budget: limits.cpu,
     };
@@ -339,7 +345,12 @@ pub fn new_store(
     store.limiter(|s| &mut s.limits);
     store.epoch_deadline_callback(|ctx| {
         let data = ctx.data();
-        if data.call_started.elapsed() > data.cpu_budget {
+        if data
+            .call_started
+            .elapsed()
+            .saturating_sub(data.waited.waited())
+            > data.cpu_budget
+        {
             Ok(UpdateDeadline::Interrupt)
         } else {
             Ok(UpdateDeadline::Yield(1))
@@ -423,6 +434,7 @@ impl Instance {
 
     fn begin(&mut self) {
         self.store.data_mut().call_started = Instant::now();
+        self.store.data().waited.reset();
         self.store.set_epoch_deadline(1);
     }
 
