@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use plexus::node::{LoadSpec, Node, NodeOptions};
 use plexus::primitives::CallLimits;
-use plexus::runtime::actor::{Mail, PluginLimits, new_store};
+use plexus::runtime::actor::{Channels, Mail, PluginLimits, new_store};
 use plexus::runtime::bindings::pattern::{Method, Request};
 use plexus::runtime::bindings::types::CommittedEntry;
 use plexus::runtime::engine::Runtime;
@@ -103,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         mailbox: 1024,
     };
     let (tx, _rx) = mpsc::channel::<Mail>(1);
+    let (drops, _dropped) = mpsc::unbounded_channel();
     let mut inst_times = Vec::new();
     for i in 0..(2000 / scale) {
         let t = Instant::now();
@@ -111,7 +112,10 @@ async fn main() -> anyhow::Result<()> {
             "chaos",
             node.services(),
             &limits,
-            tx.downgrade(),
+            Channels {
+                mailbox: tx.downgrade(),
+                drops: drops.clone(),
+            },
             i as u64,
             0,
         );
@@ -133,7 +137,10 @@ async fn main() -> anyhow::Result<()> {
         "chaos",
         node.services(),
         &limits,
-        tx.downgrade(),
+        Channels {
+            mailbox: tx.downgrade(),
+            drops: drops.clone(),
+        },
         0,
         0,
     );
@@ -198,12 +205,16 @@ async fn main() -> anyhow::Result<()> {
             index: i + 1,
             term: 1,
             data: vec![0u8; 64],
+            ticket: None,
         })
         .collect();
     let calls = (n / 256).max(1);
     let t = Instant::now();
     for _ in 0..calls {
-        pattern.call_apply(&mut store, &batch).await.map_err(wt)?;
+        pattern
+            .call_apply(&mut store, &batch, &[])
+            .await
+            .map_err(wt)?;
     }
     let batched = t.elapsed();
     let batched_msgs = calls * 256;

@@ -49,6 +49,8 @@ pub struct ClusterOptions {
     pub secret: String,
     /// Raft entries between snapshots.
     pub snapshot_every: u64,
+    /// Heartbeat and election timeouts.
+    pub timing: crate::cluster::raft::Timing,
 }
 
 /// Routes peer requests to consensus or to plugins.
@@ -207,6 +209,7 @@ impl Node {
             dir: &opts.data_dir,
             transport: transport.clone(),
             snapshot_every: cluster.snapshot_every,
+            timing: cluster.timing,
         })
         .await
         .context("starting the replicated log")?;

@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::cell::RefCell;
 
-use crate::{CommittedEntry, InitContext, MemberEvent, NodeId, Pattern, Request, Response};
+use crate::{Answer, CommittedEntry, InitContext, MemberEvent, NodeId, Pattern, Reply, Request};
 
 thread_local! {
     // A component holds exactly one pattern type, so the downcast in `with`
@@ -28,7 +28,7 @@ pub fn init<P: Pattern>(ctx: InitContext) -> Result<(), String> {
     Ok(())
 }
 
-pub fn on_request<P: Pattern>(req: Request) -> Response {
+pub fn on_request<P: Pattern>(req: Request) -> Reply {
     with::<P, _>(|p| p.on_request(req))
 }
 
@@ -36,12 +36,14 @@ pub fn on_message<P: Pattern>(from: NodeId, topic: String, payload: Vec<u8>) -> 
     with::<P, _>(|p| p.on_message(from, topic, payload))
 }
 
-pub fn apply<P: Pattern>(entries: Vec<CommittedEntry>) {
+pub fn apply<P: Pattern>(entries: Vec<CommittedEntry>, dropped: Vec<u64>) -> Vec<Answer> {
     with::<P, _>(|p| {
+        crate::consensus::forget(&dropped);
         for entry in entries {
-            p.apply(entry);
+            crate::consensus::deliver(p, entry);
         }
-    })
+    });
+    crate::consensus::take_answers()
 }
 
 pub fn on_membership<P: Pattern>(events: Vec<MemberEvent>) {

@@ -1,13 +1,23 @@
 //! The replicated log: propose entries, read linearizably.
 //!
-//! [`propose`] returns the [`Pattern::Output`] of applying the proposed
-//! entry, after applying every earlier undelivered entry of the stream, so a
-//! request handler can answer with the result of its own command.
+//! Two ways to write:
+//! - [`propose`] waits: it returns the [`Pattern::Output`] of applying the
+//!   proposed entry, after applying every earlier undelivered entry of the
+//!   stream. The plugin handles nothing else meanwhile.
+//! - [`submit`] does not: it hands the entry to the host with the code
+//!   that will turn its output into the client's [`Response`], and returns
+//!   a [`Pending`] for the request handler to return. The plugin goes on
+//!   with the next request, so many writes are in flight at once and the
+//!   host batches them into the log. Use it for writes on the request path.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use serde::Serialize;
 
 use crate::bindings::plexus::cluster::consensus as wit;
-use crate::{CommittedEntry, NodeId, Pattern};
+use crate::{Answer, CommittedEntry, NodeId, Pattern, Reply, Response};
 
 pub use wit::ConsensusError as Error;
 
@@ -20,6 +30,28 @@ pub struct Committed<O> {
     pub output: O,
 }
 
+/// A submitted write whose request is answered once it is applied. Return
+/// it from a request handler (it converts into a [`Reply`]).
+#[must_use = "return it from the request handler, or the client waits for nothing"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending(pub u64);
+
+impl From<Pending> for Reply {
+    fn from(p: Pending) -> Reply {
+        Reply::Pending(p.0)
+    }
+}
+
+type AnswerFn<P> = Box<dyn FnOnce(&mut P, Committed<<P as Pattern>::Output>) -> Response>;
+
+thread_local! {
+    // Answers of submitted writes, by ticket. Each is an `AnswerFn<P>` of
+    // the component's one pattern type.
+    static WAITING: RefCell<HashMap<u64, Box<dyn Any>>> = RefCell::new(HashMap::new());
+    // Answers produced since the host last collected them.
+    static ANSWERS: RefCell<Vec<Answer>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Proposes raw bytes and applies, through `pattern`, every entry the host
 /// hands back. Returns once the entry is committed and applied.
 pub fn propose_raw<P: Pattern>(
@@ -29,12 +61,11 @@ pub fn propose_raw<P: Pattern>(
     let entries = wit::propose(data)?;
     let mut last = None;
     for entry in entries {
-        let index = entry.index;
-        let output = pattern.apply(entry);
-        last = Some(Committed { index, output });
+        last = deliver(pattern, entry);
     }
-    // The host always ends the list with the proposed entry; an empty list
-    // would be a host bug, reported as a storage failure rather than a panic.
+    // The host always ends the list with the proposed entry (which has no
+    // ticket); an empty list would be a host bug, reported as a storage
+    // failure rather than a panic.
     last.ok_or_else(|| Error::Storage("host returned no committed entry".into()))
 }
 
@@ -46,12 +77,90 @@ pub fn propose<P: Pattern, C: Serialize + ?Sized>(
     propose_raw(pattern, &crate::codec::encode(command))
 }
 
+/// Encodes `command` and submits it without waiting. Once the entry is
+/// committed and applied on this node, `answer` turns its output into the
+/// response for the request that returned the [`Pending`].
+///
+/// If the submission fails later (no quorum in time, the node stopping),
+/// the host answers the request itself (504 when the outcome is unknown,
+/// 503 otherwise) and `answer` is dropped. Errors returned here are
+/// definite: nothing was submitted.
+///
+/// ```no_run
+/// # use plexus_sdk::{consensus, http, Pattern, Request, Response, InitContext, CommittedEntry};
+/// # struct Counter { n: u64 }
+/// # impl Pattern for Counter {
+/// #     type Output = u64;
+/// #     fn init(_: InitContext) -> Result<Self, String> { Ok(Counter { n: 0 }) }
+/// #     fn apply(&mut self, _: CommittedEntry) -> u64 { self.n += 1; self.n }
+/// # }
+/// fn bump(c: &mut Counter, _req: &Request, _: &http::Params) -> http::Result<consensus::Pending> {
+///     consensus::submit(c, &(), |_c: &mut Counter, done| {
+///         Response::json(200, &done.output)
+///     })
+///     .map_err(|e| Response::error(503, &format!("{e:?}")))
+/// }
+/// ```
+pub fn submit<P: Pattern, C: Serialize + ?Sized>(
+    pattern: &mut P,
+    command: &C,
+    answer: impl FnOnce(&mut P, Committed<P::Output>) -> Response + 'static,
+) -> Result<Pending, Error> {
+    let _ = pattern;
+    let ticket = wit::submit(&crate::codec::encode(command))?;
+    let answer: AnswerFn<P> = Box::new(answer);
+    WAITING.with(|w| w.borrow_mut().insert(ticket, Box::new(answer)));
+    Ok(Pending(ticket))
+}
+
+/// Applies one entry. If it answers a submitted write, the answer is
+/// queued for the host and `None` is returned; otherwise its output.
+pub(crate) fn deliver<P: Pattern>(
+    pattern: &mut P,
+    entry: CommittedEntry,
+) -> Option<Committed<P::Output>> {
+    let (index, ticket) = (entry.index, entry.ticket);
+    let done = Committed {
+        index,
+        output: pattern.apply(entry),
+    };
+    let Some(ticket) = ticket else {
+        return Some(done);
+    };
+    let answer = WAITING
+        .with(|w| w.borrow_mut().remove(&ticket))
+        .and_then(|a| a.downcast::<AnswerFn<P>>().ok());
+    match answer {
+        Some(answer) => {
+            let response = answer(pattern, done);
+            ANSWERS.with(|a| a.borrow_mut().push(Answer { ticket, response }));
+            None
+        }
+        None => Some(done),
+    }
+}
+
+/// Drops the answers of submissions the host gave up on.
+pub(crate) fn forget(tickets: &[u64]) {
+    WAITING.with(|w| {
+        let mut w = w.borrow_mut();
+        for t in tickets {
+            w.remove(t);
+        }
+    });
+}
+
+/// The answers produced since the last call.
+pub(crate) fn take_answers() -> Vec<Answer> {
+    ANSWERS.with(|a| std::mem::take(&mut *a.borrow_mut()))
+}
+
 /// Waits for a linearizable read point and applies what the host hands back.
 /// After it returns, local state reflects every write committed before the
 /// call.
 pub fn read_barrier<P: Pattern>(pattern: &mut P) -> Result<(), Error> {
     for entry in wit::read_barrier()? {
-        pattern.apply(entry);
+        deliver(pattern, entry);
     }
     Ok(())
 }

@@ -3,11 +3,17 @@
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{Method, Request, Response};
+use crate::{Method, Reply, Request, Response};
+
+impl From<Response> for Reply {
+    fn from(response: Response) -> Reply {
+        Reply::Done(response)
+    }
+}
 
 impl Request {
     /// Decodes the body as JSON.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Response> {
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_slice(&self.body)
             .map_err(|e| Response::error(400, &format!("invalid JSON body: {e}")))
     }
@@ -83,11 +89,12 @@ impl Params {
     }
 }
 
-/// What a route handler returns: `Err` carries an early error response,
-/// so handlers can use `?` on [`Request::json`] and the like.
-pub type Reply = Result<Response, Response>;
+/// What a route handler returns: `Ok` with a [`Response`] (or a
+/// [`Reply`], to answer later), `Err` with an early error response, so
+/// handlers can use `?` on [`Request::json`] and the like.
+pub type Result<T = Response> = std::result::Result<T, Response>;
 
-type Handler<P> = fn(&mut P, &Request, &Params) -> Reply;
+type Handler<P> = Box<dyn Fn(&mut P, &Request, &Params) -> Result<Reply>>;
 
 /// Routes requests by method and path pattern.
 ///
@@ -105,53 +112,65 @@ impl<P> Default for Router<P> {
     }
 }
 
-impl<P> Router<P> {
+/// A route handler: returns a [`Response`] now, or a [`Reply`] (such as
+/// [`crate::consensus::Pending`] turned into one) to answer later.
+pub type HandlerFn<P, R> = fn(&mut P, &Request, &Params) -> Result<R>;
+
+impl<P: 'static> Router<P> {
     /// An empty router.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Adds a route.
-    pub fn route(mut self, method: Method, pattern: &str, handler: Handler<P>) -> Self {
+    pub fn route<R: Into<Reply> + 'static>(
+        mut self,
+        method: Method,
+        pattern: &str,
+        handler: HandlerFn<P, R>,
+    ) -> Self {
+        let handler: Handler<P> = Box::new(move |p: &mut P, req: &Request, params: &Params| {
+            handler(p, req, params).map(Into::into)
+        });
         self.routes.push((method, pattern.to_string(), handler));
         self
     }
 
     /// Adds a GET route.
-    pub fn get(self, pattern: &str, handler: Handler<P>) -> Self {
+    pub fn get<R: Into<Reply> + 'static>(self, pattern: &str, handler: HandlerFn<P, R>) -> Self {
         self.route(Method::Get, pattern, handler)
     }
 
     /// Adds a POST route.
-    pub fn post(self, pattern: &str, handler: Handler<P>) -> Self {
+    pub fn post<R: Into<Reply> + 'static>(self, pattern: &str, handler: HandlerFn<P, R>) -> Self {
         self.route(Method::Post, pattern, handler)
     }
 
     /// Adds a PUT route.
-    pub fn put(self, pattern: &str, handler: Handler<P>) -> Self {
+    pub fn put<R: Into<Reply> + 'static>(self, pattern: &str, handler: HandlerFn<P, R>) -> Self {
         self.route(Method::Put, pattern, handler)
     }
 
     /// Adds a DELETE route.
-    pub fn delete(self, pattern: &str, handler: Handler<P>) -> Self {
+    pub fn delete<R: Into<Reply> + 'static>(self, pattern: &str, handler: HandlerFn<P, R>) -> Self {
         self.route(Method::Delete, pattern, handler)
     }
 
     /// Dispatches `req` to the first matching route.
-    pub fn handle(&self, pattern: &mut P, req: Request) -> Response {
+    pub fn handle(&self, pattern: &mut P, req: Request) -> Reply {
         let mut path_matched = false;
         for (method, route, handler) in &self.routes {
             if let Some(params) = match_path(route, &req.path) {
                 if *method == req.method {
-                    return handler(pattern, &req, &params).unwrap_or_else(|e| e);
+                    return handler(pattern, &req, &params).unwrap_or_else(Reply::from);
                 }
                 path_matched = true;
             }
         }
         if path_matched {
-            Response::error(405, "method not allowed")
+            Response::error(405, "method not allowed").into()
         } else {
-            Response::error(404, &format!("no route for {}", req.path))
+            Response::error(404, &format!("no route for {}", req.path)).into()
         }
     }
 }

@@ -12,7 +12,7 @@
 //!   messages.
 //!
 //! ```no_run
-//! use plexus_sdk::{export_pattern, http::Router, InitContext, Pattern, Request, Response};
+//! use plexus_sdk::{export_pattern, http::Router, InitContext, Pattern, Reply, Request, Response};
 //!
 //! struct Counter {
 //!     hits: u64,
@@ -25,7 +25,7 @@
 //!         Ok(Counter { hits: 0 })
 //!     }
 //!
-//!     fn on_request(&mut self, req: Request) -> Response {
+//!     fn on_request(&mut self, req: Request) -> Reply {
 //!         Router::new()
 //!             .get("/hits", |this: &mut Self, _req, _params| {
 //!                 this.hits += 1;
@@ -73,7 +73,9 @@ pub mod timers;
 #[doc(hidden)]
 pub mod __private;
 
-pub use bindings::exports::plexus::cluster::pattern::{InitContext, Method, Request, Response};
+pub use bindings::exports::plexus::cluster::pattern::{
+    Answer, InitContext, Method, Reply, Request, Response,
+};
 pub use bindings::plexus::cluster::types::{
     CommittedEntry, Limits, Member, MemberEvent, MemberState, NodeId,
 };
@@ -89,17 +91,20 @@ pub use bindings::plexus::cluster::types::{
 /// over on hot swap with [`Pattern::snapshot`] and [`Pattern::restore`].
 pub trait Pattern: Sized + 'static {
     /// What [`Pattern::apply`] returns for one entry: handed back to the
-    /// caller of [`consensus::propose`] on the proposing node, dropped
-    /// elsewhere. Use `()` when the plugin does not use the log.
+    /// caller of [`consensus::propose`], or to the answer given to
+    /// [`consensus::submit`], on the proposing node; dropped elsewhere. Use
+    /// `()` when the plugin does not use the log.
     type Output: Default;
 
     /// Builds the instance. Called once per instance, before any other hook.
     fn init(ctx: InitContext) -> Result<Self, String>;
 
-    /// Handles a client request routed to this plugin.
-    fn on_request(&mut self, req: Request) -> Response {
+    /// Handles a client request routed to this plugin: answers now with a
+    /// [`Response`] (`.into()`), or later, once a write it submitted with
+    /// [`consensus::submit`] is applied.
+    fn on_request(&mut self, req: Request) -> Reply {
         let _ = req;
-        Response::text(404, "no such route")
+        Response::text(404, "no such route").into()
     }
 
     /// Handles a message from this plugin on another node (or this one).
@@ -153,7 +158,7 @@ macro_rules! export_pattern {
                 fn init(ctx: $crate::InitContext) -> Result<(), String> {
                     $crate::__private::init::<$ty>(ctx)
                 }
-                fn on_request(req: $crate::Request) -> $crate::Response {
+                fn on_request(req: $crate::Request) -> $crate::Reply {
                     $crate::__private::on_request::<$ty>(req)
                 }
                 fn on_message(
@@ -163,8 +168,11 @@ macro_rules! export_pattern {
                 ) -> Option<Vec<u8>> {
                     $crate::__private::on_message::<$ty>(from, topic, payload)
                 }
-                fn apply(entries: Vec<$crate::CommittedEntry>) {
-                    $crate::__private::apply::<$ty>(entries)
+                fn apply(
+                    entries: Vec<$crate::CommittedEntry>,
+                    dropped: Vec<u64>,
+                ) -> Vec<$crate::Answer> {
+                    $crate::__private::apply::<$ty>(entries, dropped)
                 }
                 fn on_membership(events: Vec<$crate::MemberEvent>) {
                     $crate::__private::on_membership::<$ty>(events)

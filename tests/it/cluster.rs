@@ -39,6 +39,11 @@ listen = "{listen}"
 peers = [{peers}]
 secret = "a-cluster-secret-for-tests"
 snapshot_every = {snapshot_every}
+# Debug builds sharing two cores with other tests (and with cranelift
+# compiling a swapped-in component) can stall a node for a few hundred
+# milliseconds; slower timers keep elections to real failures.
+heartbeat_ms = 100
+election_timeout_ms = [600, 1200]
 
 [admin]
 token = "{TOKEN}"
@@ -144,6 +149,27 @@ async fn get(addr: SocketAddr, key: &str) -> Option<Vec<u8>> {
     match http(addr, "GET", &format!("/v1/plugins/kv/kv/{key}"), &[], b"").await {
         Ok((200, body)) => Some(body),
         _ => None,
+    }
+}
+
+/// Reads `key` for a durability check: the value on 200, `None` on 404.
+/// A node that cannot serve the read yet (503/504, refused connection) is
+/// asked again for up to 20 s; after that the test fails with the status,
+/// so a lost write and a read that could not be served are told apart.
+async fn read(addr: SocketAddr, key: &str) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = match http(addr, "GET", &format!("/v1/plugins/kv/kv/{key}"), &[], b"").await {
+            Ok((200, body)) => return Some(body),
+            Ok((404, _)) => return None,
+            Ok((status, body)) => format!("{status} {}", String::from_utf8_lossy(&body)),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "read of {key} on {addr} still fails: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -269,7 +295,7 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
     for i in c.alive() {
         for (key, value) in &acked {
             assert_eq!(
-                get(c.http[i], key).await.as_deref(),
+                read(c.http[i], key).await.as_deref(),
                 Some(value.as_bytes()),
                 "node-{} lost {key}",
                 i + 1
@@ -462,7 +488,7 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
         }
         for (key, value) in &acked {
             assert_eq!(
-                get(c.http[i], key).await.as_deref(),
+                read(c.http[i], key).await.as_deref(),
                 Some(value.as_bytes()),
                 "node-{} lost {key}",
                 i + 1

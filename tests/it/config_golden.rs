@@ -66,6 +66,9 @@ fn full_config_carries_every_setting() {
     assert_eq!(c.node.request_timeout_ms, 2500);
     assert_eq!(c.node.metadata["rack"], "r12");
     assert_eq!(c.cluster.peers.len(), 2);
+    assert_eq!(c.cluster.snapshot_every, 5000);
+    assert_eq!(c.cluster.heartbeat_ms, 100);
+    assert_eq!(c.cluster.election_timeout_ms, [400, 800]);
     let kv = &c.plugins[0];
     assert_eq!(kv.limits.to_limits().memory_bytes, 128 << 20);
     assert_eq!(kv.limits.to_limits().mailbox, 64);

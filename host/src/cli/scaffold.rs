@@ -166,8 +166,9 @@ const TEMPLATE: &str = r#"//! {{name}}: a Plexus pattern plugin.
 //! through the consensus log, every node applies it into its storage, and
 //! `GET /count` reads it behind a read barrier.
 
-use plexus_sdk::http::{Params, Reply, Router};
-use plexus_sdk::{CommittedEntry, InitContext, Pattern, Request, Response, consensus, export_pattern, storage};
+use plexus_sdk::consensus::{self, Pending};
+use plexus_sdk::http::{self, Params, Router};
+use plexus_sdk::{CommittedEntry, InitContext, Pattern, Reply, Request, Response, export_pattern, storage};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
@@ -188,18 +189,21 @@ fn count() -> u64 {
     storage::get_typed::<u64>("count").ok().flatten().map_or(0, |(n, _)| n)
 }
 
-fn hello(p: &mut Plugin, _: &Request, _: &Params) -> Reply {
+fn hello(p: &mut Plugin, _: &Request, _: &Params) -> http::Result {
     Ok(Response::json(200, &serde_json::json!({ "plugin": "{{name}}", "node": p.node })))
 }
 
-fn add(p: &mut Plugin, req: &Request, _: &Params) -> Reply {
+fn add(p: &mut Plugin, req: &Request, _: &Params) -> http::Result<Pending> {
     let body: AddBody = req.json()?;
-    let done = consensus::propose(p, &Command::Add { by: body.by })
-        .map_err(|e| Response::error(503, &format!("{e:?}")))?;
-    Ok(Response::json(200, &serde_json::json!({ "count": done.output, "index": done.index })))
+    // Submitted without waiting: the plugin goes on with other requests, and
+    // this one is answered once its entry is applied on this node.
+    consensus::submit(p, &Command::Add { by: body.by }, |_p: &mut Plugin, done| {
+        Response::json(200, &serde_json::json!({ "count": done.output, "index": done.index }))
+    })
+    .map_err(|e| Response::error(503, &format!("{e:?}")))
 }
 
-fn get_count(p: &mut Plugin, _: &Request, _: &Params) -> Reply {
+fn get_count(p: &mut Plugin, _: &Request, _: &Params) -> http::Result {
     consensus::read_barrier(p).map_err(|e| Response::error(503, &format!("{e:?}")))?;
     Ok(Response::json(200, &serde_json::json!({ "count": count() })))
 }
@@ -213,7 +217,7 @@ impl Pattern for Plugin {
         Ok(Plugin { node: ctx.node })
     }
 
-    fn on_request(&mut self, req: Request) -> Response {
+    fn on_request(&mut self, req: Request) -> Reply {
         Router::new()
             .get("/", hello)
             .post("/add", add)

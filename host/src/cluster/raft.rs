@@ -93,12 +93,15 @@ fn io_err(e: impl std::fmt::Display) -> AnyError {
     AnyError::error(e.to_string())
 }
 
+/// Raft messages and stored entries are postcard: compact and fast to
+/// encode, which keeps a large entry (a component in a cluster-wide swap)
+/// from holding up heartbeats.
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("raft types serialize")
+    postcard::to_allocvec(v).expect("raft types serialize")
 }
 
-fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, serde_json::Error> {
-    serde_json::from_slice(b)
+fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(b)
 }
 
 // ---------------------------------------------------------------- log store
@@ -587,6 +590,29 @@ pub struct RaftOptions<'a> {
     pub transport: Arc<Transport>,
     /// Raft entries between snapshots.
     pub snapshot_every: u64,
+    /// Heartbeat and election timeouts.
+    pub timing: Timing,
+}
+
+/// Raft's timers, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Interval between the leader's heartbeats.
+    pub heartbeat_ms: u64,
+    /// Shortest silence after which a follower campaigns.
+    pub election_min_ms: u64,
+    /// Longest such silence; also the leader lease.
+    pub election_max_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat_ms: 50,
+            election_min_ms: 150,
+            election_max_ms: 300,
+        }
+    }
 }
 
 impl RaftLog {
@@ -604,9 +630,9 @@ impl RaftLog {
         );
         let config = openraft::Config {
             cluster_name: "plexus".into(),
-            heartbeat_interval: 100,
-            election_timeout_min: 300,
-            election_timeout_max: 600,
+            heartbeat_interval: opts.timing.heartbeat_ms,
+            election_timeout_min: opts.timing.election_min_ms,
+            election_timeout_max: opts.timing.election_max_ms,
             max_payload_entries: 64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
             max_in_snapshot_log_to_keep: opts.snapshot_every / 4,
@@ -873,5 +899,56 @@ impl ConsensusBackend for Arc<RaftLog> {
             proposals: self.proposals.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every RPC crosses the wire in postcard: the shapes openraft uses
+    /// (enums, maps, sets, options, nested errors) must survive it.
+    #[test]
+    fn raft_messages_survive_the_wire_encoding() {
+        let leader = raft_id("node-1");
+        let log_id = |index| LogId::new(openraft::CommittedLeaderId::new(3, leader), index);
+        let members: BTreeMap<NodeId, BasicNode> = ["node-1", "node-2"]
+            .iter()
+            .map(|n| {
+                (
+                    raft_id(n),
+                    BasicNode {
+                        addr: format!("{n}@127.0.0.1:7400"),
+                    },
+                )
+            })
+            .collect();
+        let membership = openraft::Membership::new(vec![members.keys().copied().collect()], None);
+        let req = AppendEntriesRequest::<TypeConfig> {
+            vote: openraft::Vote::new_committed(3, leader),
+            prev_log_id: Some(log_id(6)),
+            entries: vec![
+                Entry {
+                    log_id: log_id(7),
+                    payload: EntryPayload::Normal(Batch(vec![("kv".into(), vec![0, 1, 2])])),
+                },
+                Entry {
+                    log_id: log_id(8),
+                    payload: EntryPayload::Membership(membership.clone()),
+                },
+                Entry {
+                    log_id: log_id(9),
+                    payload: EntryPayload::Blank,
+                },
+            ],
+            leader_commit: Some(log_id(6)),
+        };
+        let back: AppendEntriesRequest<TypeConfig> = dec(&enc(&req)).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{req:?}"));
+
+        let err: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+            Err(RaftError::Fatal(openraft::error::Fatal::Panicked));
+        let back: Result<VoteResponse<NodeId>, RaftError<NodeId>> = dec(&enc(&err)).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{err:?}"));
     }
 }

@@ -140,10 +140,25 @@ pub struct ClusterSection {
     /// snapshot.
     #[serde(default = "default_snapshot_every")]
     pub snapshot_every: u64,
+    /// How often the leader sends heartbeats, in milliseconds.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// `[min, max]`: a follower that hears no heartbeat for a random time
+    /// in this range (milliseconds) starts an election. The upper bound is
+    /// also the leader's lease. Failover takes about the upper bound.
+    #[serde(default = "default_election_timeout_ms")]
+    pub election_timeout_ms: [u64; 2],
 }
 
 fn default_snapshot_every() -> u64 {
     20_000
+}
+fn default_heartbeat_ms() -> u64 {
+    crate::cluster::raft::Timing::default().heartbeat_ms
+}
+fn default_election_timeout_ms() -> [u64; 2] {
+    let t = crate::cluster::raft::Timing::default();
+    [t.election_min_ms, t.election_max_ms]
 }
 
 impl Default for ClusterSection {
@@ -153,6 +168,8 @@ impl Default for ClusterSection {
             peers: Vec::new(),
             secret: None,
             snapshot_every: default_snapshot_every(),
+            heartbeat_ms: default_heartbeat_ms(),
+            election_timeout_ms: default_election_timeout_ms(),
         }
     }
 }
@@ -332,6 +349,11 @@ impl Config {
             peers,
             secret,
             snapshot_every: self.cluster.snapshot_every,
+            timing: crate::cluster::raft::Timing {
+                heartbeat_ms: self.cluster.heartbeat_ms,
+                election_min_ms: self.cluster.election_timeout_ms[0],
+                election_max_ms: self.cluster.election_timeout_ms[1],
+            },
         }))
     }
 
@@ -445,6 +467,19 @@ impl Config {
             return Err((
                 "cluster.snapshot_every".into(),
                 "must be in 10..=10000000".into(),
+            ));
+        }
+        let [low, high] = self.cluster.election_timeout_ms;
+        if !(10..=60_000).contains(&self.cluster.heartbeat_ms) {
+            return Err((
+                "cluster.heartbeat_ms".into(),
+                "must be in 10..=60000".into(),
+            ));
+        }
+        if low <= self.cluster.heartbeat_ms * 2 || high <= low || high > 600_000 {
+            return Err((
+                "cluster.election_timeout_ms".into(),
+                "must be [min, max] with heartbeat_ms * 2 < min < max <= 600000".into(),
             ));
         }
         if self.admin.token.as_ref().is_some_and(|t| t.len() < 8) {

@@ -5,8 +5,11 @@
 //! `propose` / `read-barrier`. The actor persists the cursor with the hook's
 //! storage writes, which is what makes delivery exactly once.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
+use tokio::sync::mpsc;
 use wasmtime::component::{HasData, Linker};
 
 use super::{CallLimits, over};
@@ -14,6 +17,18 @@ use crate::cluster::log::{ConsensusBackend, Entry, LogError};
 use crate::runtime::bindings::plexus::cluster::consensus::{self as wit, ConsensusError};
 use crate::runtime::bindings::plexus::cluster::types::CommittedEntry;
 use crate::runtime::state::{PluginState, WaitClock};
+
+/// A submission that failed after `submit` returned: its request is
+/// answered by the host, and the guest is told to forget the ticket.
+#[derive(Debug)]
+pub struct Dropped {
+    /// The instance that submitted it.
+    pub generation: u64,
+    /// Its ticket.
+    pub ticket: u64,
+    /// Why it failed.
+    pub error: ConsensusError,
+}
 
 /// One plugin instance's consensus context.
 pub struct ConsensusCtx {
@@ -24,6 +39,17 @@ pub struct ConsensusCtx {
     pub delivered: u64,
     /// Where time spent waiting for the log is counted.
     pub(crate) waited: WaitClock,
+    /// The instance this context belongs to.
+    generation: u64,
+    /// Tickets this instance submitted whose entries are not delivered yet.
+    submitted: HashSet<u64>,
+    /// Tickets delivered since the actor last collected answers.
+    pub(crate) surfaced: Vec<u64>,
+    /// Whether `propose` or `read-barrier` handed over a ticketed entry
+    /// during the current hook: its answer is collected after the hook.
+    pub(crate) owes_answers: bool,
+    /// Where failed submissions are reported.
+    drops: Option<mpsc::UnboundedSender<Dropped>>,
 }
 
 impl ConsensusCtx {
@@ -41,6 +67,56 @@ impl ConsensusCtx {
             limits,
             delivered,
             waited: WaitClock::default(),
+            generation: 0,
+            submitted: HashSet::new(),
+            surfaced: Vec::new(),
+            owes_answers: false,
+            drops: None,
+        }
+    }
+
+    /// Enables `submit`: failures are reported to `drops`, tagged with the
+    /// instance's `generation`.
+    pub fn with_submissions(
+        mut self,
+        generation: u64,
+        drops: mpsc::UnboundedSender<Dropped>,
+    ) -> Self {
+        self.generation = generation;
+        self.drops = Some(drops);
+        self
+    }
+
+    /// Whether submissions of this instance are still waiting for their
+    /// entries.
+    pub fn in_flight(&self) -> usize {
+        self.submitted.len()
+    }
+
+    /// Whether `ticket` was submitted by this instance and is still
+    /// waiting for an answer.
+    pub fn knows(&self, ticket: u64) -> bool {
+        self.submitted.contains(&ticket) || self.surfaced.contains(&ticket)
+    }
+
+    /// Forgets a failed submission. Returns whether it was outstanding.
+    pub fn forget(&mut self, ticket: u64) -> bool {
+        self.submitted.remove(&ticket)
+    }
+
+    /// Converts a stored guest entry to its WIT form, setting `ticket` when
+    /// this instance submitted it.
+    pub fn surface(&mut self, e: Entry) -> CommittedEntry {
+        let (ticket, data) = unwrap_entry(e.data);
+        let ticket = ticket.filter(|t| self.submitted.remove(t));
+        if let Some(t) = ticket {
+            self.surfaced.push(t);
+        }
+        CommittedEntry {
+            index: e.index,
+            term: e.term,
+            data,
+            ticket,
         }
     }
 
@@ -62,7 +138,45 @@ impl ConsensusCtx {
             self.delivered = last.index;
         }
         self.delivered = self.delivered.max(through);
-        Ok(entries.into_iter().map(to_committed).collect())
+        let before = self.surfaced.len();
+        let entries: Vec<_> = entries.into_iter().map(|e| self.surface(e)).collect();
+        self.owes_answers |= self.surfaced.len() > before;
+        Ok(entries)
+    }
+}
+
+/// This process's identity in ticketed entries: tickets are only
+/// recognised by the process that issued them.
+fn boot() -> u64 {
+    static BOOT: OnceLock<u64> = OnceLock::new();
+    *BOOT.get_or_init(|| {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).expect("the OS random source works");
+        u64::from_le_bytes(b)
+    })
+}
+
+fn next_ticket() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Splits a stored guest entry into its ticket (if this process submitted
+/// it) and the guest's bytes.
+fn unwrap_entry(mut data: Vec<u8>) -> (Option<u64>, Vec<u8>) {
+    match data.first() {
+        Some(&TAG_TICKETED) if data.len() >= TICKET_HEADER => {
+            let word =
+                |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().expect("8 bytes"));
+            let ticket = (word(1) == boot()).then(|| word(9));
+            data.drain(..TICKET_HEADER);
+            (ticket, data)
+        }
+        Some(_) => {
+            data.remove(0);
+            (None, data)
+        }
+        None => (None, data),
     }
 }
 
@@ -102,20 +216,25 @@ impl Control {
     }
 }
 
+/// First byte of a guest entry sent with `submit`: then the issuing
+/// process's boot id and the ticket (8 bytes each, little-endian), then the
+/// guest's bytes.
+pub const TAG_TICKETED: u8 = 2;
+const TICKET_HEADER: usize = 17;
+
 /// Whether a stored entry is a host control entry.
 pub fn is_control(e: &Entry) -> bool {
     e.data.first() == Some(&TAG_CONTROL)
 }
 
-/// Converts a stored guest entry to its WIT form (dropping the tag).
-pub fn to_committed(mut e: Entry) -> CommittedEntry {
-    if !e.data.is_empty() {
-        e.data.remove(0);
-    }
+/// Converts a stored guest entry to its WIT form, with no ticket.
+pub fn to_committed(e: Entry) -> CommittedEntry {
+    let (_, data) = unwrap_entry(e.data);
     CommittedEntry {
         index: e.index,
         term: e.term,
-        data: e.data,
+        data,
+        ticket: None,
     }
 }
 
@@ -149,6 +268,37 @@ impl wit::Host for ConsensusCtx {
             Err(e) => return Ok(Err(to_wit(e))),
         };
         Ok(self.take_through(index))
+    }
+
+    fn submit(&mut self, data: Vec<u8>) -> wasmtime::Result<Result<u64, ConsensusError>> {
+        if over(data.len(), self.limits.max_entry_bytes) {
+            return Ok(Err(ConsensusError::TooLarge(self.limits.max_entry_bytes)));
+        }
+        let Some(drops) = self.drops.clone() else {
+            return Ok(Err(ConsensusError::AccessDenied));
+        };
+        let ticket = next_ticket();
+        let mut tagged = Vec::with_capacity(data.len() + TICKET_HEADER);
+        tagged.push(TAG_TICKETED);
+        tagged.extend_from_slice(&boot().to_le_bytes());
+        tagged.extend_from_slice(&ticket.to_le_bytes());
+        tagged.extend_from_slice(&data);
+        drop(data);
+        let proposal = self.backend.propose(&self.stream, tagged);
+        let generation = self.generation;
+        self.submitted.insert(ticket);
+        // Success needs no report: the entry reaches the actor through the
+        // stream like any other, carrying its ticket.
+        tokio::spawn(async move {
+            if let Err(e) = proposal.await {
+                let _ = drops.send(Dropped {
+                    generation,
+                    ticket,
+                    error: to_wit(e),
+                });
+            }
+        });
+        Ok(Ok(ticket))
     }
 
     async fn read_barrier(

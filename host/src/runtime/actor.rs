@@ -7,7 +7,7 @@
 //! hook that traps kills only its instance: the actor restarts the plugin
 //! with backoff while the mailbox keeps what arrives meanwhile.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,7 +20,7 @@ use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::Plugin;
-use super::bindings::pattern::{InitContext, Request, Response};
+use super::bindings::pattern::{Answer, InitContext, Reply, Request, Response};
 use super::bindings::types::MemberEvent;
 use super::metrics::PluginMetrics;
 use super::state::{PluginState, WaitClock};
@@ -28,7 +28,7 @@ use super::{Capability, LoadError, Prepared};
 use crate::cluster::log::ConsensusBackend;
 use crate::cluster::state_store::KvBackend;
 use crate::primitives::CallLimits;
-use crate::primitives::consensus::{ConsensusCtx, Control, is_control, to_committed};
+use crate::primitives::consensus::{ConsensusCtx, Control, Dropped, is_control};
 use crate::primitives::log::LogCtx;
 use crate::primitives::membership::{MembershipCtx, MembershipView};
 use crate::primitives::messaging::{MessagingCtx, Remote};
@@ -240,6 +240,8 @@ pub struct PluginEnv {
     capabilities: BTreeSet<Capability>,
     config_json: Mutex<String>,
     generation: AtomicU64,
+    /// Where instances report submissions that failed.
+    drops: mpsc::UnboundedSender<Dropped>,
     status: Mutex<PluginStatus>,
     metrics: Mutex<PluginMetrics>,
 }
@@ -265,6 +267,12 @@ pub struct Instance {
     config_json: String,
     /// The applied index last committed to storage.
     persisted: u64,
+    /// This instance's generation (timers and submissions carry it).
+    generation: u64,
+    /// Requests answered by a later `apply`, by ticket.
+    waiting: HashMap<u64, oneshot::Sender<Result<Response, CallError>>>,
+    /// Failed tickets to pass to the next `apply`.
+    dropped: Vec<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -297,23 +305,33 @@ fn describe(hook: &str, e: &wasmtime::Error, limits: &PluginLimits) -> String {
     format!("{hook}: {cause}")
 }
 
+/// Where an instance sends what happens outside its hook calls.
+pub struct Channels {
+    /// Timers and local messages.
+    pub mailbox: mpsc::WeakSender<Mail>,
+    /// Submissions that failed.
+    pub drops: mpsc::UnboundedSender<Dropped>,
+}
+
 /// A store for one instance of plugin `name`: its WASI context (no files,
 /// sockets or environment; stderr goes to the node's), its limits, and the
-/// contexts of every interface, wired to `services`. Timers and local
-/// messages are delivered into `mailbox`, tagged with `generation`;
+/// contexts of every interface, wired to `services`. Timers, local messages
+/// and failed submissions go to `channels`, tagged with `generation`;
 /// `applied` is the plugin's delivery cursor in the log.
 pub fn new_store(
     prepared: &Prepared,
     name: &str,
     services: &Services,
     limits: &PluginLimits,
-    mailbox: mpsc::WeakSender<Mail>,
+    channels: Channels,
     generation: u64,
     applied: u64,
 ) -> Store<PluginState> {
+    let Channels { mailbox, drops } = channels;
     let waited = WaitClock::default();
     let mut consensus =
-        ConsensusCtx::new(name, services.log.clone(), services.call_limits, applied);
+        ConsensusCtx::new(name, services.log.clone(), services.call_limits, applied)
+            .with_submissions(generation, drops);
     consensus.waited = waited.clone();
     let state = PluginState {
         wasi: WasiCtxBuilder::new().inherit_stderr().build(),
@@ -381,7 +399,10 @@ impl Instance {
             &env.name,
             services,
             &env.limits,
-            mailbox,
+            Channels {
+                mailbox,
+                drops: env.drops.clone(),
+            },
             generation,
             applied,
         );
@@ -396,6 +417,9 @@ impl Instance {
             prepared,
             config_json,
             persisted: applied,
+            generation,
+            waiting: HashMap::new(),
+            dropped: Vec::new(),
         };
         let ctx = InitContext {
             config: inst.config_json.clone(),
@@ -512,6 +536,48 @@ impl Instance {
     fn delivered(&self) -> u64 {
         self.store.data().consensus.delivered
     }
+
+    /// Hands `answers` to the requests waiting on them. A request whose
+    /// entry was applied without an answer gets a 500.
+    fn route(&mut self, answers: Vec<Answer>) {
+        for a in answers {
+            if let Some(w) = self.waiting.remove(&a.ticket) {
+                let _ = w.send(Ok(a.response));
+            }
+        }
+        for t in std::mem::take(&mut self.store.data_mut().consensus.surfaced) {
+            if let Some(w) = self.waiting.remove(&t) {
+                let msg = "the entry was applied, but the plugin gave no answer for it";
+                let _ = w.send(Ok(error_response(500, msg)));
+            }
+        }
+    }
+
+    /// Answers every request still waiting on this instance, which is
+    /// going away: their entries may yet be applied, by another instance.
+    fn abandon(&mut self, why: &str) {
+        for (_, w) in self.waiting.drain() {
+            let _ = w.send(Ok(error_response(
+                504,
+                &format!("outcome unknown: {why} before the write was applied"),
+            )));
+        }
+    }
+
+    /// Requests waiting for an entry, and submissions not yet delivered.
+    fn outstanding(&self) -> bool {
+        !self.waiting.is_empty() || self.store.data().consensus.in_flight() > 0
+    }
+}
+
+/// A JSON error response made by the host on a plugin's behalf.
+fn error_response(status: u16, message: &str) -> Response {
+    Response {
+        status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: serde_json::to_vec(&serde_json::json!({ "error": message }))
+            .expect("JSON of a string"),
+    }
 }
 
 /// A handle to a running plugin.
@@ -542,6 +608,7 @@ impl PluginHandle {
         services: Services,
     ) -> Result<PluginHandle, LoadError> {
         let (tx, rx) = mpsc::channel(spec.limits.mailbox.max(1));
+        let (drops_tx, drops) = mpsc::unbounded_channel();
         let commits = services
             .log
             .subscribe(&spec.name)
@@ -572,6 +639,7 @@ impl PluginHandle {
             capabilities: spec.capabilities,
             config_json: Mutex::new(spec.config_json),
             generation: AtomicU64::new(0),
+            drops: drops_tx,
         });
         let config = env.config();
         let instance = Instance::start(&env, prepared, tx.downgrade(), config).await?;
@@ -582,6 +650,7 @@ impl PluginHandle {
             deferred: VecDeque::new(),
             commits,
             commits_open: true,
+            drops,
             instance: Some(instance),
             last_prepared: None,
             failures: 0,
@@ -727,6 +796,8 @@ struct Actor {
     deferred: VecDeque<Mail>,
     commits: watch::Receiver<u64>,
     commits_open: bool,
+    /// Submissions that failed after `submit` returned.
+    drops: mpsc::UnboundedReceiver<Dropped>,
     instance: Option<Instance>,
     /// What to restart from after the instance died.
     last_prepared: Option<Prepared>,
@@ -736,8 +807,12 @@ struct Actor {
 enum Next {
     Mail(Mail),
     Commits,
+    Dropped(Dropped),
     Closed,
 }
+
+/// Longest a local swap waits for the old version's writes in flight.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 impl Actor {
     async fn run(mut self) {
@@ -745,6 +820,7 @@ impl Actor {
             if self.instance.is_none() && !self.restart().await {
                 break;
             }
+            self.collect().await;
             let Some(inst) = &self.instance else { continue };
             let target = *self.commits.borrow_and_update();
             if target > inst.delivered() {
@@ -762,11 +838,13 @@ impl Actor {
                         }
                         Next::Commits
                     }
+                    Some(dropped) = self.drops.recv() => Next::Dropped(dropped),
                     mail = self.rx.recv() => mail.map_or(Next::Closed, Next::Mail),
                 }
             };
             match next {
                 Next::Commits => {}
+                Next::Dropped(d) => self.dropped(d),
                 Next::Closed => break,
                 Next::Mail(mail) => {
                     if !self.handle(mail).await {
@@ -780,7 +858,8 @@ impl Actor {
 
     /// Marks the instance dead after a failed hook.
     fn kill(&mut self) {
-        if let Some(inst) = self.instance.take() {
+        if let Some(mut inst) = self.instance.take() {
+            inst.abandon("the plugin failed");
             self.last_prepared = Some(inst.prepared.clone());
         }
         self.failures += 1;
@@ -847,7 +926,9 @@ impl Actor {
 
     fn install(&mut self, next: Instance, report: &SwapReport) {
         *self.env.config_json.lock().expect("config poisoned") = next.config_json.clone();
-        self.instance = Some(next);
+        if let Some(mut old) = self.instance.replace(next) {
+            old.abandon("the plugin was swapped");
+        }
         self.failures = 0;
         self.env
             .metrics
@@ -903,19 +984,109 @@ impl Actor {
         } else {
             target
         };
-        let entries: Vec<_> = entries.into_iter().map(to_committed).collect();
+        let consensus = &mut inst.store.data_mut().consensus;
+        let entries: Vec<_> = entries.into_iter().map(|e| consensus.surface(e)).collect();
+        consensus.delivered = through;
+        consensus.owes_answers = false;
+        let dropped = std::mem::take(&mut inst.dropped);
         inst.begin();
-        inst.store.data_mut().consensus.delivered = through;
         let span = tracing::debug_span!("hook", hook = "apply", plugin = %self.env.name, version = %inst.prepared.version, index = through);
         let r = inst
             .bindings
             .plexus_cluster_pattern()
-            .call_apply(&mut inst.store, &entries)
+            .call_apply(&mut inst.store, &entries, &dropped)
             .instrument(span)
             .await;
         match inst.finish(&self.env, "apply", r).await {
-            Ok(()) => self.succeeded(),
+            Ok(answers) => {
+                inst.route(answers);
+                self.succeeded();
+            }
             Err(_) => self.kill(),
+        }
+    }
+
+    /// Collects the answers owed for ticketed entries that `propose` or
+    /// `read-barrier` handed over during the last hook, with an `apply`
+    /// of no entries.
+    async fn collect(&mut self) {
+        let Some(inst) = self.instance.as_mut() else {
+            return;
+        };
+        if !inst.store.data().consensus.owes_answers {
+            return;
+        }
+        inst.store.data_mut().consensus.owes_answers = false;
+        let dropped = std::mem::take(&mut inst.dropped);
+        inst.begin();
+        let r = inst
+            .bindings
+            .plexus_cluster_pattern()
+            .call_apply(&mut inst.store, &[], &dropped)
+            .await;
+        match inst.finish(&self.env, "apply", r).await {
+            Ok(answers) => {
+                inst.route(answers);
+                self.succeeded();
+            }
+            Err(_) => self.kill(),
+        }
+    }
+
+    /// A submission failed: answer its request and tell the guest with
+    /// the next `apply`.
+    fn dropped(&mut self, d: Dropped) {
+        let Some(inst) = self.instance.as_mut() else {
+            return;
+        };
+        if inst.generation != d.generation || !inst.store.data_mut().consensus.forget(d.ticket) {
+            return;
+        }
+        inst.dropped.push(d.ticket);
+        if let Some(w) = inst.waiting.remove(&d.ticket) {
+            use crate::runtime::bindings::plexus::cluster::consensus::ConsensusError as E;
+            let (status, msg) = match &d.error {
+                E::Timeout => (504, "outcome unknown: no quorum before the deadline".into()),
+                E::ShuttingDown => (504, "outcome unknown: the node is stopping".into()),
+                E::NotLeader(l) => (
+                    503,
+                    format!("no leader could take the write (last known: {l:?})"),
+                ),
+                E::TooLarge(max) => (503, format!("entry larger than {max} bytes")),
+                E::AccessDenied => (503, "consensus not granted".into()),
+                E::Storage(e) => (503, format!("log store failed: {e}")),
+            };
+            let _ = w.send(Ok(error_response(status, &msg)));
+        }
+    }
+
+    /// Before a local swap: lets the old version finish the writes it has
+    /// in flight, so their requests are answered by the code that accepted
+    /// them. Bounded by [`DRAIN_LIMIT`].
+    async fn drain(&mut self) {
+        let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+        loop {
+            self.collect().await;
+            let Some(inst) = self.instance.as_ref() else {
+                return;
+            };
+            if !inst.outstanding() {
+                return;
+            }
+            let target = *self.commits.borrow_and_update();
+            if target > inst.delivered() {
+                self.deliver(target).await;
+                continue;
+            }
+            tokio::select! {
+                changed = self.commits.changed(), if self.commits_open => {
+                    if changed.is_err() {
+                        self.commits_open = false;
+                    }
+                }
+                Some(d) = self.drops.recv() => self.dropped(d),
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
         }
     }
 
@@ -987,9 +1158,27 @@ impl Actor {
                     .call_on_request(&mut inst.store, &req)
                     .instrument(span)
                     .await;
-                let r = inst.finish(&env, "on-request", r).await;
-                self.after(&r);
-                let _ = reply.send(r);
+                match inst.finish(&env, "on-request", r).await {
+                    Ok(Reply::Done(response)) => {
+                        self.succeeded();
+                        let _ = reply.send(Ok(response));
+                    }
+                    Ok(Reply::Pending(ticket)) => {
+                        if inst.store.data().consensus.knows(ticket) {
+                            inst.waiting.insert(ticket, reply);
+                        } else {
+                            let msg = format!(
+                                "the plugin answered pending on ticket {ticket}, which it never submitted"
+                            );
+                            let _ = reply.send(Ok(error_response(500, &msg)));
+                        }
+                        self.succeeded();
+                    }
+                    Err(e) => {
+                        self.kill();
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Mail::Message {
                 from,
@@ -1041,6 +1230,7 @@ impl Actor {
                 self.after(&r);
             }
             Mail::Swap { next, reply } => {
+                self.drain().await;
                 let r = self.swap(*next).await;
                 let _ = reply.send(r);
             }

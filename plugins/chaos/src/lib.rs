@@ -11,9 +11,9 @@
 //! `POST /trap-apply?ms=N` (apply traps for N ms of wall time, then
 //! succeeds), `POST /message-big?mb=N`.
 
-use plexus_sdk::http::{Params, Reply, Router};
+use plexus_sdk::http::{self, Params, Router};
 use plexus_sdk::{
-    CommittedEntry, InitContext, MemberEvent, Pattern, Request, Response, consensus,
+    CommittedEntry, InitContext, MemberEvent, Pattern, Reply, Request, Response, consensus,
     export_pattern, messaging, timers,
 };
 use serde::Deserialize;
@@ -44,21 +44,21 @@ fn mb(req: &Request) -> usize {
         .unwrap_or(64)
 }
 
-fn ping(c: &mut Chaos, _: &Request, _: &Params) -> Reply {
+fn ping(c: &mut Chaos, _: &Request, _: &Params) -> http::Result {
     Ok({
         c.pings += 1;
         Response::json(200, &serde_json::json!({ "pong": c.pings }))
     })
 }
 
-fn spin(_: &mut Chaos, _: &Request, _: &Params) -> Reply {
+fn spin(_: &mut Chaos, _: &Request, _: &Params) -> http::Result {
     let mut x: u64 = 1;
     loop {
         x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
     }
 }
 
-fn oom(_: &mut Chaos, _: &Request, _: &Params) -> Reply {
+fn oom(_: &mut Chaos, _: &Request, _: &Params) -> http::Result {
     let mut hoard: Vec<Vec<u8>> = Vec::new();
     loop {
         hoard.push(vec![1u8; 1 << 20]);
@@ -66,11 +66,11 @@ fn oom(_: &mut Chaos, _: &Request, _: &Params) -> Reply {
     }
 }
 
-fn trap(_: &mut Chaos, _: &Request, _: &Params) -> Reply {
+fn trap(_: &mut Chaos, _: &Request, _: &Params) -> http::Result {
     panic!("chaos: trap in on-request");
 }
 
-fn propose_big(c: &mut Chaos, req: &Request, _: &Params) -> Reply {
+fn propose_big(c: &mut Chaos, req: &Request, _: &Params) -> http::Result {
     Ok({
         let data = vec![7u8; mb(req) << 20];
         match consensus::propose_raw(c, &data) {
@@ -84,7 +84,7 @@ fn propose_big(c: &mut Chaos, req: &Request, _: &Params) -> Reply {
     })
 }
 
-fn message_big(c: &mut Chaos, req: &Request, _: &Params) -> Reply {
+fn message_big(c: &mut Chaos, req: &Request, _: &Params) -> http::Result {
     Ok({
         let data = vec![7u8; mb(req) << 20];
         match messaging::send(&c.node, "noop", &data) {
@@ -98,7 +98,7 @@ fn message_big(c: &mut Chaos, req: &Request, _: &Params) -> Reply {
     })
 }
 
-fn trap_message(c: &mut Chaos, _: &Request, _: &Params) -> Reply {
+fn trap_message(c: &mut Chaos, _: &Request, _: &Params) -> http::Result {
     Ok({
         match messaging::send(&c.node, "trap", b"") {
             Ok(()) => Response::json(202, &serde_json::json!({ "sent": true })),
@@ -107,14 +107,14 @@ fn trap_message(c: &mut Chaos, _: &Request, _: &Params) -> Reply {
     })
 }
 
-fn trap_timer(_: &mut Chaos, _: &Request, _: &Params) -> Reply {
+fn trap_timer(_: &mut Chaos, _: &Request, _: &Params) -> http::Result {
     Ok({
         timers::set(TRAP_TIMER, 10);
         Response::json(202, &serde_json::json!({ "timer": TRAP_TIMER }))
     })
 }
 
-fn trap_apply(c: &mut Chaos, req: &Request, _: &Params) -> Reply {
+fn trap_apply(c: &mut Chaos, req: &Request, _: &Params) -> http::Result {
     Ok({
         let ms: u64 = req
             .query_param("ms")
@@ -148,7 +148,7 @@ impl Pattern for Chaos {
         Ok(chaos)
     }
 
-    fn on_request(&mut self, req: Request) -> Response {
+    fn on_request(&mut self, req: Request) -> Reply {
         Router::new()
             .get("/ping", ping)
             .post("/loop", spin)

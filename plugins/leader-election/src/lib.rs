@@ -18,9 +18,9 @@
 //! - `GET /roles/{role}`, `GET /roles`: current leases.
 
 use plexus_sdk::consensus::{self, Error as ConsensusError};
-use plexus_sdk::http::{Params, Reply, Router};
+use plexus_sdk::http::{self, Params, Router};
 use plexus_sdk::{
-    CommittedEntry, InitContext, Pattern, Request, Response, export_pattern, storage, timers,
+    CommittedEntry, InitContext, Pattern, Reply, Request, Response, export_pattern, storage, timers,
 };
 use serde::{Deserialize, Serialize};
 
@@ -217,7 +217,7 @@ fn role_of(params: &Params) -> Result<String, Response> {
     Ok(role.to_string())
 }
 
-fn acquire(e: &mut Election, req: &Request, params: &Params) -> Reply {
+fn acquire(e: &mut Election, req: &Request, params: &Params) -> http::Result {
     let role = role_of(params)?;
     let body: AcquireBody = req.json()?;
     if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&body.ttl_ms) {
@@ -238,7 +238,7 @@ fn acquire(e: &mut Election, req: &Request, params: &Params) -> Reply {
     Ok(respond(&role, e.propose(cmd)))
 }
 
-fn release(e: &mut Election, req: &Request, params: &Params) -> Reply {
+fn release(e: &mut Election, req: &Request, params: &Params) -> http::Result {
     let role = role_of(params)?;
     let body: ReleaseBody = req.json()?;
     let cmd = Command::Release {
@@ -249,7 +249,7 @@ fn release(e: &mut Election, req: &Request, params: &Params) -> Reply {
     Ok(respond(&role, e.propose(cmd)))
 }
 
-fn show(e: &mut Election, _req: &Request, params: &Params) -> Reply {
+fn show(e: &mut Election, _req: &Request, params: &Params) -> http::Result {
     let role = role_of(params)?;
     consensus::read_barrier(e).map_err(|err| consensus_error(&err))?;
     match lease(&role).map_err(|err| Response::error(500, &err.to_string()))? {
@@ -261,7 +261,7 @@ fn show(e: &mut Election, _req: &Request, params: &Params) -> Reply {
     }
 }
 
-fn list(e: &mut Election, _req: &Request, _: &Params) -> Reply {
+fn list(e: &mut Election, _req: &Request, _: &Params) -> http::Result {
     consensus::read_barrier(e).map_err(|err| consensus_error(&err))?;
     let now = timers::now_ms();
     let all = storage::scan_all(LEASE).map_err(|err| Response::error(500, &err.to_string()))?;
@@ -294,7 +294,7 @@ impl Pattern for Election {
         })
     }
 
-    fn on_request(&mut self, req: Request) -> Response {
+    fn on_request(&mut self, req: Request) -> Reply {
         Router::new()
             .get("/roles", list)
             .get("/roles/{role}", show)

@@ -1,7 +1,9 @@
 //! replicated-kv: a linearizable key-value store on the consensus log.
 //!
 //! Writes are log entries; every node applies them in order into its local
-//! storage, so any node can serve reads. A key's version is the log index of
+//! storage, so any node can serve reads. A write is submitted without
+//! waiting and answered when its entry is applied, so one node keeps many
+//! writes in flight and the host batches them into the log. A key's version is the log index of
 //! the entry that last wrote it, the same on every node, which makes
 //! compare-and-swap work across the cluster. Reads wait for a read barrier
 //! unless `?consistency=local` asks for a possibly stale local read.
@@ -15,10 +17,10 @@
 //! - `GET /stats`: entries applied (durable) and writes served by this
 //!   instance lineage (handed over on hot swap).
 
-use plexus_sdk::consensus::{self, Error as ConsensusError};
-use plexus_sdk::http::{Params, Reply, Router};
+use plexus_sdk::consensus::{self, Error as ConsensusError, Pending};
+use plexus_sdk::http::{self, Params, Router};
 use plexus_sdk::{
-    CommittedEntry, InitContext, Pattern, Request, Response, codec, export_pattern, storage,
+    CommittedEntry, InitContext, Pattern, Reply, Request, Response, codec, export_pattern, storage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -110,27 +112,30 @@ impl Kv {
         })
     }
 
-    fn write(&mut self, cmd: Command) -> Response {
-        match consensus::propose(self, &cmd) {
-            Ok(done) => {
-                self.served += 1;
-                match done.output {
-                    Outcome::Written { version } => {
-                        Response::json(200, &serde_json::json!({ "version": version }))
-                    }
-                    Outcome::Deleted { existed } => {
-                        Response::json(200, &serde_json::json!({ "deleted": existed }))
-                    }
-                    Outcome::Conflict { current } => Response::json(
-                        409,
-                        &serde_json::json!({ "error": "version mismatch", "current": current }),
-                    ),
-                    Outcome::Failed(msg) => Response::error(500, &msg),
-                    Outcome::Invalid => Response::error(500, "entry could not be decoded"),
-                }
-            }
-            Err(e) => consensus_error(&e),
+    /// Submits `cmd`; the request is answered once it is applied here.
+    fn write(&mut self, cmd: Command) -> http::Result<Pending> {
+        consensus::submit(self, &cmd, |kv: &mut Kv, done| {
+            kv.served += 1;
+            answer(done.output)
+        })
+        .map_err(|e| consensus_error(&e))
+    }
+}
+
+fn answer(outcome: Outcome) -> Response {
+    match outcome {
+        Outcome::Written { version } => {
+            Response::json(200, &serde_json::json!({ "version": version }))
         }
+        Outcome::Deleted { existed } => {
+            Response::json(200, &serde_json::json!({ "deleted": existed }))
+        }
+        Outcome::Conflict { current } => Response::json(
+            409,
+            &serde_json::json!({ "error": "version mismatch", "current": current }),
+        ),
+        Outcome::Failed(msg) => Response::error(500, &msg),
+        Outcome::Invalid => Response::error(500, "entry could not be decoded"),
     }
 }
 
@@ -169,7 +174,7 @@ fn read_barrier(kv: &mut Kv, req: &Request) -> Result<(), Response> {
     consensus::read_barrier(kv).map_err(|e| consensus_error(&e))
 }
 
-fn get(kv: &mut Kv, req: &Request, params: &Params) -> Reply {
+fn get(kv: &mut Kv, req: &Request, params: &Params) -> http::Result {
     let key = key_of(params)?;
     read_barrier(kv, req)?;
     match current(&key).map_err(|e| Response::error(500, &e.to_string()))? {
@@ -179,32 +184,32 @@ fn get(kv: &mut Kv, req: &Request, params: &Params) -> Reply {
     }
 }
 
-fn put(kv: &mut Kv, req: &Request, params: &Params) -> Reply {
+fn put(kv: &mut Kv, req: &Request, params: &Params) -> http::Result<Pending> {
     let key = key_of(params)?;
     let value = req.body.clone();
-    Ok(kv.write(match expected_version(req)? {
+    kv.write(match expected_version(req)? {
         Some(expected) => Command::Cas {
             key,
             expected,
             value: Some(value),
         },
         None => Command::Put { key, value },
-    }))
+    })
 }
 
-fn delete(kv: &mut Kv, req: &Request, params: &Params) -> Reply {
+fn delete(kv: &mut Kv, req: &Request, params: &Params) -> http::Result<Pending> {
     let key = key_of(params)?;
-    Ok(kv.write(match expected_version(req)? {
+    kv.write(match expected_version(req)? {
         Some(expected) => Command::Cas {
             key,
             expected,
             value: None,
         },
         None => Command::Delete { key },
-    }))
+    })
 }
 
-fn list(kv: &mut Kv, req: &Request, _: &Params) -> Reply {
+fn list(kv: &mut Kv, req: &Request, _: &Params) -> http::Result {
     read_barrier(kv, req)?;
     let prefix = req.query_param("prefix").unwrap_or_default();
     let items = storage::scan_all(format!("{DATA}{prefix}"))
@@ -220,7 +225,7 @@ fn list(kv: &mut Kv, req: &Request, _: &Params) -> Reply {
     Ok(Response::json(200, &keys))
 }
 
-fn stats(kv: &mut Kv, _: &Request, _: &Params) -> Reply {
+fn stats(kv: &mut Kv, _: &Request, _: &Params) -> http::Result {
     Ok({
         let applied = storage::get_typed::<u64>(APPLIED)
             .ok()
@@ -240,7 +245,7 @@ impl Pattern for Kv {
         Ok(Kv { served: 0 })
     }
 
-    fn on_request(&mut self, req: Request) -> Response {
+    fn on_request(&mut self, req: Request) -> Reply {
         Router::new()
             .get("/kv", list)
             .get("/kv/{*key}", get)
