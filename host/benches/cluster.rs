@@ -1,6 +1,7 @@
 //! Cluster benchmark: a program that prints figures.
 //!
-//!     cargo bench -p plexus --bench cluster [-- --seconds 10 --clients 256 --trials 20]
+//!     cargo bench -p plexus --bench cluster [-- --seconds 10 --clients 256 --trials 20
+//!         --heartbeat-ms 50 --election-min-ms 150 --election-max-ms 300]
 //!
 //! Starts three `plexus` processes on 127.0.0.1 and drives `replicated-kv`
 //! through the real HTTP path: 64 B values from concurrent clients, each
@@ -184,13 +185,17 @@ fn plexus_config(dir: &Path, i: usize, http: &[SocketAddr], peer: &[SocketAddr])
         .collect();
     let text = format!(
         "version = 1\n[node]\nid = \"node-{n}\"\ndata_dir = \"data-{n}\"\nhttp = \"{h}\"\nrequest_timeout_ms = 30000\n\
-         [cluster]\nlisten = \"{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n[admin]\ntoken = \"bench-token\"\n\
+         [cluster]\nlisten = \"{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n\
+         heartbeat_ms = {hb}\nelection_timeout_ms = [{emin}, {emax}]\n[admin]\ntoken = \"bench-token\"\n\
          [[plugins]]\nname = \"kv\"\ncomponent = \"bundled:replicated-kv\"\ncapabilities = [\"consensus\", \"storage\"]\n\
          limits = {{ mailbox = 4096 }}\n",
         n = i + 1,
         h = http[i],
         l = peer[i],
-        p = peers.join(", ")
+        p = peers.join(", "),
+        hb = arg("--heartbeat-ms", 50),
+        emin = arg("--election-min-ms", 150),
+        emax = arg("--election-max-ms", 300),
     );
     let path = dir.join(format!("node-{}.toml", i + 1));
     std::fs::write(&path, text).unwrap();
@@ -330,6 +335,12 @@ async fn main() -> anyhow::Result<()> {
 
     println!(
         "# plexus cluster benchmark: 3 nodes on 127.0.0.1, {clients} clients, 64 B values, {seconds} s"
+    );
+    println!(
+        "# raft timers: heartbeat {} ms, election timeout {}-{} ms",
+        arg("--heartbeat-ms", 50),
+        arg("--election-min-ms", 150),
+        arg("--election-max-ms", 300)
     );
     println!();
     println!(

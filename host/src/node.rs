@@ -51,6 +51,9 @@ pub struct ClusterOptions {
     pub snapshot_every: u64,
     /// Heartbeat and election timeouts.
     pub timing: crate::cluster::raft::Timing,
+    /// The node joins a running cluster: it never initialises one, and
+    /// waits for a member to add it as a voter.
+    pub join: bool,
 }
 
 /// Routes peer requests to consensus or to plugins.
@@ -162,6 +165,12 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// A cluster operation on a single node.
+    #[error("this node is not part of a cluster")]
+    NotACluster,
+    /// A voter change failed.
+    #[error("changing the voters failed: {0}")]
+    Members(crate::cluster::log::LogError),
 }
 
 /// A running node.
@@ -170,6 +179,8 @@ pub struct Node {
     runtime: Arc<Runtime>,
     services: Services,
     plugins: RwLock<BTreeMap<String, Arc<PluginHandle>>>,
+    /// The replicated log, in a cluster.
+    raft: Option<Arc<RaftLog>>,
 }
 
 impl Node {
@@ -183,7 +194,7 @@ impl Node {
         let log = LocalLog::open(&opts.data_dir.join("log.redb"), &opts.id)
             .with_context(|| format!("opening {}", opts.data_dir.join("log.redb").display()))?;
         let view = MembershipView::single(&opts.id, opts.metadata.clone());
-        Node::assemble(opts, Arc::new(log), view, None)
+        Node::assemble(opts, Arc::new(log), view, None, None)
     }
 
     /// Opens a member of a replicated cluster: starts the peer transport on
@@ -210,6 +221,7 @@ impl Node {
             transport: transport.clone(),
             snapshot_every: cluster.snapshot_every,
             timing: cluster.timing,
+            bootstrap: !cluster.join,
         })
         .await
         .context("starting the replicated log")?;
@@ -221,6 +233,7 @@ impl Node {
             Arc::new(raft.clone()),
             view.clone(),
             Some(transport.clone()),
+            Some(raft.clone()),
         )?;
         // Gossip runs on the peer port, over UDP.
         let generation = std::time::SystemTime::now()
@@ -237,10 +250,27 @@ impl Node {
             id(&me, cluster.listen, generation),
             peers,
             Arc::from(cluster.secret.as_bytes()),
-            view,
-            events_tx,
+            view.clone(),
+            events_tx.clone(),
         )
         .await?;
+        // Voters come from the Raft membership: from the config at first,
+        // then from every `cluster join` / `cluster leave`.
+        let mut voters = raft.voters();
+        tokio::spawn(async move {
+            loop {
+                let now = voters.borrow_and_update().clone();
+                if !now.is_empty() {
+                    let events = view.set_voters(&now);
+                    if !events.is_empty() && events_tx.send(events).is_err() {
+                        return;
+                    }
+                }
+                if voters.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         let weak = Arc::downgrade(&node);
         tokio::spawn(async move {
             while let Some(events) = events_rx.recv().await {
@@ -269,6 +299,7 @@ impl Node {
         log: Arc<dyn crate::cluster::log::ConsensusBackend>,
         view: Arc<MembershipView>,
         transport: Option<Arc<Transport>>,
+        raft: Option<Arc<RaftLog>>,
     ) -> anyhow::Result<Arc<Node>> {
         use anyhow::Context;
         let runtime = Runtime::new(Some(opts.data_dir.join("cache")))?;
@@ -287,6 +318,7 @@ impl Node {
             runtime,
             services,
             plugins: RwLock::new(BTreeMap::new()),
+            raft,
         }))
     }
 
@@ -303,6 +335,20 @@ impl Node {
     /// The services plugins are wired to.
     pub fn services(&self) -> &Services {
         &self.services
+    }
+
+    /// Adds or removes a voter of the cluster (`plexus cluster join` /
+    /// `leave`), through the leader. Returns the voters after the change.
+    pub async fn change_members(
+        &self,
+        change: crate::cluster::raft::MemberChange,
+    ) -> Result<BTreeSet<String>, NodeError> {
+        let Some(raft) = &self.raft else {
+            return Err(NodeError::NotACluster);
+        };
+        raft.change_members(change)
+            .await
+            .map_err(NodeError::Members)
     }
 
     /// The consensus commit index.

@@ -605,3 +605,149 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
         "every write applied exactly once on the caught-up node"
     );
 }
+
+/// Runs the `plexus` CLI against the node at `addr`.
+fn cli(addr: SocketAddr, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(plexus_tests::plexus_bin())
+        .args(args)
+        .env("PLEXUS_ADDR", addr.to_string())
+        .env("PLEXUS_TOKEN", TOKEN)
+        .output()
+        .unwrap()
+}
+
+async fn voters(addr: SocketAddr) -> Vec<String> {
+    let auth = format!("Bearer {TOKEN}");
+    let (_, body) = http(
+        addr,
+        "GET",
+        "/v1/admin/status",
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+    .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["voter"].as_bool() == Some(true))
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_as_a_voter_and_a_voter_leaves() {
+    let mut c = Cluster::start(3000).await;
+    let leader = c.leader().await;
+    for i in 0..20 {
+        assert!(put(c.http[0], &format!("j{i}"), &format!("v{i}")).await);
+    }
+
+    // A fourth node starts with `join = true`: it does not form a cluster
+    // of its own, and waits to be added.
+    let http4: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let peer4: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let base = std::fs::read_to_string(c.config(0)).unwrap();
+    let peers_line = base
+        .lines()
+        .find(|l| l.starts_with("peers = "))
+        .unwrap()
+        .to_string();
+    let listen1 = base
+        .lines()
+        .find(|l| l.starts_with("listen = "))
+        .unwrap()
+        .trim_start_matches("listen = ")
+        .trim_matches('"')
+        .to_string();
+    let config4 = base
+        .replace("id = \"node-1\"", "id = \"node-4\"")
+        .replace("data-1", "data-4")
+        .replace(&c.http[0].to_string(), &http4.to_string())
+        .replace(
+            &format!("listen = \"{listen1}\""),
+            &format!("listen = \"{peer4}\""),
+        )
+        .replace(
+            &peers_line,
+            &format!(
+                "{}, \"node-1@{listen1}\"]\njoin = true",
+                peers_line.trim_end_matches(']')
+            ),
+        );
+    let path4 = c.dir.path().join("node-4.toml");
+    std::fs::write(&path4, &config4).unwrap();
+    let _node4 = Process::up(c.dir.path(), &path4, http4).await;
+
+    let out = cli(
+        c.http[1],
+        &["cluster", "join", "node-4", &peer4.to_string()],
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "join failed: {printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.contains("node-4 joined; voters: node-1, node-2, node-3, node-4"),
+        "{printed}"
+    );
+    // The new voter caught up, serves linearizable reads, and takes writes.
+    for i in 0..20 {
+        assert_eq!(
+            read(http4, &format!("j{i}")).await.as_deref(),
+            Some(format!("v{i}").as_bytes())
+        );
+    }
+    assert!(put(http4, "from-4", "hello").await);
+    assert_eq!(
+        read(c.http[0], "from-4").await.as_deref(),
+        Some(&b"hello"[..])
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while voters(http4).await.len() != 4 {
+        assert!(Instant::now() < deadline, "node-4 never saw four voters");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A follower leaves. With three voters left, two of them are a
+    // quorum: after the leaver and one more node are gone, writes still
+    // commit (with four voters they could not).
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let (gone, also_gone) = (followers[0], followers[1]);
+    let out = cli(
+        c.http[leader],
+        &["cluster", "leave", &format!("node-{}", gone + 1)],
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "leave failed: {printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<String> = (1..=4)
+        .filter(|n| *n != gone + 1)
+        .map(|n| format!("node-{n}"))
+        .collect();
+    assert!(
+        printed.contains(&format!(
+            "node-{} left; voters: {}",
+            gone + 1,
+            left.join(", ")
+        )),
+        "{printed}"
+    );
+    c.kill(gone);
+    c.kill(also_gone);
+    assert!(
+        put(c.http[leader], "after-leave", "still-here").await,
+        "the remaining two of three voters did not commit"
+    );
+    assert_eq!(
+        read(http4, "after-leave").await.as_deref(),
+        Some(&b"still-here"[..])
+    );
+}

@@ -92,5 +92,5 @@ fn example_configs_are_valid() {
             }
         }
     }
-    assert_eq!(checked, 4, "single-node.toml and the three cluster nodes");
+    assert_eq!(checked, 5, "single-node.toml and the four cluster nodes");
 }

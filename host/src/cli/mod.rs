@@ -74,7 +74,7 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Inspect the cluster.
+    /// Inspect the cluster and change its voters.
     Cluster {
         /// What to do.
         #[command(subcommand)]
@@ -152,6 +152,21 @@ pub enum PluginCommand {
 pub enum ClusterCommand {
     /// Show the node and cluster state.
     Status,
+    /// Add a node as a voter. Start it first with `cluster.join = true`;
+    /// it catches up as a learner, then votes.
+    Join {
+        /// The new node's id (`node.id` in its config).
+        id: String,
+        /// Its peer address (`cluster.listen` in its config).
+        #[arg(value_name = "PEER_ADDR")]
+        peer: std::net::SocketAddr,
+    },
+    /// Remove a voter. The node stops taking part in consensus; stop it
+    /// afterwards.
+    Leave {
+        /// The node's id.
+        id: String,
+    },
 }
 
 fn component_json(component: &str) -> anyhow::Result<serde_json::Value> {
@@ -243,26 +258,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Plugin { command, remote } => plugin(command, &remote).await,
-        Command::Cluster {
-            command: ClusterCommand::Status,
-            remote,
-        } => {
-            let status = remote.client().get("/v1/admin/status").await?;
-            if remote.json {
-                println!("{status:#}");
-            } else {
-                println!("node          {}", status["node"].as_str().unwrap_or("-"));
-                println!(
-                    "members       {}",
-                    status["members"].as_array().map_or(0, Vec::len)
-                );
-                println!("leader        {}", status["leader"].as_str().unwrap_or("-"));
-                println!("term          {}", status["term"]);
-                println!("commit index  {}", status["commit_index"]);
-                println!("plugins       {}", status["plugins"]);
-            }
-            Ok(())
-        }
+        Command::Cluster { command, remote } => cluster(command, &remote).await,
         Command::New { name, dir, sdk } => {
             let done = scaffold::scaffold(&name, dir.as_deref(), sdk.as_deref())?;
             println!("created {}", done.dir.display());
@@ -283,6 +279,79 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn cluster(command: ClusterCommand, remote: &Remote) -> anyhow::Result<()> {
+    let client = remote.client();
+    let (answer, done) = match command {
+        ClusterCommand::Status => {
+            let status = client.get("/v1/admin/status").await?;
+            if remote.json {
+                println!("{status:#}");
+                return Ok(());
+            }
+            println!("node          {}", status["node"].as_str().unwrap_or("-"));
+            println!("leader        {}", status["leader"].as_str().unwrap_or("-"));
+            println!("term          {}", status["term"]);
+            println!("commit index  {}", status["commit_index"]);
+            println!("plugins       {}", status["plugins"]);
+            println!();
+            let rows: Vec<Vec<String>> = status["members"]
+                .as_array()
+                .map(|members| {
+                    members
+                        .iter()
+                        .map(|m| {
+                            vec![
+                                m["id"].as_str().unwrap_or("-").to_string(),
+                                m["state"].as_str().unwrap_or("-").to_string(),
+                                if m["voter"].as_bool() == Some(true) {
+                                    "voter".into()
+                                } else {
+                                    "-".into()
+                                },
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print!("{}", table(&["MEMBER", "STATE", "ROLE"], &rows));
+            return Ok(());
+        }
+        ClusterCommand::Join { id, peer } => {
+            let body = serde_json::json!({ "id": id, "addr": peer.to_string() });
+            let answer = client
+                .call(
+                    "POST",
+                    "/v1/admin/cluster/members",
+                    "application/json",
+                    body.to_string().into_bytes(),
+                )
+                .await?;
+            (answer, format!("{id} joined"))
+        }
+        ClusterCommand::Leave { id } => {
+            let answer = client
+                .call(
+                    "DELETE",
+                    &format!("/v1/admin/cluster/members/{id}"),
+                    "application/json",
+                    Vec::new(),
+                )
+                .await?;
+            (answer, format!("{id} left"))
+        }
+    };
+    if remote.json {
+        println!("{answer:#}");
+    } else {
+        let voters: Vec<&str> = answer["voters"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        println!("{done}; voters: {}", voters.join(", "));
+    }
+    Ok(())
 }
 
 async fn plugin(command: PluginCommand, remote: &Remote) -> anyhow::Result<()> {

@@ -7,11 +7,16 @@
 //! [`IN_FLIGHT`] entries in flight), because openraft 0.9 commits at most
 //! one entry per fsync round. Applying a batch gives each proposal its own
 //! dense log index, in order, the same on every node. A follower forwards
-//! proposals and read-index requests to the leader.
+//! proposals, read-index requests and voter changes to the leader.
+//!
+//! Every member is recorded in the Raft membership as `name@address`, so
+//! a node learns the names and peer addresses of members added at run time
+//! from the log itself.
 
 // The error type of openraft's storage traits is theirs to choose.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeSet;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -19,7 +24,7 @@ use std::net::SocketAddr;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
@@ -39,7 +44,7 @@ use openraft::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::log::{BoxFuture, ConsensusBackend, LogError, LogStats};
 use super::streams::{self, ENTRIES, Watches};
@@ -67,6 +72,41 @@ pub mod kind {
     pub const PROPOSE: u8 = 10;
     /// A read-index request forwarded to the leader.
     pub const READ_INDEX: u8 = 11;
+    /// A voter change forwarded to the leader.
+    pub const MEMBERS: u8 = 12;
+}
+
+/// How long adding a voter may take: the new member first catches up as a
+/// learner.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A change of the voter set, made by an operator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// Add `name`, reachable at `addr`, as a voter once it has caught up.
+    Join {
+        /// Its node id.
+        name: String,
+        /// Its peer address.
+        addr: SocketAddr,
+    },
+    /// Remove `name` from the voters.
+    Leave {
+        /// Its node id.
+        name: String,
+    },
+}
+
+/// How a member is recorded in the Raft membership.
+fn member_node(name: &str, addr: SocketAddr) -> BasicNode {
+    BasicNode {
+        addr: format!("{name}@{addr}"),
+    }
+}
+
+fn parse_member(node: &BasicNode) -> Option<(String, SocketAddr)> {
+    let (name, addr) = node.addr.split_once('@')?;
+    Some((name.to_string(), addr.parse().ok()?))
 }
 
 /// Proposals of several plugins, committed as one Raft entry.
@@ -471,7 +511,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[derive(Clone)]
 pub struct Network {
     transport: Arc<Transport>,
-    names: Arc<HashMap<NodeId, String>>,
+    names: Names,
 }
 
 /// A connection to one peer.
@@ -488,7 +528,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Connection {
             transport: self.transport.clone(),
             target,
-            name: self.names.get(&target).cloned(),
+            name: self
+                .names
+                .read()
+                .expect("names poisoned")
+                .get(&target)
+                .cloned(),
         }
     }
 }
@@ -572,11 +617,15 @@ pub struct RaftLog {
     me: String,
     sm: Arc<SmShared>,
     transport: Arc<Transport>,
-    names: Arc<HashMap<NodeId, String>>,
+    names: Names,
+    voters: watch::Receiver<BTreeSet<String>>,
     batcher: mpsc::Sender<Proposal>,
     proposals: Arc<AtomicU64>,
     writes: Arc<AtomicU64>,
 }
+
+/// Raft ids to node names, learned from the config and the membership.
+type Names = Arc<RwLock<HashMap<NodeId, String>>>;
 
 /// How to start the replicated log.
 pub struct RaftOptions<'a> {
@@ -592,6 +641,10 @@ pub struct RaftOptions<'a> {
     pub snapshot_every: u64,
     /// Heartbeat and election timeouts.
     pub timing: Timing,
+    /// Whether this node may initialise a new cluster (the member with the
+    /// smallest id does). A node joining a running cluster must not; it
+    /// waits to be added.
+    pub bootstrap: bool,
 }
 
 /// Raft's timers, in milliseconds.
@@ -622,12 +675,12 @@ impl RaftLog {
         let log = LogStore::open(&opts.dir.join("raft-log.redb"))?;
         let sm = StateMachine::open(&opts.dir.join("raft-sm.redb"))?;
         let shared = sm.shared.clone();
-        let names: Arc<HashMap<NodeId, String>> = Arc::new(
+        let names: Names = Arc::new(RwLock::new(
             opts.members
                 .keys()
                 .map(|n| (raft_id(n), n.clone()))
                 .collect(),
-        );
+        ));
         let config = openraft::Config {
             cluster_name: "plexus".into(),
             heartbeat_interval: opts.timing.heartbeat_ms,
@@ -645,20 +698,13 @@ impl RaftLog {
         };
         let me = raft_id(opts.me);
         let raft = Raft::new(me, config, network, log, sm).await?;
-        if !raft.is_initialized().await? {
+        if opts.bootstrap && !raft.is_initialized().await? {
             let first = opts.members.keys().map(|n| raft_id(n)).min();
             if first == Some(me) {
                 let members: BTreeMap<NodeId, BasicNode> = opts
                     .members
                     .iter()
-                    .map(|(n, a)| {
-                        (
-                            raft_id(n),
-                            BasicNode {
-                                addr: a.to_string(),
-                            },
-                        )
-                    })
+                    .map(|(n, a)| (raft_id(n), member_node(n, *a)))
                     .collect();
                 if let Err(e) = raft.initialize(members).await {
                     tracing::info!("cluster already initialised: {e}");
@@ -669,21 +715,114 @@ impl RaftLog {
         let proposals = Arc::new(AtomicU64::new(0));
         let writes = Arc::new(AtomicU64::new(0));
         tokio::spawn(batcher(raft.clone(), rx, proposals.clone(), writes.clone()));
+        let (voters_tx, voters) = watch::channel(BTreeSet::new());
+        tokio::spawn(follow_membership(
+            raft.clone(),
+            names.clone(),
+            opts.transport.clone(),
+            voters_tx,
+        ));
         Ok(Arc::new(RaftLog {
             raft,
             me: opts.me.to_string(),
             sm: shared,
             transport: opts.transport,
             names,
+            voters,
             batcher: tx,
             proposals,
             writes,
         }))
     }
 
+    fn name_of(&self, id: NodeId) -> Option<String> {
+        self.names.read().expect("names poisoned").get(&id).cloned()
+    }
+
     fn leader_name(&self) -> Option<String> {
         let id = self.raft.metrics().borrow().current_leader?;
-        self.names.get(&id).cloned()
+        self.name_of(id)
+    }
+
+    /// The voters, by name, as of the latest membership this node knows.
+    pub fn voters(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.voters.clone()
+    }
+
+    /// Adds or removes a voter, on the leader (forwarded from a follower).
+    /// Returns the voters after the change.
+    pub async fn change_members(
+        self: &Arc<Self>,
+        change: MemberChange,
+    ) -> Result<BTreeSet<String>, LogError> {
+        match self.leader_name() {
+            Some(l) if l == self.me => self.change_here(change).await,
+            Some(l) => match self
+                .transport
+                .request(&l, kind::MEMBERS, enc(&change), CHANGE_TIMEOUT)
+                .await
+            {
+                Ok(bytes) => dec::<Result<BTreeSet<String>, LogError>>(&bytes)
+                    .unwrap_or_else(|e| Err(LogError::Storage(e.to_string()))),
+                Err(TransportError::Timeout(_) | TransportError::Lost(_)) => Err(LogError::Timeout),
+                Err(e) => Err(LogError::NotLeader(Some(format!("{l} ({e})")))),
+            },
+            None => Err(LogError::NotLeader(None)),
+        }
+    }
+
+    async fn change_here(&self, change: MemberChange) -> Result<BTreeSet<String>, LogError> {
+        use openraft::ChangeMembers;
+        let fail = |e: &dyn std::fmt::Display, forward: bool| {
+            if forward {
+                LogError::NotLeader(None)
+            } else {
+                LogError::Storage(e.to_string())
+            }
+        };
+        let voters: BTreeSet<NodeId> = match change {
+            MemberChange::Join { name, addr } => {
+                let id = raft_id(&name);
+                self.transport.add_peer(&name, addr);
+                self.names
+                    .write()
+                    .expect("names poisoned")
+                    .insert(id, name.clone());
+                tracing::info!(member = %name, %addr, "adding a learner; it becomes a voter once caught up");
+                self.raft
+                    .add_learner(id, member_node(&name, addr), true)
+                    .await
+                    .map_err(|e| fail(&e, e.forward_to_leader().is_some()))?;
+                [id].into()
+            }
+            MemberChange::Leave { name } => {
+                let id = raft_id(&name);
+                let current = self.raft.metrics().borrow().membership_config.clone();
+                if !current.membership().voter_ids().any(|v| v == id) {
+                    return Err(LogError::Storage(format!("`{name}` is not a voter")));
+                }
+                tracing::info!(member = %name, "removing a voter");
+                let r = self
+                    .raft
+                    .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                    .await;
+                r.map_err(|e| fail(&e, e.forward_to_leader().is_some()))?;
+                return Ok(self.current_voters());
+            }
+        };
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(voters), false)
+            .await
+            .map_err(|e| fail(&e, e.forward_to_leader().is_some()))?;
+        Ok(self.current_voters())
+    }
+
+    fn current_voters(&self) -> BTreeSet<String> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .voter_ids()
+            .filter_map(|id| self.name_of(id))
+            .collect()
     }
 
     /// Handles a transport request addressed to consensus; `None` if `kind`
@@ -714,6 +853,10 @@ impl RaftLog {
                 Ok(enc(&this.propose_here(stream, data).await))
             }),
             kind::READ_INDEX => Box::pin(async move { Ok(enc(&this.read_index_here().await)) }),
+            kind::MEMBERS => Box::pin(async move {
+                let change: MemberChange = dec(&body).map_err(|e| e.to_string())?;
+                Ok(enc(&this.change_here(change).await))
+            }),
             _ => return None,
         })
     }
@@ -737,7 +880,7 @@ impl RaftLog {
             Err(e) => Err(LogError::NotLeader(
                 e.forward_to_leader()
                     .and_then(|f| f.leader_id)
-                    .and_then(|id| self.names.get(&id).cloned()),
+                    .and_then(|id| self.name_of(id)),
             )),
         }
     }
@@ -797,6 +940,42 @@ impl RaftLog {
     /// Stops Raft.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+    }
+}
+
+/// Keeps the names, the transport's peers and the published voter set in
+/// step with the membership this node sees in the log.
+async fn follow_membership(
+    raft: Raft,
+    names: Names,
+    transport: Arc<Transport>,
+    voters: watch::Sender<BTreeSet<String>>,
+) {
+    let mut metrics = raft.metrics();
+    loop {
+        let membership = metrics.borrow_and_update().membership_config.clone();
+        for (id, node) in membership.nodes() {
+            if let Some((name, addr)) = parse_member(node) {
+                transport.add_peer(&name, addr);
+                names.write().expect("names poisoned").insert(*id, name);
+            }
+        }
+        let now: BTreeSet<String> = {
+            let names = names.read().expect("names poisoned");
+            membership
+                .membership()
+                .voter_ids()
+                .filter_map(|id| names.get(&id).cloned())
+                .collect()
+        };
+        voters.send_if_modified(|v| {
+            let changed = *v != now;
+            *v = now;
+            changed
+        });
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -110,11 +110,23 @@ struct Peer {
     dialing: tokio::sync::Mutex<()>,
 }
 
+impl Peer {
+    fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            out: Mutex::new(None),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            dialing: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
 /// The transport of one node.
 pub struct Transport {
     node: String,
     secret: Arc<[u8]>,
-    peers: HashMap<String, Arc<Peer>>,
+    /// Known peers; members added at run time join this map.
+    peers: RwLock<HashMap<String, Arc<Peer>>>,
     next_id: AtomicU64,
     handler: Mutex<Option<Arc<dyn Handler>>>,
 }
@@ -193,18 +205,12 @@ impl Transport {
         Arc::new(Transport {
             node: node.to_string(),
             secret: Arc::from(secret),
-            peers: peers
-                .into_iter()
-                .map(|(id, addr)| {
-                    let peer = Peer {
-                        addr,
-                        out: Mutex::new(None),
-                        pending: Arc::new(Mutex::new(HashMap::new())),
-                        dialing: tokio::sync::Mutex::new(()),
-                    };
-                    (id, Arc::new(peer))
-                })
-                .collect(),
+            peers: RwLock::new(
+                peers
+                    .into_iter()
+                    .map(|(id, addr)| (id, Arc::new(Peer::new(addr))))
+                    .collect(),
+            ),
             next_id: AtomicU64::new(1),
             handler: Mutex::new(None),
         })
@@ -219,9 +225,32 @@ impl Transport {
         self.handler.lock().expect("handler poisoned").clone()
     }
 
-    /// The ids of the configured peers.
-    pub fn peers(&self) -> impl Iterator<Item = &str> {
-        self.peers.keys().map(String::as_str)
+    /// The ids of the known peers.
+    pub fn peers(&self) -> Vec<String> {
+        self.peers
+            .read()
+            .expect("peers poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Adds a peer, or moves a known one to a new address (dropping its
+    /// connection). Peers are accepted and dialled only once known.
+    pub fn add_peer(&self, id: &str, addr: SocketAddr) {
+        if id == self.node {
+            return;
+        }
+        let mut peers = self.peers.write().expect("peers poisoned");
+        if peers.get(id).is_some_and(|p| p.addr == addr) {
+            return;
+        }
+        tracing::info!(peer = id, %addr, "peer added");
+        peers.insert(id.to_string(), Arc::new(Peer::new(addr)));
+    }
+
+    fn peer(&self, id: &str) -> Option<Arc<Peer>> {
+        self.peers.read().expect("peers poisoned").get(id).cloned()
     }
 
     /// Accepts peer connections on `addr` until the task is dropped.
@@ -259,7 +288,7 @@ impl Transport {
             else {
                 return Err(std::io::Error::other("expected a hello"));
             };
-            if !self.peers.contains_key(&node) {
+            if self.peer(&node).is_none() {
                 return Err(std::io::Error::other(format!(
                     "`{node}` is not a configured peer"
                 )));
@@ -320,8 +349,7 @@ impl Transport {
 
     async fn connection(&self, id: &str) -> Result<mpsc::Sender<Frame>, TransportError> {
         let peer = self
-            .peers
-            .get(id)
+            .peer(id)
             .ok_or_else(|| TransportError::UnknownPeer(id.to_string()))?;
         if let Some(tx) = peer
             .out
@@ -420,7 +448,9 @@ impl Transport {
         let tx = tokio::time::timeout(timeout, self.connection(to))
             .await
             .map_err(|_| TransportError::Timeout(to.to_string()))??;
-        let peer = &self.peers[to];
+        let peer = self
+            .peer(to)
+            .ok_or_else(|| TransportError::UnknownPeer(to.to_string()))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         peer.pending
@@ -560,7 +590,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_and_oversized_frames_close_only_that_connection() {
         let (a, _b) = pair(b"0123456789abcdef").await;
-        let addr = a.peers.get("b").unwrap().addr;
+        let addr = a.peer("b").unwrap().addr;
         // Garbage instead of a hello.
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();

@@ -148,6 +148,11 @@ pub struct ClusterSection {
     /// also the leader's lease. Failover takes about the upper bound.
     #[serde(default = "default_election_timeout_ms")]
     pub election_timeout_ms: [u64; 2],
+    /// This node joins a running cluster: it never initialises one, and
+    /// waits until a member adds it (`plexus cluster join`). `peers` then
+    /// lists members to reach.
+    #[serde(default)]
+    pub join: bool,
 }
 
 fn default_snapshot_every() -> u64 {
@@ -170,6 +175,7 @@ impl Default for ClusterSection {
             snapshot_every: default_snapshot_every(),
             heartbeat_ms: default_heartbeat_ms(),
             election_timeout_ms: default_election_timeout_ms(),
+            join: false,
         }
     }
 }
@@ -354,6 +360,7 @@ impl Config {
                 election_min_ms: self.cluster.election_timeout_ms[0],
                 election_max_ms: self.cluster.election_timeout_ms[1],
             },
+            join: self.cluster.join,
         }))
     }
 

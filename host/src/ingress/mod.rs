@@ -21,6 +21,7 @@ use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::cluster::raft::MemberChange;
 use crate::node::{Node, RequestError};
 use crate::runtime::actor::{CallError, PluginStatus, SwapError};
 use crate::runtime::bindings::pattern;
@@ -308,7 +309,60 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
                 }),
             )
         }
+        (Method::POST, ["cluster", "members"]) => {
+            let (_, body) = match read_body(req, 64 << 10).await {
+                Ok(x) => x,
+                Err(resp) => return resp,
+            };
+            match serde_json::from_slice::<AdminJoin>(&body) {
+                Ok(j) => {
+                    let change = MemberChange::Join {
+                        name: j.id,
+                        addr: j.addr,
+                    };
+                    admin_members(node, change).await
+                }
+                Err(e) => error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")),
+            }
+        }
+        (Method::DELETE, ["cluster", "members", name]) => {
+            let change = MemberChange::Leave {
+                name: name.to_string(),
+            };
+            admin_members(node, change).await
+        }
         _ => error(StatusCode::NOT_FOUND, &format!("no admin route for {path}")),
+    }
+}
+
+/// `POST /v1/admin/cluster/members`: the member to add.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminJoin {
+    /// Its node id.
+    id: String,
+    /// Its peer address (`cluster.listen` in its config).
+    addr: std::net::SocketAddr,
+}
+
+async fn admin_members(node: &Arc<Node>, change: MemberChange) -> Resp {
+    use crate::cluster::log::LogError;
+    use crate::node::NodeError;
+    if let MemberChange::Join { name, .. } = &change
+        && let Err(e) = crate::config::check_name(name)
+    {
+        return error(StatusCode::BAD_REQUEST, &format!("id: {e}"));
+    }
+    match node.change_members(change).await {
+        Ok(voters) => json(StatusCode::OK, &serde_json::json!({ "voters": voters })),
+        Err(e @ NodeError::NotACluster) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ NodeError::Members(LogError::NotLeader(_))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
+        Err(e @ NodeError::Members(LogError::Timeout)) => {
+            error(StatusCode::GATEWAY_TIMEOUT, &e.to_string())
+        }
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
     }
 }
 

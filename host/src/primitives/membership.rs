@@ -67,11 +67,26 @@ impl MembershipView {
         })
     }
 
-    /// Records a member's new state; returns the event if it changed.
+    /// Records a member's new state; returns the event if it changed. A
+    /// member the view did not know (found by gossip before it was made a
+    /// voter) is added as a non-voter.
     pub fn set_state(&self, id: &str, state: MemberState) -> Option<MemberEvent> {
         let mut inner = self.inner.write().expect("membership poisoned");
         let (epoch, members) = &mut *inner;
-        let member = members.iter_mut().find(|m| m.id == id)?;
+        let member = match members.iter().position(|m| m.id == id) {
+            Some(i) => &mut members[i],
+            None => {
+                members.push(Member {
+                    id: id.to_string(),
+                    state: MemberState::Suspect,
+                    voter: false,
+                    metadata: Vec::new(),
+                });
+                members.sort_by(|a, b| a.id.cmp(&b.id));
+                let i = members.iter().position(|m| m.id == id).expect("just added");
+                &mut members[i]
+            }
+        };
         if member.state == state {
             return None;
         }
@@ -81,6 +96,42 @@ impl MembershipView {
             member: member.clone(),
             epoch: *epoch,
         })
+    }
+
+    /// Marks exactly `voters` as voting members, adding those the view did
+    /// not know (as suspect until gossip hears from them). Returns one
+    /// event per member that changed.
+    pub fn set_voters(&self, voters: &std::collections::BTreeSet<String>) -> Vec<MemberEvent> {
+        let mut inner = self.inner.write().expect("membership poisoned");
+        let (epoch, members) = &mut *inner;
+        for id in voters {
+            if !members.iter().any(|m| &m.id == id) {
+                members.push(Member {
+                    id: id.clone(),
+                    state: if *id == self.local {
+                        MemberState::Alive
+                    } else {
+                        MemberState::Suspect
+                    },
+                    voter: false,
+                    metadata: Vec::new(),
+                });
+            }
+        }
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut events = Vec::new();
+        for member in members.iter_mut() {
+            let voter = voters.contains(&member.id);
+            if member.voter != voter {
+                member.voter = voter;
+                *epoch += 1;
+                events.push(MemberEvent {
+                    member: member.clone(),
+                    epoch: *epoch,
+                });
+            }
+        }
+        events
     }
 
     /// This node's id.
