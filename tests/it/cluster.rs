@@ -751,3 +751,55 @@ async fn a_node_joins_as_a_voter_and_a_voter_leaves() {
         Some(&b"still-here"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_without_quorum_is_answered_504_and_the_node_keeps_serving() {
+    let c = Cluster::start(3000).await;
+    let leader = c.leader().await;
+    assert!(put(c.http[leader], "before", "v0").await);
+    let pids: Vec<String> = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| c.nodes[i].as_ref().unwrap().child.id().to_string())
+        .collect();
+    let signal = |sig: &str| {
+        for pid in &pids {
+            let ok = std::process::Command::new("kill")
+                .args([sig, pid])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill {sig} {pid} failed");
+        }
+    };
+    signal("-STOP");
+    // The write was submitted and the plugin went on; with no quorum the
+    // host gives up on it and answers for the plugin: outcome unknown.
+    let (status, body) = http(c.http[leader], "PUT", "/v1/plugins/kv/kv/stuck", &[], b"x")
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("outcome unknown"), "{body}");
+    // Meanwhile the node and the plugin kept serving local reads.
+    let (status, body) = http(
+        c.http[leader],
+        "GET",
+        "/v1/plugins/kv/kv/before?consistency=local",
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, body.as_slice()), (200, &b"v0"[..]));
+    signal("-CONT");
+    // With the quorum back, writes are acknowledged again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !put(c.http[leader], "after", "v1").await {
+        assert!(Instant::now() < deadline, "writes never resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        read(c.http[leader], "after").await.as_deref(),
+        Some(&b"v1"[..])
+    );
+}

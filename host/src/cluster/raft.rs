@@ -896,7 +896,12 @@ impl RaftLog {
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
         loop {
             let result = match self.leader_name() {
-                Some(l) if l == self.me => here(self.clone()).await,
+                // Without a quorum the leader's commit would wait forever.
+                Some(l) if l == self.me => {
+                    tokio::time::timeout_at(deadline.into(), here(self.clone()))
+                        .await
+                        .unwrap_or(Err(LogError::Timeout))
+                }
                 Some(l) => match self
                     .transport
                     .request(&l, kind, body.clone(), FORWARD_TIMEOUT)
