@@ -81,6 +81,9 @@ pub fn propose<P: Pattern, C: Serialize + ?Sized>(
 /// committed and applied on this node, `answer` turns its output into the
 /// response for the request that returned the [`Pending`].
 ///
+/// Submissions in flight are independent: two of them may commit in
+/// either order (each is applied in log order, like every entry).
+///
 /// If the submission fails later (no quorum in time, the node stopping),
 /// the host answers the request itself (504 when the outcome is unknown,
 /// 503 otherwise) and `answer` is dropped. Errors returned here are

@@ -149,6 +149,36 @@ fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, postcard::Error> {
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const LOG_META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// How everything in the two Raft files is encoded, recorded in each.
+const FORMAT: &[u8] = b"plexus-raft/postcard-1";
+
+/// Records [`FORMAT`] in a new file's `meta` table, and refuses a file
+/// written in another encoding rather than misreading it.
+fn check_format(
+    txn: &redb::WriteTransaction,
+    meta: TableDefinition<&str, &[u8]>,
+    path: &Path,
+) -> anyhow::Result<()> {
+    use redb::ReadableTableMetadata;
+    let mut t = txn.open_table(meta)?;
+    let found = t.get("format")?.map(|v| v.value().to_vec());
+    match found {
+        Some(f) if f == FORMAT => Ok(()),
+        None if t.is_empty()? => {
+            t.insert("format", FORMAT)?;
+            Ok(())
+        }
+        other => anyhow::bail!(
+            "{} was written in another format ({}) than this version reads ({}); \
+             move the node's data directory aside and let the node catch up from the cluster",
+            path.display(),
+            other.map_or("an older one".into(), |f| String::from_utf8_lossy(&f)
+                .into_owned()),
+            String::from_utf8_lossy(FORMAT),
+        ),
+    }
+}
+
 /// The Raft log in its own redb file. Every write is fsynced before it is
 /// acknowledged (`LogFlushed` fires after the commit returns).
 #[derive(Clone)]
@@ -162,7 +192,7 @@ impl LogStore {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(LOG)?;
-        txn.open_table(LOG_META)?;
+        check_format(&txn, LOG_META, path)?;
         txn.commit()?;
         Ok(LogStore { db: Arc::new(db) })
     }
@@ -348,6 +378,7 @@ impl StateMachine {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(ENTRIES)?;
+        check_format(&txn, SM_META, path)?;
         let meta: SmMeta = match txn.open_table(SM_META)?.get("meta")? {
             Some(v) => dec(v.value())?,
             None => SmMeta::default(),
@@ -759,7 +790,12 @@ impl RaftLog {
             Some(l) if l == self.me => self.change_here(change).await,
             Some(l) => match self
                 .transport
-                .request(&l, kind::MEMBERS, enc(&change), CHANGE_TIMEOUT)
+                .request(
+                    &l,
+                    kind::MEMBERS,
+                    enc(&change),
+                    CHANGE_TIMEOUT + Duration::from_secs(10),
+                )
                 .await
             {
                 Ok(bytes) => dec::<Result<BTreeSet<String>, LogError>>(&bytes)
@@ -771,16 +807,23 @@ impl RaftLog {
         }
     }
 
+    /// Makes a voter change on this node, the leader, within
+    /// [`CHANGE_TIMEOUT`]. A join that does not complete in time takes the
+    /// learner out again, so a wrong address can be corrected by joining
+    /// again.
     async fn change_here(&self, change: MemberChange) -> Result<BTreeSet<String>, LogError> {
         use openraft::ChangeMembers;
-        let fail = |e: &dyn std::fmt::Display, forward: bool| {
-            if forward {
+        let fail = |e: openraft::error::RaftError<
+            NodeId,
+            openraft::error::ClientWriteError<NodeId, BasicNode>,
+        >| {
+            if e.forward_to_leader().is_some() {
                 LogError::NotLeader(None)
             } else {
                 LogError::Storage(e.to_string())
             }
         };
-        let voters: BTreeSet<NodeId> = match change {
+        match change {
             MemberChange::Join { name, addr } => {
                 let id = raft_id(&name);
                 self.transport.add_peer(&name, addr);
@@ -789,31 +832,65 @@ impl RaftLog {
                     .expect("names poisoned")
                     .insert(id, name.clone());
                 tracing::info!(member = %name, %addr, "adding a learner; it becomes a voter once caught up");
-                self.raft
-                    .add_learner(id, member_node(&name, addr), true)
-                    .await
-                    .map_err(|e| fail(&e, e.forward_to_leader().is_some()))?;
-                [id].into()
+                let known = {
+                    let m = self.raft.metrics().borrow().membership_config.clone();
+                    m.nodes().any(|(n, _)| *n == id)
+                };
+                let joined = tokio::time::timeout(CHANGE_TIMEOUT, async {
+                    if known {
+                        // Joined before: take the address given now.
+                        self.raft
+                            .change_membership(
+                                ChangeMembers::SetNodes([(id, member_node(&name, addr))].into()),
+                                true,
+                            )
+                            .await
+                            .map_err(fail)?;
+                    }
+                    self.raft
+                        .add_learner(id, member_node(&name, addr), true)
+                        .await
+                        .map_err(fail)?;
+                    self.raft
+                        .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                        .await
+                        .map_err(fail)
+                        .map(|_| ())
+                })
+                .await;
+                match joined {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        tracing::warn!(member = %name, "join timed out; removing the learner");
+                        let _ = self
+                            .raft
+                            .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+                            .await;
+                        return Err(LogError::Timeout);
+                    }
+                }
             }
             MemberChange::Leave { name } => {
                 let id = raft_id(&name);
                 let current = self.raft.metrics().borrow().membership_config.clone();
-                if !current.membership().voter_ids().any(|v| v == id) {
-                    return Err(LogError::Storage(format!("`{name}` is not a voter")));
+                let voter = current.membership().voter_ids().any(|v| v == id);
+                let known = current.nodes().any(|(n, _)| *n == id);
+                if !known {
+                    return Err(LogError::Storage(format!("`{name}` is not a member")));
                 }
-                tracing::info!(member = %name, "removing a voter");
-                let r = self
-                    .raft
-                    .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
-                    .await;
-                r.map_err(|e| fail(&e, e.forward_to_leader().is_some()))?;
-                return Ok(self.current_voters());
+                tracing::info!(member = %name, voter, "removing a member");
+                let change = if voter {
+                    ChangeMembers::RemoveVoters([id].into())
+                } else {
+                    ChangeMembers::RemoveNodes([id].into())
+                };
+                tokio::time::timeout(CHANGE_TIMEOUT, self.raft.change_membership(change, false))
+                    .await
+                    .map_err(|_| LogError::Timeout)?
+                    .map_err(fail)?;
             }
-        };
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(voters), false)
-            .await
-            .map_err(|e| fail(&e, e.forward_to_leader().is_some()))?;
+        }
         Ok(self.current_voters())
     }
 

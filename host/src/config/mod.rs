@@ -445,7 +445,21 @@ impl Config {
                 ));
             }
         }
+        if self.cluster.join && self.cluster.peers.is_empty() {
+            return Err((
+                "cluster.join".into(),
+                "needs cluster.peers: the members to reach".into(),
+            ));
+        }
         if !self.cluster.peers.is_empty() {
+            // Other members dial the address recorded for this node in the
+            // Raft membership, which is `listen`.
+            if self.cluster.listen.is_some_and(|a| a.ip().is_unspecified()) {
+                return Err((
+                    "cluster.listen".into(),
+                    "must be an address the other members can reach, not a wildcard".into(),
+                ));
+            }
             if self.cluster.listen.is_none() {
                 return Err((
                     "cluster.listen".into(),

@@ -74,11 +74,18 @@ impl MembershipView {
         let mut inner = self.inner.write().expect("membership poisoned");
         let (epoch, members) = &mut *inner;
         let member = match members.iter().position(|m| m.id == id) {
-            Some(i) => &mut members[i],
+            Some(i) => {
+                let member = &mut members[i];
+                if member.state == state {
+                    return None;
+                }
+                member.state = state;
+                member
+            }
             None => {
                 members.push(Member {
                     id: id.to_string(),
-                    state: MemberState::Suspect,
+                    state,
                     voter: false,
                     metadata: Vec::new(),
                 });
@@ -87,10 +94,6 @@ impl MembershipView {
                 &mut members[i]
             }
         };
-        if member.state == state {
-            return None;
-        }
-        member.state = state;
         *epoch += 1;
         Some(MemberEvent {
             member: member.clone(),

@@ -813,6 +813,10 @@ enum Next {
 
 /// Longest a local swap waits for the old version's writes in flight.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// Most submitted writes one instance has in flight. Past it the actor
+/// takes no new mail until some are applied or dropped, so overload backs
+/// up into the bounded mailbox instead of growing memory.
+const MAX_IN_FLIGHT: usize = 8192;
 
 impl Actor {
     async fn run(mut self) {
@@ -827,7 +831,8 @@ impl Actor {
                 self.deliver(target).await;
                 continue;
             }
-            let next = if let Some(mail) = self.deferred.pop_front() {
+            let saturated = inst.store.data().consensus.in_flight() >= MAX_IN_FLIGHT;
+            let next = if !saturated && let Some(mail) = self.deferred.pop_front() {
                 Next::Mail(mail)
             } else {
                 tokio::select! {
@@ -839,7 +844,7 @@ impl Actor {
                         Next::Commits
                     }
                     Some(dropped) = self.drops.recv() => Next::Dropped(dropped),
-                    mail = self.rx.recv() => mail.map_or(Next::Closed, Next::Mail),
+                    mail = self.rx.recv(), if !saturated => mail.map_or(Next::Closed, Next::Mail),
                 }
             };
             match next {
@@ -888,10 +893,7 @@ impl Actor {
                         return false;
                     }
                     Some(Mail::Swap { next, reply }) => {
-                        let from = self.last_prepared.as_ref().map(|p| p.version.clone()).unwrap_or_default();
-                        let report = SwapReport { from, to: next.prepared.version.clone(), pause_us: 0, state_bytes: 0 };
-                        self.install(*next, &report);
-                        let _ = reply.send(Ok(report));
+                        let _ = reply.send(Ok(self.take_over(*next)));
                         return true;
                     }
                     Some(other) => self.deferred.push_back(other),
@@ -922,6 +924,23 @@ impl Actor {
             }
         }
         true
+    }
+
+    /// Installs `next` in place of a dead instance: no state to hand over.
+    fn take_over(&mut self, next: Instance) -> SwapReport {
+        let from = self
+            .last_prepared
+            .as_ref()
+            .map(|p| p.version.clone())
+            .unwrap_or_default();
+        let report = SwapReport {
+            from,
+            to: next.prepared.version.clone(),
+            pause_us: 0,
+            state_bytes: 0,
+        };
+        self.install(next, &report);
+        report
     }
 
     fn install(&mut self, next: Instance, report: &SwapReport) {
@@ -1065,7 +1084,7 @@ impl Actor {
     /// them. Bounded by [`DRAIN_LIMIT`].
     async fn drain(&mut self) {
         let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
-        loop {
+        while tokio::time::Instant::now() < deadline {
             self.collect().await;
             let Some(inst) = self.instance.as_ref() else {
                 return;
@@ -1231,6 +1250,12 @@ impl Actor {
             }
             Mail::Swap { next, reply } => {
                 self.drain().await;
+                if self.instance.is_none() {
+                    // The old version failed while draining: nothing is
+                    // left to hand over, so the new one simply takes over.
+                    let _ = reply.send(Ok(self.take_over(*next)));
+                    return true;
+                }
                 let r = self.swap(*next).await;
                 let _ = reply.send(r);
             }
