@@ -227,6 +227,11 @@ impl Node {
         .context("starting the replicated log")?;
         let view =
             MembershipView::cluster(&opts.id, members.keys().cloned(), opts.metadata.clone());
+        if cluster.join {
+            // Not a voter until a member adds it; the Raft membership
+            // corrects this once the node has one.
+            let _ = view.set_voters(&cluster.peers.iter().map(|(n, _)| n.clone()).collect());
+        }
         let me = opts.id.clone();
         let node = Node::assemble(
             opts,

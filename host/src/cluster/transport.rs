@@ -246,7 +246,11 @@ impl Transport {
             return;
         }
         tracing::info!(peer = id, %addr, "peer added");
-        peers.insert(id.to_string(), Arc::new(Peer::new(addr)));
+        if let Some(old) = peers.insert(id.to_string(), Arc::new(Peer::new(addr))) {
+            // Dropping the sender ends the old connection's writer, which
+            // closes it.
+            old.out.lock().expect("peer poisoned").take();
+        }
     }
 
     fn peer(&self, id: &str) -> Option<Arc<Peer>> {
@@ -347,10 +351,14 @@ impl Transport {
         }
     }
 
-    async fn connection(&self, id: &str) -> Result<mpsc::Sender<Frame>, TransportError> {
-        let peer = self
-            .peer(id)
-            .ok_or_else(|| TransportError::UnknownPeer(id.to_string()))?;
+    /// The current connection to `peer` (named `id`), dialled if needed.
+    /// The caller passes the `Peer` it registers replies with, so a peer
+    /// replaced meanwhile cannot split the two.
+    async fn connection(
+        &self,
+        id: &str,
+        peer: &Arc<Peer>,
+    ) -> Result<mpsc::Sender<Frame>, TransportError> {
         if let Some(tx) = peer
             .out
             .lock()
@@ -445,12 +453,12 @@ impl Transport {
         if body.len() > MAX_FRAME - 64 {
             return Err(TransportError::TooLarge(body.len()));
         }
-        let tx = tokio::time::timeout(timeout, self.connection(to))
-            .await
-            .map_err(|_| TransportError::Timeout(to.to_string()))??;
         let peer = self
             .peer(to)
             .ok_or_else(|| TransportError::UnknownPeer(to.to_string()))?;
+        let tx = tokio::time::timeout(timeout, self.connection(to, &peer))
+            .await
+            .map_err(|_| TransportError::Timeout(to.to_string()))??;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         peer.pending
@@ -481,7 +489,10 @@ impl Transport {
         if body.len() > MAX_FRAME - 64 {
             return Err(TransportError::TooLarge(body.len()));
         }
-        let tx = self.connection(to).await?;
+        let peer = self
+            .peer(to)
+            .ok_or_else(|| TransportError::UnknownPeer(to.to_string()))?;
+        let tx = self.connection(to, &peer).await?;
         tx.send(Frame::Oneway { kind, body })
             .await
             .map_err(|_| TransportError::Unreachable(to.to_string(), "connection closed".into()))
