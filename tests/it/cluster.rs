@@ -110,22 +110,12 @@ impl Cluster {
                 if self.nodes[i].is_none() {
                     continue;
                 }
-                let auth = format!("Bearer {TOKEN}");
-                if let Ok((200, body)) = http(
-                    self.http[i],
-                    "GET",
-                    "/v1/admin/status",
-                    &[("authorization", &auth)],
-                    b"",
-                )
-                .await
+                if let Some(status) = status(self.http[i]).await
+                    && let Some(l) = status["leader"].as_str()
                 {
-                    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                    if let Some(l) = status["leader"].as_str() {
-                        let l: usize = l.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
-                        if self.nodes[l].is_some() {
-                            return l;
-                        }
+                    let l: usize = l.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+                    if self.nodes[l].is_some() {
+                        return l;
                     }
                 }
             }
@@ -367,14 +357,7 @@ async fn a_paused_minority_node_rejoins_and_catches_up() {
     let paused = (leader + 1) % 3;
     let other = (leader + 2) % 3;
     let pid = c.nodes[paused].as_ref().unwrap().child.id().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} failed");
-    };
+    let signal = |sig: &str| signal(sig, std::slice::from_ref(&pid));
     signal("-STOP");
     // The majority keeps serving writes and reads.
     for i in 0..20 {
@@ -497,9 +480,10 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
     }
 }
 
-async fn states(addr: SocketAddr) -> Option<Vec<(String, String)>> {
+/// The node's `/v1/admin/status`, if it answers 200.
+async fn status(addr: SocketAddr) -> Option<serde_json::Value> {
     let auth = format!("Bearer {TOKEN}");
-    let (status, body) = http(
+    let (code, body) = http(
         addr,
         "GET",
         "/v1/admin/status",
@@ -508,10 +492,14 @@ async fn states(addr: SocketAddr) -> Option<Vec<(String, String)>> {
     )
     .await
     .ok()?;
-    if status != 200 {
+    if code != 200 {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+async fn states(addr: SocketAddr) -> Option<Vec<(String, String)>> {
+    let v = status(addr).await?;
     Some(
         v["members"]
             .as_array()?
@@ -606,6 +594,18 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
     );
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`) to the processes `pids`.
+fn signal(sig: &str, pids: &[String]) {
+    for pid in pids {
+        let ok = std::process::Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+}
+
 /// Runs the `plexus` CLI against the node at `addr`.
 fn cli(addr: SocketAddr, args: &[&str]) -> std::process::Output {
     std::process::Command::new(plexus_tests::plexus_bin())
@@ -617,17 +617,7 @@ fn cli(addr: SocketAddr, args: &[&str]) -> std::process::Output {
 }
 
 async fn voters(addr: SocketAddr) -> Vec<String> {
-    let auth = format!("Bearer {TOKEN}");
-    let (_, body) = http(
-        addr,
-        "GET",
-        "/v1/admin/status",
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await
-    .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let status = status(addr).await.expect("the node answers its status");
     status["members"]
         .as_array()
         .unwrap()
@@ -761,16 +751,7 @@ async fn a_write_without_quorum_is_answered_504_and_the_node_keeps_serving() {
         .filter(|i| *i != leader)
         .map(|i| c.nodes[i].as_ref().unwrap().child.id().to_string())
         .collect();
-    let signal = |sig: &str| {
-        for pid in &pids {
-            let ok = std::process::Command::new("kill")
-                .args([sig, pid])
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "kill {sig} {pid} failed");
-        }
-    };
+    let signal = |sig: &str| signal(sig, &pids);
     signal("-STOP");
     // The write was submitted and the plugin went on; with no quorum the
     // host gives up on it and answers for the plugin: outcome unknown.

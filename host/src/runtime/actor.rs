@@ -21,7 +21,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::Plugin;
 use super::bindings::pattern::{Answer, InitContext, Reply, Request, Response};
-use super::bindings::types::MemberEvent;
+use super::bindings::types::{CommittedEntry, MemberEvent};
 use super::metrics::PluginMetrics;
 use super::state::{PluginState, WaitClock};
 use super::{Capability, LoadError, Prepared};
@@ -1006,42 +1006,37 @@ impl Actor {
         let consensus = &mut inst.store.data_mut().consensus;
         let entries: Vec<_> = entries.into_iter().map(|e| consensus.surface(e)).collect();
         consensus.delivered = through;
-        consensus.owes_answers = false;
-        let dropped = std::mem::take(&mut inst.dropped);
-        inst.begin();
-        let span = tracing::debug_span!("hook", hook = "apply", plugin = %self.env.name, version = %inst.prepared.version, index = through);
-        let r = inst
-            .bindings
-            .plexus_cluster_pattern()
-            .call_apply(&mut inst.store, &entries, &dropped)
-            .instrument(span)
-            .await;
-        match inst.finish(&self.env, "apply", r).await {
-            Ok(answers) => {
-                inst.route(answers);
-                self.succeeded();
-            }
-            Err(_) => self.kill(),
-        }
+        self.apply(&entries).await;
     }
 
     /// Collects the answers owed for ticketed entries that `propose` or
     /// `read-barrier` handed over during the last hook, with an `apply`
     /// of no entries.
     async fn collect(&mut self) {
+        if self
+            .instance
+            .as_ref()
+            .is_some_and(|inst| inst.store.data().consensus.owes_answers)
+        {
+            self.apply(&[]).await;
+        }
+    }
+
+    /// Calls `apply` with `entries` (already surfaced and delivered) and
+    /// the dropped tickets, and routes the answers it returns.
+    async fn apply(&mut self, entries: &[CommittedEntry]) {
         let Some(inst) = self.instance.as_mut() else {
             return;
         };
-        if !inst.store.data().consensus.owes_answers {
-            return;
-        }
         inst.store.data_mut().consensus.owes_answers = false;
         let dropped = std::mem::take(&mut inst.dropped);
         inst.begin();
+        let span = tracing::debug_span!("hook", hook = "apply", plugin = %self.env.name, version = %inst.prepared.version, index = inst.delivered());
         let r = inst
             .bindings
             .plexus_cluster_pattern()
-            .call_apply(&mut inst.store, &[], &dropped)
+            .call_apply(&mut inst.store, entries, &dropped)
+            .instrument(span)
             .await;
         match inst.finish(&self.env, "apply", r).await {
             Ok(answers) => {
