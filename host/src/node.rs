@@ -173,6 +173,25 @@ pub enum NodeError {
     Members(crate::cluster::log::LogError),
 }
 
+/// Takes a plugin's state for a consensus snapshot from its actor.
+struct Captor(std::sync::Weak<Node>);
+
+impl crate::cluster::log::Capture for Captor {
+    fn capture(
+        &self,
+        stream: &str,
+    ) -> crate::cluster::log::BoxFuture<'static, Option<crate::cluster::log::RestorePoint>> {
+        let handle = self.0.upgrade().and_then(|node| {
+            node.plugins
+                .read()
+                .expect("plugin map poisoned")
+                .get(stream)
+                .cloned()
+        });
+        Box::pin(async move { handle?.capture().await })
+    }
+}
+
 /// A running node.
 pub struct Node {
     id: String,
@@ -292,6 +311,7 @@ impl Node {
                 }
             }
         });
+        raft.set_capture(Arc::new(Captor(Arc::downgrade(&node))));
         transport.set_handler(Arc::new(PeerHandler {
             raft,
             node: Arc::downgrade(&node),

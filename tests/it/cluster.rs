@@ -557,13 +557,35 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
     assert!(put(c.http[writer], "before", "1").await);
     c.kill(lagging);
     // Far more entries than a snapshot interval: the log the lagging node
-    // needs is purged, so it can only catch up from a snapshot.
+    // needs is purged, so it can only catch up from a snapshot. A
+    // cluster-wide swap lies in the compacted part.
+    let auth = format!("Bearer {TOKEN}");
+    let mut swapped = None;
     for i in 0..120 {
         assert!(
             put(c.http[writer], &format!("s{}", i % 30), &format!("v{i}")).await,
             "write {i}"
         );
+        if i == 40 {
+            let component = plexus_tests::variant(&plexus_tests::wasm("replicated-kv"), 7);
+            let (status, body) = http(
+                c.http[writer],
+                "POST",
+                "/v1/admin/plugins/kv/swap?scope=cluster",
+                &[("authorization", &auth)],
+                &component,
+            )
+            .await
+            .unwrap();
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            let done: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            swapped = Some((
+                done["index"].as_u64().unwrap(),
+                done["version"].as_str().unwrap().to_string(),
+            ));
+        }
     }
+    let (swap_index, swap_version) = swapped.unwrap();
     let p = c.spawn(lagging).await;
     c.nodes[lagging] = Some(p);
     for i in 90..120 {
@@ -592,6 +614,54 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
         stats["applied"], 121,
         "every write applied exactly once on the caught-up node"
     );
+
+    // The writer compacted its stream behind the plugin's own state, and
+    // the restarted node took that state (storage and `snapshot` bytes)
+    // in place of the entries it missed.
+    assert!(counter(c.http[writer], "plexus_consensus_snapshots_built_total").await > 0);
+    assert!(
+        counter(
+            c.http[lagging],
+            "plexus_consensus_snapshots_installed_total"
+        )
+        .await
+            > 0
+    );
+    let (_, body) = http(
+        c.http[lagging],
+        "GET",
+        "/v1/admin/plugins/kv",
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+    .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        s["restored_at_index"]
+            .as_u64()
+            .is_some_and(|i| i > swap_index),
+        "the plugin was restored from a snapshot taken after the swap: {s}"
+    );
+    assert_eq!(
+        (s["swapped_at_index"].as_u64(), s["version"].as_str()),
+        (Some(swap_index), Some(swap_version.as_str())),
+        "the swap in the compacted part was applied before the restore"
+    );
+    // Writes go on after the restore, on every node.
+    assert!(put(c.http[lagging], "after", "2").await);
+    for i in 0..3 {
+        assert_eq!(read(c.http[i], "after").await.as_deref(), Some(&b"2"[..]));
+    }
+}
+
+/// The value of the counter or gauge `name` in `addr`'s `/metrics`.
+async fn counter(addr: SocketAddr, name: &str) -> u64 {
+    let (_, body) = http(addr, "GET", "/metrics", &[], b"").await.unwrap();
+    let body = String::from_utf8(body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
 }
 
 /// Sends `sig` (`-STOP`, `-CONT`) to the processes `pids`.

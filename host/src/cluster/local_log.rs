@@ -189,6 +189,7 @@ impl ConsensusBackend for LocalLog {
         LogStats {
             proposals: self.shared.proposals.load(Ordering::Relaxed),
             writes: self.shared.writes.load(Ordering::Relaxed),
+            ..LogStats::default()
         }
     }
 }

@@ -35,6 +35,35 @@ pub enum LogError {
     /// The log store failed; definite.
     #[error("log store: {0}")]
     Storage(String),
+    /// The stream's entries through this index were compacted into a
+    /// snapshot: a reader behind it must start from the stream's
+    /// [`RestorePoint`].
+    #[error("entries through {0} were compacted into a snapshot")]
+    Compacted(u64),
+}
+
+/// A plugin's state at one index of its stream, as a snapshot carries it
+/// in place of the entries it has applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestorePoint {
+    /// The last index of the stream whose effects the state includes.
+    pub index: u64,
+    /// The plugin's storage namespace: key, value, version.
+    pub items: Vec<(Vec<u8>, Vec<u8>, u64)>,
+    /// What the plugin's `snapshot` hook returned.
+    pub state: Vec<u8>,
+    /// The last host control entry (a cluster-wide swap) at or below
+    /// `index`: `(index, data)`. A node restoring from the point applies
+    /// it first, so the state goes to the version that produced it.
+    pub control: Option<(u64, Vec<u8>)>,
+}
+
+/// Takes a plugin's [`RestorePoint`] between two of its hooks, for the
+/// log to compact the plugin's stream behind it.
+pub trait Capture: Send + Sync + 'static {
+    /// The state of the plugin whose stream is `stream`, or `None` when no
+    /// instance of it runs here.
+    fn capture(&self, stream: &str) -> BoxFuture<'static, Option<RestorePoint>>;
 }
 
 /// Counters a log keeps about itself.
@@ -44,6 +73,10 @@ pub struct LogStats {
     pub proposals: u64,
     /// Durable writes (fsyncs) that committed them.
     pub writes: u64,
+    /// Snapshots this node built.
+    pub snapshots_built: u64,
+    /// Snapshots this node installed from the leader.
+    pub snapshots_installed: u64,
 }
 
 /// A totally ordered, durable log with one stream per plugin.
@@ -60,7 +93,9 @@ pub trait ConsensusBackend: Send + Sync + 'static {
     /// has an index at or below the returned one and is committed here.
     fn read_index(&self) -> BoxFuture<'static, Result<u64, LogError>>;
     /// Committed entries of `stream` with `after < index <= through`, in
-    /// order, at most `max`.
+    /// order, at most `max`. Fails with [`LogError::Compacted`] when some
+    /// of them were compacted away: the reader continues from
+    /// [`restore_point`](Self::restore_point).
     fn entries(
         &self,
         stream: &str,
@@ -68,6 +103,11 @@ pub trait ConsensusBackend: Send + Sync + 'static {
         through: u64,
         max: usize,
     ) -> Result<Vec<Entry>, LogError>;
+    /// The state that replaces the compacted part of `stream`, if any.
+    fn restore_point(&self, stream: &str) -> Result<Option<RestorePoint>, LogError> {
+        let _ = stream;
+        Ok(None)
+    }
     /// The last committed index of `stream`, updated as entries commit.
     fn subscribe(&self, stream: &str) -> Result<watch::Receiver<u64>, LogError>;
     /// The leader this node knows of.

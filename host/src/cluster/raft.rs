@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use super::log::{BoxFuture, ConsensusBackend, LogError, LogStats};
+use super::log::{BoxFuture, Capture, ConsensusBackend, LogError, LogStats, RestorePoint};
 use super::streams::{self, ENTRIES, Watches};
 use super::transport::{Transport, TransportError};
 
@@ -344,6 +344,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 // ------------------------------------------------------------ state machine
 
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm-meta");
+/// Stream → its latest [`RestorePoint`]: the plugin's state through an
+/// index, behind which the stream's entries are compacted.
+const RESTORE: TableDefinition<&str, &[u8]> = TableDefinition::new("restore-points");
+/// `"current"` → the last snapshot built or installed ([`Stored`]).
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+/// How long building a snapshot waits for one plugin's state.
+const CAPTURE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct SmMeta {
@@ -353,10 +360,42 @@ struct SmMeta {
     last_index: u64,
 }
 
+/// A snapshot: every plugin stream as a restore point and the committed
+/// entries after it.
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     meta: SmMeta,
-    entries: Vec<(String, u64, Vec<u8>)>,
+    streams: Vec<StreamSnapshot>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StreamSnapshot {
+    name: String,
+    point: Option<RestorePoint>,
+    /// `(index, stored value)` of the entries kept: those after the point,
+    /// and the last one at or below it (which marks the stream's end).
+    entries: Vec<(u64, Vec<u8>)>,
+}
+
+/// The current snapshot as the state machine keeps it.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    meta: SmMeta,
+    id: String,
+    data: Vec<u8>,
+}
+
+impl Stored {
+    fn into_snapshot(self) -> Snapshot<TypeConfig> {
+        Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: self.meta.applied,
+                last_membership: self.meta.membership,
+                snapshot_id: self.id,
+            },
+            snapshot: Box::new(Cursor::new(self.data)),
+        }
+    }
 }
 
 /// What the state machine shares with the consensus backend.
@@ -364,6 +403,48 @@ pub struct SmShared {
     db: Database,
     watches: Watches,
     meta: Mutex<SmMeta>,
+    /// Per stream, the index through which its entries may be compacted.
+    /// Held across the commits that move it, so a reader that checks it
+    /// after reading never misses a gap.
+    floors: Mutex<HashMap<String, u64>>,
+    /// Where plugin state comes from when a snapshot is built.
+    capture: OnceLock<Arc<dyn Capture>>,
+    built: AtomicU64,
+    installed: AtomicU64,
+}
+
+impl SmShared {
+    /// Committed entries of `stream` after `after`, or
+    /// [`LogError::Compacted`] when some are compacted away.
+    fn entries(
+        &self,
+        stream: &str,
+        after: u64,
+        through: u64,
+        max: usize,
+    ) -> Result<Vec<super::log::Entry>, LogError> {
+        let out = streams::read(&self.db, stream, after, through, max)?;
+        let floor = self
+            .floors
+            .lock()
+            .expect("floors poisoned")
+            .get(stream)
+            .copied()
+            .unwrap_or(0);
+        if after < floor {
+            return Err(LogError::Compacted(floor));
+        }
+        Ok(out)
+    }
+
+    fn restore_point(&self, stream: &str) -> Result<Option<RestorePoint>, LogError> {
+        let txn = self.db.begin_read().map_err(streams::err)?;
+        let t = txn.open_table(RESTORE).map_err(streams::err)?;
+        t.get(stream)
+            .map_err(streams::err)?
+            .map(|v| dec(v.value()).map_err(streams::err))
+            .transpose()
+    }
 }
 
 /// The state machine: the per-plugin streams of committed proposals.
@@ -372,62 +453,229 @@ pub struct StateMachine {
     shared: Arc<SmShared>,
 }
 
+/// The last host control entry of `stream` at or below `through`.
+fn last_control(
+    entries: &redb::Table<(&str, u64), &[u8]>,
+    stream: &str,
+    through: u64,
+) -> Result<Option<(u64, Vec<u8>)>, AnyError> {
+    let mut found = None;
+    for item in entries
+        .range((stream, 0)..=(stream, through))
+        .map_err(io_err)?
+    {
+        let (k, v) = item.map_err(io_err)?;
+        let data = v.value().get(8..).unwrap_or_default();
+        if data.first() == Some(&crate::primitives::consensus::TAG_CONTROL) {
+            found = Some((k.value().1, data.to_vec()));
+        }
+    }
+    Ok(found)
+}
+
+/// Names of the streams that have entries or a restore point.
+fn stream_names(txn: &redb::WriteTransaction) -> Result<BTreeSet<String>, AnyError> {
+    use std::ops::Bound;
+    let mut names = BTreeSet::new();
+    let t = txn.open_table(ENTRIES).map_err(io_err)?;
+    let first = |r: Option<Result<_, redb::StorageError>>| -> Result<Option<String>, AnyError> {
+        Ok(r.transpose()
+            .map_err(io_err)?
+            .map(|(k, _): (redb::AccessGuard<(&str, u64)>, _)| k.value().0.to_string()))
+    };
+    let mut next = first(t.iter().map_err(io_err)?.next())?;
+    while let Some(name) = next {
+        let after = (Bound::Excluded((name.as_str(), u64::MAX)), Bound::Unbounded);
+        next = first(t.range::<(&str, u64)>(after).map_err(io_err)?.next())?;
+        names.insert(name);
+    }
+    for item in txn
+        .open_table(RESTORE)
+        .map_err(io_err)?
+        .iter()
+        .map_err(io_err)?
+    {
+        names.insert(item.map_err(io_err)?.0.value().to_string());
+    }
+    Ok(names)
+}
+
 impl StateMachine {
     /// Opens or creates the state machine at `path`.
     pub fn open(path: &Path) -> anyhow::Result<StateMachine> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(ENTRIES)?;
+        txn.open_table(SNAPSHOT)?;
         check_format(&txn, SM_META, path)?;
         let meta: SmMeta = match txn.open_table(SM_META)?.get("meta")? {
             Some(v) => dec(v.value())?,
             None => SmMeta::default(),
         };
+        let mut floors = HashMap::new();
+        for item in txn.open_table(RESTORE)?.iter()? {
+            let (k, v) = item?;
+            let point: RestorePoint = dec(v.value())?;
+            floors.insert(k.value().to_string(), point.index);
+        }
         txn.commit()?;
         Ok(StateMachine {
             shared: Arc::new(SmShared {
                 watches: Watches::new(meta.last_index),
                 meta: Mutex::new(meta),
+                floors: Mutex::new(floors),
+                capture: OnceLock::new(),
+                built: AtomicU64::new(0),
+                installed: AtomicU64::new(0),
                 db,
             }),
         })
     }
 
-    fn snapshot_bytes(&self) -> Result<(SmMeta, Vec<u8>), AnyError> {
-        let meta = self.shared.meta.lock().expect("sm poisoned").clone();
-        let txn = self.shared.db.begin_read().map_err(io_err)?;
-        let t = txn.open_table(ENTRIES).map_err(io_err)?;
-        let mut entries = Vec::new();
-        for item in t.iter().map_err(io_err)? {
-            let (k, v) = item.map_err(io_err)?;
-            let (stream, index) = k.value();
-            entries.push((stream.to_string(), index, v.value().to_vec()));
-        }
-        let data = SnapshotData {
-            meta: meta.clone(),
-            entries,
+    /// Takes the state of every plugin that runs here, for the snapshot
+    /// to replace the part of its stream that state covers.
+    async fn capture(&self) -> Result<HashMap<String, RestorePoint>, AnyError> {
+        let mut captured = HashMap::new();
+        let Some(capture) = self.shared.capture.get().cloned() else {
+            return Ok(captured);
         };
-        Ok((meta, enc(&data)))
+        let names = tokio::task::block_in_place(|| -> Result<_, AnyError> {
+            let txn = self.shared.db.begin_write().map_err(io_err)?;
+            stream_names(&txn)
+        })?;
+        for name in names {
+            match tokio::time::timeout(CAPTURE_TIMEOUT, capture.capture(&name)).await {
+                Ok(Some(point)) => {
+                    captured.insert(name, point);
+                }
+                Ok(None) => {}
+                Err(_) => tracing::warn!(
+                    plugin = %name,
+                    "plugin state not captured in time; its stream is not compacted by this snapshot"
+                ),
+            }
+        }
+        Ok(captured)
+    }
+
+    /// Builds the snapshot from the stream table and `captured`, and
+    /// compacts each captured stream behind its new restore point, in one
+    /// transaction.
+    fn compact(&self, mut captured: HashMap<String, RestorePoint>) -> Result<Stored, AnyError> {
+        let mut floors = self.shared.floors.lock().expect("floors poisoned");
+        let txn = self.shared.db.begin_write().map_err(io_err)?;
+        let meta: SmMeta = match txn
+            .open_table(SM_META)
+            .map_err(io_err)?
+            .get("meta")
+            .map_err(io_err)?
+        {
+            Some(v) => dec(v.value()).map_err(io_err)?,
+            None => SmMeta::default(),
+        };
+        let names = stream_names(&txn)?;
+        let mut streams = Vec::with_capacity(names.len());
+        let mut moved = Vec::new();
+        {
+            let mut entries = txn.open_table(ENTRIES).map_err(io_err)?;
+            let mut points = txn.open_table(RESTORE).map_err(io_err)?;
+            for name in names {
+                let old: Option<RestorePoint> = points
+                    .get(name.as_str())
+                    .map_err(io_err)?
+                    .map(|v| dec(v.value()))
+                    .transpose()
+                    .map_err(io_err)?;
+                let floor = old.as_ref().map_or(0, |p| p.index);
+                let mut fresh = captured
+                    .remove(&name)
+                    .filter(|p| p.index > floor && p.index <= meta.last_index);
+                if let Some(point) = &mut fresh {
+                    point.control = last_control(&entries, &name, point.index)?
+                        .or_else(|| old.as_ref().and_then(|o| o.control.clone()));
+                    points
+                        .insert(name.as_str(), enc(point).as_slice())
+                        .map_err(io_err)?;
+                    // Keep the last entry at or below the point: it marks
+                    // where the stream ends.
+                    let keep = entries
+                        .range((name.as_str(), 0)..=(name.as_str(), point.index))
+                        .map_err(io_err)?
+                        .next_back()
+                        .transpose()
+                        .map_err(io_err)?
+                        .map(|(k, _)| k.value().1);
+                    if let Some(keep) = keep {
+                        entries
+                            .retain_in((name.as_str(), 0)..(name.as_str(), keep), |_, _| false)
+                            .map_err(io_err)?;
+                    }
+                    moved.push((name.clone(), point.index));
+                }
+                let mut kept = Vec::new();
+                for item in entries
+                    .range((name.as_str(), 0)..=(name.as_str(), u64::MAX))
+                    .map_err(io_err)?
+                {
+                    let (k, v) = item.map_err(io_err)?;
+                    kept.push((k.value().1, v.value().to_vec()));
+                }
+                streams.push(StreamSnapshot {
+                    name,
+                    point: fresh.or(old),
+                    entries: kept,
+                });
+            }
+        }
+        let built = self.shared.built.fetch_add(1, Ordering::Relaxed) + 1;
+        let stored = Stored {
+            id: format!(
+                "{}-{}-{built}",
+                meta.applied.map_or(0, |l| l.index),
+                meta.last_index
+            ),
+            data: enc(&SnapshotData {
+                meta: meta.clone(),
+                streams,
+            }),
+            meta,
+        };
+        txn.open_table(SNAPSHOT)
+            .map_err(io_err)?
+            .insert("current", enc(&stored).as_slice())
+            .map_err(io_err)?;
+        txn.commit().map_err(io_err)?;
+        floors.extend(moved);
+        Ok(stored)
+    }
+
+    fn current(&self) -> Result<Option<Stored>, AnyError> {
+        let txn = self.shared.db.begin_read().map_err(io_err)?;
+        let t = txn.open_table(SNAPSHOT).map_err(io_err)?;
+        t.get("current")
+            .map_err(io_err)?
+            .map(|v| dec(v.value()).map_err(io_err))
+            .transpose()
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Captures each plugin's state between two of its hooks first, then
+    /// reads the streams: a plugin is never ahead of the state machine, so
+    /// the entries after its point are all there.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
-        let (meta, bytes) = tokio::task::block_in_place(|| self.snapshot_bytes())
+        let captured = self
+            .capture()
+            .await
             .map_err(StorageIOError::read_state_machine)?;
-        let snapshot_id = format!(
-            "{}-{}",
-            meta.applied.map_or(0, |l| l.index),
-            meta.last_index
+        let stored = tokio::task::block_in_place(|| self.compact(captured))
+            .map_err(StorageIOError::read_state_machine)?;
+        tracing::info!(
+            snapshot = %stored.id,
+            bytes = stored.data.len(),
+            "snapshot built"
         );
-        Ok(Snapshot {
-            meta: SnapshotMeta {
-                last_log_id: meta.applied,
-                last_membership: meta.membership.clone(),
-                snapshot_id,
-            },
-            snapshot: Box::new(Cursor::new(bytes)),
-        })
+        Ok(stored.into_snapshot())
     }
 }
 
@@ -497,42 +745,74 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
+    /// Replaces the streams and restore points by the snapshot's. Each
+    /// plugin actor finds its stream compacted behind its cursor and
+    /// restores from the point, or, when its own state is newer than the
+    /// point, goes on from its cursor.
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
+        let bytes = snapshot.into_inner();
         let data: SnapshotData =
-            dec(snapshot.get_ref()).map_err(|e| StorageIOError::read_snapshot(None, io_err(e)))?;
+            dec(&bytes).map_err(|e| StorageIOError::read_snapshot(None, io_err(e)))?;
         let db = &self.shared.db;
+        let mut floors = self.shared.floors.lock().expect("floors poisoned");
+        let mut new_floors = HashMap::new();
         tokio::task::block_in_place(|| -> Result<(), AnyError> {
             let txn = db.begin_write().map_err(io_err)?;
             {
                 let mut t = txn.open_table(ENTRIES).map_err(io_err)?;
                 t.retain(|_, _| false).map_err(io_err)?;
-                for (stream, index, value) in &data.entries {
-                    t.insert((stream.as_str(), *index), value.as_slice())
-                        .map_err(io_err)?;
+                let mut points = txn.open_table(RESTORE).map_err(io_err)?;
+                points.retain(|_, _| false).map_err(io_err)?;
+                for stream in &data.streams {
+                    for (index, value) in &stream.entries {
+                        t.insert((stream.name.as_str(), *index), value.as_slice())
+                            .map_err(io_err)?;
+                    }
+                    if let Some(point) = &stream.point {
+                        points
+                            .insert(stream.name.as_str(), enc(point).as_slice())
+                            .map_err(io_err)?;
+                        new_floors.insert(stream.name.clone(), point.index);
+                    }
                 }
             }
             txn.open_table(SM_META)
                 .map_err(io_err)?
                 .insert("meta", enc(&data.meta).as_slice())
                 .map_err(io_err)?;
+            let stored = Stored {
+                meta: data.meta.clone(),
+                id: meta.snapshot_id.clone(),
+                data: bytes.clone(),
+            };
+            txn.open_table(SNAPSHOT)
+                .map_err(io_err)?
+                .insert("current", enc(&stored).as_slice())
+                .map_err(io_err)?;
             txn.commit().map_err(io_err)
         })
         .map_err(StorageIOError::write_state_machine)?;
+        *floors = new_floors;
+        drop(floors);
         let last = data.meta.last_index;
         *self.shared.meta.lock().expect("sm poisoned") = data.meta;
         self.shared
             .watches
             .reload(&self.shared.db, last)
             .map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
+        self.shared.installed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = bytes.len(), "snapshot installed");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
-        Ok(Some(self.build_snapshot().await?))
+        let current = tokio::task::block_in_place(|| self.current())
+            .map_err(StorageIOError::read_state_machine)?;
+        Ok(current.map(Stored::into_snapshot))
     }
 }
 
@@ -651,12 +931,17 @@ pub struct RaftLog {
     names: Names,
     voters: watch::Receiver<BTreeSet<String>>,
     batcher: mpsc::Sender<Proposal>,
+    /// The leader this follower last accepted entries from, and when.
+    heard: Heard,
     proposals: Arc<AtomicU64>,
     writes: Arc<AtomicU64>,
 }
 
 /// Raft ids to node names, learned from the config and the membership.
 type Names = Arc<RwLock<HashMap<NodeId, String>>>;
+
+/// The last leader heard from, and when.
+type Heard = Arc<Mutex<Option<(NodeId, Instant)>>>;
 
 /// How to start the replicated log.
 pub struct RaftOptions<'a> {
@@ -700,6 +985,12 @@ impl Default for Timing {
 }
 
 impl RaftLog {
+    /// Sets where snapshots take plugin state from. Until it is set,
+    /// snapshots carry the streams uncompacted.
+    pub fn set_capture(&self, capture: Arc<dyn Capture>) {
+        let _ = self.sm.capture.set(capture);
+    }
+
     /// Opens the stores, starts Raft, and, on the member with the smallest
     /// id of a fresh cluster, initialises the membership.
     pub async fn start(opts: RaftOptions<'_>) -> anyhow::Result<Arc<RaftLog>> {
@@ -746,6 +1037,13 @@ impl RaftLog {
         let proposals = Arc::new(AtomicU64::new(0));
         let writes = Arc::new(AtomicU64::new(0));
         tokio::spawn(batcher(raft.clone(), rx, proposals.clone(), writes.clone()));
+        let heard: Heard = Arc::default();
+        tokio::spawn(hasten_elections(
+            raft.clone(),
+            me,
+            heard.clone(),
+            opts.timing,
+        ));
         let (voters_tx, voters) = watch::channel(BTreeSet::new());
         tokio::spawn(follow_membership(
             raft.clone(),
@@ -761,6 +1059,7 @@ impl RaftLog {
             names,
             voters,
             batcher: tx,
+            heard,
             proposals,
             writes,
         }))
@@ -914,7 +1213,14 @@ impl RaftLog {
             kind::APPEND => Box::pin(async move {
                 let req: AppendEntriesRequest<TypeConfig> =
                     dec(&body).map_err(|e| e.to_string())?;
-                Ok(enc(&this.raft.append_entries(req).await))
+                let from = req.vote.leader_id().voted_for();
+                let resp = this.raft.append_entries(req).await;
+                if let (Some(leader), Ok(r)) = (from, &resp)
+                    && !matches!(r, AppendEntriesResponse::HigherVote(_))
+                {
+                    *this.heard.lock().expect("heard poisoned") = Some((leader, Instant::now()));
+                }
+                Ok(enc(&resp))
             }),
             kind::VOTE => Box::pin(async move {
                 let req: VoteRequest<NodeId> = dec(&body).map_err(|e| e.to_string())?;
@@ -1027,6 +1333,62 @@ impl RaftLog {
 
 /// Keeps the names, the transport's peers and the published voter set in
 /// step with the membership this node sees in the log.
+/// Campaigns as soon as a silent leader's lease has run out on every
+/// follower.
+///
+/// A follower refuses votes while its lease on the leader it follows
+/// lasts (the longest election timeout). The first campaign after a
+/// leader dies usually starts before that and is refused, and Raft's own
+/// timer then waits a whole election timeout more. This starts the
+/// campaign that can win, once the lease is over. The followers go in
+/// the order of their ids, two heartbeats apart, so they do not split the
+/// vote; Raft's own timers keep running as before.
+async fn hasten_elections(raft: Raft, me: NodeId, heard: Heard, timing: Timing) {
+    let tick = Duration::from_millis((timing.heartbeat_ms / 4).max(2));
+    let lease = Duration::from_millis(timing.election_max_ms + timing.heartbeat_ms / 2);
+    let stagger = Duration::from_millis(timing.heartbeat_ms * 2);
+    let mut fired_for = None;
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some((leader, at)) = *heard.lock().expect("heard poisoned") else {
+            continue;
+        };
+        if fired_for == Some(at) {
+            continue;
+        }
+        let rank = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            if m.state == openraft::ServerState::Leader
+                || m.current_leader.is_some_and(|l| l != leader)
+            {
+                continue;
+            }
+            let mut others: Vec<NodeId> = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|id| *id != leader)
+                .collect();
+            others.sort_unstable();
+            others.iter().position(|id| *id == me)
+        };
+        let Some(rank) = rank else { continue };
+        let silent = at.elapsed();
+        if silent < lease + stagger * rank as u32 {
+            continue;
+        }
+        fired_for = Some(at);
+        tracing::info!(
+            silent_ms = silent.as_millis() as u64,
+            "the leader is silent past its lease; campaigning"
+        );
+        if raft.trigger().elect().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn follow_membership(
     raft: Raft,
     names: Names,
@@ -1136,7 +1498,11 @@ impl ConsensusBackend for Arc<RaftLog> {
         through: u64,
         max: usize,
     ) -> Result<Vec<super::log::Entry>, LogError> {
-        streams::read(&self.sm.db, stream, after, through, max)
+        self.sm.entries(stream, after, through, max)
+    }
+
+    fn restore_point(&self, stream: &str) -> Result<Option<RestorePoint>, LogError> {
+        self.sm.restore_point(stream)
     }
 
     fn subscribe(&self, stream: &str) -> Result<tokio::sync::watch::Receiver<u64>, LogError> {
@@ -1159,6 +1525,8 @@ impl ConsensusBackend for Arc<RaftLog> {
         LogStats {
             proposals: self.proposals.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
+            snapshots_built: self.sm.built.load(Ordering::Relaxed),
+            snapshots_installed: self.sm.installed.load(Ordering::Relaxed),
         }
     }
 }

@@ -50,6 +50,12 @@ pub trait KvBackend: Send + Sync + 'static {
     /// Applies `writes` and, when given, records `applied` as the namespace's
     /// applied log index, atomically and durably.
     fn commit(&self, ns: &str, writes: Vec<Write>, applied: Option<u64>) -> Result<(), StoreError>;
+    /// The namespace's applied log index and all its keys, read at one
+    /// point.
+    fn export(&self, ns: &str) -> Result<(u64, Vec<Item>), StoreError>;
+    /// Replaces every key of the namespace by `items` and its applied log
+    /// index by `applied`, atomically and durably.
+    fn replace(&self, ns: &str, items: Vec<Item>, applied: u64) -> Result<(), StoreError>;
     /// The namespace's applied log index (0 when none).
     fn applied_index(&self, ns: &str) -> Result<u64, StoreError>;
     /// A fresh version, greater than every version committed so far.
@@ -174,6 +180,74 @@ impl KvBackend for RedbKv {
         txn.commit().map_err(err)
     }
 
+    fn export(&self, ns: &str) -> Result<(u64, Vec<Item>), StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let applied = txn
+            .open_table(APPLIED)
+            .map_err(err)?
+            .get(ns)
+            .map_err(err)?
+            .map_or(0, |v| v.value());
+        let table = txn.open_table(KV).map_err(err)?;
+        let mut items = Vec::new();
+        for item in table.range((ns, &[][..])..).map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            let (k_ns, key) = k.value();
+            if k_ns != ns {
+                break;
+            }
+            let (value, version) = decode_value(v.value())?;
+            items.push((key.to_vec(), value, version));
+        }
+        Ok((applied, items))
+    }
+
+    fn replace(&self, ns: &str, items: Vec<Item>, applied: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        let mut max_version = 0;
+        {
+            let mut table = txn.open_table(KV).map_err(err)?;
+            let old: Vec<Vec<u8>> = table
+                .range((ns, &[][..])..)
+                .map_err(err)?
+                .map_while(|item| match item {
+                    Ok((k, _)) if k.value().0 == ns => Some(Ok(k.value().1.to_vec())),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(err(e))),
+                })
+                .collect::<Result<_, _>>()?;
+            for key in old {
+                table.remove((ns, key.as_slice())).map_err(err)?;
+            }
+            let mut buf = Vec::new();
+            for (key, value, version) in &items {
+                buf.clear();
+                buf.extend_from_slice(&version.to_le_bytes());
+                buf.extend_from_slice(value);
+                table
+                    .insert((ns, key.as_slice()), buf.as_slice())
+                    .map_err(err)?;
+                max_version = max_version.max(*version);
+            }
+            let mut meta = txn.open_table(META).map_err(err)?;
+            let current = meta
+                .get("version")
+                .map_err(err)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            if max_version > current {
+                meta.insert("version", max_version).map_err(err)?;
+            }
+            txn.open_table(APPLIED)
+                .map_err(err)?
+                .insert(ns, applied)
+                .map_err(err)?;
+        }
+        txn.commit().map_err(err)?;
+        self.version.fetch_max(max_version, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn applied_index(&self, ns: &str) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(APPLIED).map_err(err)?;
@@ -225,6 +299,48 @@ mod tests {
         let page = kv.scan("p", b"x/", Some(b"x/2"), 2).unwrap();
         assert_eq!(page.len(), 1);
         assert_eq!(page[0].0, b"x/3".to_vec());
+    }
+
+    #[test]
+    fn a_namespace_exports_and_is_replaced_whole() {
+        let (_d, kv) = store();
+        let (v1, v2) = (kv.next_version(), kv.next_version());
+        kv.commit(
+            "a",
+            vec![
+                (b"k1".to_vec(), Some((b"1".to_vec(), v1))),
+                (b"k2".to_vec(), Some((b"2".to_vec(), v2))),
+            ],
+            Some(5),
+        )
+        .unwrap();
+        kv.commit(
+            "b",
+            vec![(b"k1".to_vec(), Some((b"x".to_vec(), v1)))],
+            Some(3),
+        )
+        .unwrap();
+        let (applied, items) = kv.export("a").unwrap();
+        assert_eq!(applied, 5);
+        assert_eq!(
+            items,
+            vec![
+                (b"k1".to_vec(), b"1".to_vec(), v1),
+                (b"k2".to_vec(), b"2".to_vec(), v2),
+            ]
+        );
+        // Another node's state, with versions from its own counter.
+        kv.replace("a", vec![(b"k3".to_vec(), b"3".to_vec(), 900)], 40)
+            .unwrap();
+        assert_eq!(
+            kv.export("a").unwrap(),
+            (40, vec![(b"k3".to_vec(), b"3".to_vec(), 900)])
+        );
+        assert_eq!(kv.get("b", b"k1").unwrap(), Some((b"x".to_vec(), v1)));
+        assert!(
+            kv.next_version() > 900,
+            "versions stay above every stored one"
+        );
     }
 
     #[test]

@@ -554,7 +554,7 @@ fn metrics(node: &Arc<Node>) -> Resp {
     }
     let log = node.services().log.clone();
     let stats = log.stats();
-    let gauges: [(&str, &str, &str, u64); 5] = [
+    let gauges: [(&str, &str, &str, u64); 7] = [
         (
             "plexus_consensus_commit_index",
             "gauge",
@@ -584,6 +584,18 @@ fn metrics(node: &Arc<Node>) -> Resp {
             "counter",
             "Durable log writes (fsyncs); proposals per write is the batching factor.",
             stats.writes,
+        ),
+        (
+            "plexus_consensus_snapshots_built_total",
+            "counter",
+            "Snapshots built here; each compacts the plugins' streams behind their state.",
+            stats.snapshots_built,
+        ),
+        (
+            "plexus_consensus_snapshots_installed_total",
+            "counter",
+            "Snapshots installed from the leader.",
+            stats.snapshots_installed,
         ),
     ];
     for (name, kind, help, value) in gauges {

@@ -25,7 +25,7 @@ use super::bindings::types::{CommittedEntry, MemberEvent};
 use super::metrics::PluginMetrics;
 use super::state::{PluginState, WaitClock};
 use super::{Capability, LoadError, Prepared};
-use crate::cluster::log::ConsensusBackend;
+use crate::cluster::log::{ConsensusBackend, LogError, RestorePoint};
 use crate::cluster::state_store::KvBackend;
 use crate::primitives::CallLimits;
 use crate::primitives::consensus::{ConsensusCtx, Control, Dropped, is_control};
@@ -131,6 +131,9 @@ pub struct PluginStatus {
     pub last_error: Option<String>,
     /// Log index of the last cluster-wide swap this node applied.
     pub swapped_at_index: Option<u64>,
+    /// Stream index of the last consensus snapshot this node's state was
+    /// restored from.
+    pub restored_at_index: Option<u64>,
     /// Log index of the last host control entry this node processed.
     pub control_index: u64,
     /// Mailbox items waiting.
@@ -224,6 +227,12 @@ pub enum Mail {
         next: Box<Instance>,
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<SwapReport, SwapError>>,
+    },
+    /// Take the plugin's state for a consensus snapshot: what `snapshot`
+    /// returns, and the storage namespace with its cursor.
+    Capture {
+        /// Where the state goes; `None` when it could not be taken.
+        reply: oneshot::Sender<Option<RestorePoint>>,
     },
     /// Stop the actor.
     Stop {
@@ -629,6 +638,7 @@ impl PluginHandle {
                 last_swap_pause_us: None,
                 last_error: None,
                 swapped_at_index: None,
+                restored_at_index: None,
                 control_index: 0,
                 mailbox_depth: 0,
                 swap_pauses_us: Vec::new(),
@@ -770,6 +780,13 @@ impl PluginHandle {
         };
         self.tx.send(mail).await.map_err(|_| CallError::Stopped)?;
         rx.await.map_err(|_| SwapError::Call(CallError::Stopped))?
+    }
+
+    /// The plugin's state between two hooks, for a consensus snapshot.
+    pub async fn capture(&self) -> Option<RestorePoint> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Mail::Capture { reply }).await.ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Stops the actor after the mail already queued, dropping the instance.
@@ -979,6 +996,10 @@ impl Actor {
             .entries(&self.env.name, from, target, APPLY_BATCH)
         {
             Ok(e) => e,
+            Err(LogError::Compacted(_)) => {
+                self.catch_up().await;
+                return;
+            }
             Err(e) => {
                 tracing::error!(plugin = %self.env.name, "reading committed entries: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1007,6 +1028,76 @@ impl Actor {
         let entries: Vec<_> = entries.into_iter().map(|e| consensus.surface(e)).collect();
         consensus.delivered = through;
         self.apply(&entries).await;
+    }
+
+    /// The entries after this instance's cursor were compacted into a
+    /// snapshot: replaces the plugin's storage and cursor by the snapshot's
+    /// restore point and hands its state to `restore`.
+    async fn catch_up(&mut self) {
+        let env = self.env.clone();
+        let point = match env.services.log.restore_point(&env.name) {
+            Ok(Some(point)) => point,
+            Ok(None) => {
+                tracing::error!(plugin = %env.name, "stream compacted, but no restore point is stored");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(plugin = %env.name, "reading the restore point: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
+        };
+        let Some(from) = self.instance.as_ref().map(|inst| inst.delivered()) else {
+            return;
+        };
+        // A cluster-wide swap inside the compacted part: switch version
+        // first, so the state goes to the version that produced it.
+        let applied_control = env.status.lock().expect("status poisoned").control_index;
+        if let Some((at, data)) = &point.control
+            && *at > from
+            && *at > applied_control
+        {
+            self.control(*at, data).await;
+        }
+        let Some(inst) = self.instance.as_mut() else {
+            return;
+        };
+        let index = point.index;
+        let kv = env.services.kv.clone();
+        let ns = env.name.clone();
+        let items = point.items;
+        let replaced = tokio::task::spawn_blocking(move || kv.replace(&ns, items, index))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = replaced {
+            tracing::error!(plugin = %env.name, "replacing storage from a snapshot: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        inst.abandon("the plugin's state was replaced by a consensus snapshot");
+        inst.dropped.clear();
+        inst.store.data_mut().consensus.restart_at(index);
+        inst.persisted = index;
+        env.update(|s| s.restored_at_index = Some(index));
+        tracing::info!(plugin = %env.name, from, to = index, "plugin state restored from a consensus snapshot");
+        inst.begin();
+        let r = inst
+            .bindings
+            .plexus_cluster_pattern()
+            .call_restore(&mut inst.store, &point.state)
+            .await;
+        match inst.finish(&env, "restore", r).await {
+            Ok(Ok(())) => self.succeeded(),
+            Ok(Err(msg)) => {
+                // Storage is already the snapshot's; a fresh instance starts
+                // from it without the in-memory part.
+                tracing::warn!(plugin = %env.name, "restore refused the snapshot's state: {msg}");
+                self.kill();
+            }
+            Err(_) => self.kill(),
+        }
     }
 
     /// Collects the answers owed for ticketed entries that `propose` or
@@ -1253,6 +1344,43 @@ impl Actor {
                 }
                 let r = self.swap(*next).await;
                 let _ = reply.send(r);
+            }
+            Mail::Capture { reply } => {
+                inst.begin();
+                let r = inst
+                    .bindings
+                    .plexus_cluster_pattern()
+                    .call_snapshot(&mut inst.store)
+                    .await;
+                match inst.finish(&env, "snapshot", r).await {
+                    Ok(state) => {
+                        self.succeeded();
+                        let kv = env.services.kv.clone();
+                        let ns = env.name.clone();
+                        let dump = tokio::task::spawn_blocking(move || kv.export(&ns)).await;
+                        let point = match dump {
+                            Ok(Ok((index, items))) => Some(RestorePoint {
+                                index,
+                                items,
+                                state,
+                                control: None,
+                            }),
+                            Ok(Err(e)) => {
+                                tracing::warn!(plugin = %env.name, "reading storage for a snapshot: {e}");
+                                None
+                            }
+                            Err(e) => {
+                                tracing::warn!(plugin = %env.name, "reading storage for a snapshot: {e}");
+                                None
+                            }
+                        };
+                        let _ = reply.send(point);
+                    }
+                    Err(_) => {
+                        self.kill();
+                        let _ = reply.send(None);
+                    }
+                }
             }
             Mail::Stop { reply } => {
                 self.instance = None;
