@@ -209,8 +209,14 @@ impl LogStore {
         read().map_err(|e| StorageIOError::read_logs(e).into())
     }
 
-    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), AnyError> {
-        let txn = self.db.begin_write().map_err(io_err)?;
+    fn put_meta<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        durability: redb::Durability,
+    ) -> Result<(), AnyError> {
+        let mut txn = self.db.begin_write().map_err(io_err)?;
+        txn.set_durability(durability).map_err(io_err)?;
         txn.open_table(LOG_META)
             .map_err(io_err)?
             .insert(key, enc(value).as_slice())
@@ -266,7 +272,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
-        tokio::task::block_in_place(|| self.put_meta("vote", vote))
+        tokio::task::block_in_place(|| self.put_meta("vote", vote, redb::Durability::Immediate))
             .map_err(|e| StorageIOError::write_vote(e).into())
     }
 
@@ -274,9 +280,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta("vote")
     }
 
+    /// The commit index may be lost in a crash (Raft learns it again from
+    /// the leader), so it is written without an fsync of its own; the next
+    /// append makes it durable.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
-        tokio::task::block_in_place(|| self.put_meta("committed", &committed))
-            .map_err(|e| StorageIOError::write(e).into())
+        tokio::task::block_in_place(|| {
+            self.put_meta("committed", &committed, redb::Durability::None)
+        })
+        .map_err(|e| StorageIOError::write(e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {

@@ -159,18 +159,27 @@ fn nonce() -> [u8; 32] {
     n
 }
 
+/// Appends `frame`, length-prefixed, to `buf`.
+fn encode_frame(frame: &Frame, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    *buf = postcard::to_extend(frame, std::mem::take(buf)).map_err(std::io::Error::other)?;
+    let len = buf.len() - start - 4;
+    if len > MAX_FRAME {
+        buf.truncate(start);
+        return Err(std::io::Error::other(TransportError::TooLarge(len)));
+    }
+    let len = u32::try_from(len).map_err(std::io::Error::other)?;
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
 async fn write_frame(
     stream: &mut (impl AsyncWriteExt + Unpin),
     frame: &Frame,
 ) -> std::io::Result<()> {
-    let body = postcard::to_allocvec(frame).map_err(std::io::Error::other)?;
-    if body.len() > MAX_FRAME {
-        return Err(std::io::Error::other(TransportError::TooLarge(body.len())));
-    }
-    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
-    let mut buf = Vec::with_capacity(4 + body.len());
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&body);
+    let mut buf = Vec::new();
+    encode_frame(frame, &mut buf)?;
     stream.write_all(&buf).await
 }
 
@@ -320,7 +329,8 @@ impl Transport {
         })
         .await
         .map_err(|_| std::io::Error::other("handshake timed out"))??;
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
         let (tx, rx) = mpsc::channel::<Frame>(1024);
         tokio::spawn(writer(wr, rx));
         loop {
@@ -413,7 +423,8 @@ impl Transport {
         .await
         .map_err(|_| unreachable("handshake timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
         let (tx, rx) = mpsc::channel::<Frame>(1024);
         tokio::spawn(writer(wr, rx));
         let pending = peer.pending.clone();
@@ -510,9 +521,30 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
+/// Bytes read from a connection at a time.
+const READ_BUFFER: usize = 64 * 1024;
+/// Most bytes of queued frames gathered into one write.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Writes the frames queued for a connection, gathering those already
+/// waiting into one system call.
 async fn writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
+    let mut buf = Vec::new();
     while let Some(frame) = rx.recv().await {
-        if let Err(e) = write_frame(&mut wr, &frame).await {
+        buf.clear();
+        let mut next = Some(frame);
+        while let Some(frame) = next {
+            if let Err(e) = encode_frame(&frame, &mut buf) {
+                tracing::warn!("peer frame not sent: {e}");
+                return;
+            }
+            next = if buf.len() < WRITE_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if let Err(e) = wr.write_all(&buf).await {
             tracing::debug!("peer write failed: {e}");
             break;
         }
