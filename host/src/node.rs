@@ -412,7 +412,12 @@ impl Node {
     }
 
     /// Loads a plugin and starts serving it.
-    pub async fn load(&self, spec: LoadSpec) -> Result<PluginStatus, NodeError> {
+    ///
+    /// When the log holds a cluster-wide swap of the plugin at or below
+    /// the entries this node has already applied for it, the node runs
+    /// the swapped version, not the one in `spec`: every node applies the
+    /// plugin's stream with the same code.
+    pub async fn load(&self, mut spec: LoadSpec) -> Result<PluginStatus, NodeError> {
         if self
             .plugins
             .read()
@@ -429,6 +434,20 @@ impl Node {
                     crate::runtime::engine::MAX_MEMORY_BYTES >> 20
                 ),
             });
+        }
+        let swapped = self.swapped_version(&spec.name)?;
+        if let Some((index, Control::Swap { component, config })) = &swapped {
+            if component.as_slice() != &*spec.component {
+                tracing::info!(
+                    plugin = %spec.name,
+                    index,
+                    "running the version of the cluster-wide swap at this index, not the configured one"
+                );
+                spec.component = Arc::from(component.as_slice());
+            }
+            if let Some(config) = config {
+                spec.config_json = config.clone();
+            }
         }
         let prepared = self
             .prepare(
@@ -453,6 +472,9 @@ impl Node {
             name: name.clone(),
             source,
         })?;
+        if let Some((index, _)) = swapped {
+            handle.mark_swapped(index);
+        }
         let status = handle.status();
         let mut plugins = self.plugins.write().expect("plugin map poisoned");
         if plugins.contains_key(&name) {
@@ -460,6 +482,37 @@ impl Node {
         }
         plugins.insert(name, Arc::new(handle));
         Ok(status)
+    }
+
+    /// The last cluster-wide swap of `name` that this node has applied, if
+    /// any: its index and entry.
+    fn swapped_version(&self, name: &str) -> Result<Option<(u64, Control)>, NodeError> {
+        let failed = |reason: String| NodeError::Load {
+            name: name.to_string(),
+            source: LoadError::Init(reason),
+        };
+        let applied = self
+            .services
+            .kv
+            .applied_index(name)
+            .map_err(|e| failed(e.to_string()))?;
+        if applied == 0 {
+            return Ok(None);
+        }
+        let Some((index, data)) = self
+            .services
+            .log
+            .last_control(name, applied)
+            .map_err(|e| failed(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        match Control::decode(&data) {
+            Some(control) => Ok(Some((index, control))),
+            None => Err(failed(format!(
+                "undecodable control entry at index {index}"
+            ))),
+        }
     }
 
     /// Hot-swaps a plugin to a new component (and optionally new config).

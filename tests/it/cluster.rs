@@ -396,7 +396,7 @@ async fn a_paused_minority_node_rejoins_and_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
-    let c = Cluster::start(3000).await;
+    let mut c = Cluster::start(3000).await;
     c.leader().await;
     let writer_addr = c.http[0];
     let writes = tokio::spawn(async move {
@@ -478,6 +478,33 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
             );
         }
     }
+
+    // A node restarted from its config comes back on the swapped version:
+    // its cursor is past the swap, so its config's version would apply
+    // the stream with other code than the rest of the cluster.
+    c.kill(2);
+    let p = c.spawn(2).await;
+    c.nodes[2] = Some(p);
+    let (_, body) = http(
+        c.http[2],
+        "GET",
+        "/v1/admin/plugins/kv",
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+    .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (s["version"].as_str(), s["swapped_at_index"].as_u64()),
+        (Some(version.as_str()), Some(index)),
+        "restarted node-3: {s}"
+    );
+    assert!(put(c.http[2], "after-restart", "1").await);
+    assert_eq!(
+        read(c.http[0], "after-restart").await.as_deref(),
+        Some(&b"1"[..])
+    );
 }
 
 /// The node's `/v1/admin/status`, if it answers 200.

@@ -159,6 +159,10 @@ impl ConsensusBackend for LocalLog {
         Box::pin(async move { Ok(index) })
     }
 
+    fn last_control(&self, stream: &str, through: u64) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+        streams::last_control(&self.shared.db, stream, through)
+    }
+
     fn entries(
         &self,
         stream: &str,

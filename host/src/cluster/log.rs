@@ -103,6 +103,10 @@ pub trait ConsensusBackend: Send + Sync + 'static {
         through: u64,
         max: usize,
     ) -> Result<Vec<Entry>, LogError>;
+    /// The last host control entry (a cluster-wide swap) of `stream` at or
+    /// below `through`, as `(index, data)`: the version a plugin whose
+    /// cursor is at `through` runs.
+    fn last_control(&self, stream: &str, through: u64) -> Result<Option<(u64, Vec<u8>)>, LogError>;
     /// The state that replaces the compacted part of `stream`, if any.
     fn restore_point(&self, stream: &str) -> Result<Option<RestorePoint>, LogError> {
         let _ = stream;

@@ -1516,6 +1516,19 @@ impl ConsensusBackend for Arc<RaftLog> {
         self.sm.restore_point(stream)
     }
 
+    fn last_control(&self, stream: &str, through: u64) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+        // Entries below a restore point are compacted; the point keeps the
+        // last control entry among them.
+        if let Some(found) = streams::last_control(&self.sm.db, stream, through)? {
+            return Ok(Some(found));
+        }
+        Ok(self
+            .sm
+            .restore_point(stream)?
+            .and_then(|p| p.control)
+            .filter(|(index, _)| *index <= through))
+    }
+
     fn subscribe(&self, stream: &str) -> Result<tokio::sync::watch::Receiver<u64>, LogError> {
         self.sm.watches.subscribe(&self.sm.db, stream)
     }

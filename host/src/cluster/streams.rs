@@ -60,6 +60,29 @@ pub fn read(
     Ok(out)
 }
 
+/// The last host control entry (a cluster-wide swap) of `stream` at or
+/// below `through`, as `(index, data)`.
+pub fn last_control(
+    db: &Database,
+    stream: &str,
+    through: u64,
+) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+    let txn = db.begin_read().map_err(err)?;
+    let table = txn.open_table(ENTRIES).map_err(err)?;
+    for item in table
+        .range((stream, 0)..=(stream, through))
+        .map_err(err)?
+        .rev()
+    {
+        let (k, v) = item.map_err(err)?;
+        let data = v.value().get(8..).unwrap_or_default();
+        if data.first() == Some(&crate::primitives::consensus::TAG_CONTROL) {
+            return Ok(Some((k.value().1, data.to_vec())));
+        }
+    }
+    Ok(None)
+}
+
 /// The last index of `stream` (0 when empty).
 pub fn last(db: &Database, stream: &str) -> Result<u64, LogError> {
     let txn = db.begin_read().map_err(err)?;

@@ -782,6 +782,15 @@ impl PluginHandle {
         rx.await.map_err(|_| SwapError::Call(CallError::Stopped))?
     }
 
+    /// Records that the running version came from the cluster-wide swap at
+    /// `index`.
+    pub fn mark_swapped(&self, index: u64) {
+        self.env.update(|s| {
+            s.swapped_at_index = Some(index);
+            s.control_index = index;
+        });
+    }
+
     /// The plugin's state between two hooks, for a consensus snapshot.
     pub async fn capture(&self) -> Option<RestorePoint> {
         let (reply, rx) = oneshot::channel();
