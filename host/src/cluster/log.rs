@@ -1,6 +1,7 @@
 //! The consensus backend contract shared by the single-node log and the
 //! replicated engine.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -58,12 +59,15 @@ pub struct RestorePoint {
     pub control: Option<(u64, Vec<u8>)>,
 }
 
-/// Takes a plugin's [`RestorePoint`] between two of its hooks, for the
-/// log to compact the plugin's stream behind it.
+/// Takes the plugins' [`RestorePoint`]s, each between two of its hooks,
+/// for the log to compact each plugin's stream behind its point.
 pub trait Capture: Send + Sync + 'static {
-    /// The state of the plugin whose stream is `stream`, or `None` when no
-    /// instance of it runs here.
-    fn capture(&self, stream: &str) -> BoxFuture<'static, Option<RestorePoint>>;
+    /// The state of every plugin running here, by stream name. A plugin
+    /// that does not answer within `deadline` is left out.
+    fn capture(
+        &self,
+        deadline: std::time::Duration,
+    ) -> BoxFuture<'static, HashMap<String, RestorePoint>>;
 }
 
 /// Counters a log keeps about itself.

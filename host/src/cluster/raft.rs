@@ -358,6 +358,9 @@ const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm-meta");
 /// Stream → its latest [`RestorePoint`]: the plugin's state through an
 /// index, behind which the stream's entries are compacted.
 const RESTORE: TableDefinition<&str, &[u8]> = TableDefinition::new("restore-points");
+/// Stream → the highest index of its entries deleted by compaction. A
+/// reader whose cursor is below it has missed entries.
+const FLOORS: TableDefinition<&str, u64> = TableDefinition::new("compacted-floors");
 /// `"current"` → the last snapshot built or installed ([`Stored`]).
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 /// How long building a snapshot waits for one plugin's state.
@@ -382,6 +385,8 @@ struct SnapshotData {
 #[derive(Serialize, Deserialize)]
 struct StreamSnapshot {
     name: String,
+    /// The highest index of the stream's deleted entries.
+    floor: u64,
     point: Option<RestorePoint>,
     /// `(index, stored value)` of the entries kept: those after the point,
     /// and the last one at or below it (which marks the stream's end).
@@ -414,9 +419,9 @@ pub struct SmShared {
     db: Database,
     watches: Watches,
     meta: Mutex<SmMeta>,
-    /// Per stream, the index through which its entries may be compacted.
-    /// Held across the commits that move it, so a reader that checks it
-    /// after reading never misses a gap.
+    /// Per stream, the highest index of its entries compacted away. Held
+    /// across the commits that move it, so a reader that checks it after
+    /// reading never misses a gap.
     floors: Mutex<HashMap<String, u64>>,
     /// Where plugin state comes from when a snapshot is built.
     capture: OnceLock<Arc<dyn Capture>>,
@@ -518,16 +523,16 @@ impl StateMachine {
         let txn = db.begin_write()?;
         txn.open_table(ENTRIES)?;
         txn.open_table(SNAPSHOT)?;
+        txn.open_table(RESTORE)?;
         check_format(&txn, SM_META, path)?;
         let meta: SmMeta = match txn.open_table(SM_META)?.get("meta")? {
             Some(v) => dec(v.value())?,
             None => SmMeta::default(),
         };
         let mut floors = HashMap::new();
-        for item in txn.open_table(RESTORE)?.iter()? {
+        for item in txn.open_table(FLOORS)?.iter()? {
             let (k, v) = item?;
-            let point: RestorePoint = dec(v.value())?;
-            floors.insert(k.value().to_string(), point.index);
+            floors.insert(k.value().to_string(), v.value());
         }
         txn.commit()?;
         Ok(StateMachine {
@@ -545,35 +550,17 @@ impl StateMachine {
 
     /// Takes the state of every plugin that runs here, for the snapshot
     /// to replace the part of its stream that state covers.
-    async fn capture(&self) -> Result<HashMap<String, RestorePoint>, AnyError> {
-        let mut captured = HashMap::new();
-        let Some(capture) = self.shared.capture.get().cloned() else {
-            return Ok(captured);
-        };
-        let names = tokio::task::block_in_place(|| -> Result<_, AnyError> {
-            let txn = self.shared.db.begin_write().map_err(io_err)?;
-            stream_names(&txn)
-        })?;
-        for name in names {
-            match tokio::time::timeout(CAPTURE_TIMEOUT, capture.capture(&name)).await {
-                Ok(Some(point)) => {
-                    captured.insert(name, point);
-                }
-                Ok(None) => {}
-                Err(_) => tracing::warn!(
-                    plugin = %name,
-                    "plugin state not captured in time; its stream is not compacted by this snapshot"
-                ),
-            }
+    async fn capture(&self) -> HashMap<String, RestorePoint> {
+        match self.shared.capture.get().cloned() {
+            Some(capture) => capture.capture(CAPTURE_TIMEOUT).await,
+            None => HashMap::new(),
         }
-        Ok(captured)
     }
 
     /// Builds the snapshot from the stream table and `captured`, and
     /// compacts each captured stream behind its new restore point, in one
     /// transaction.
     fn compact(&self, mut captured: HashMap<String, RestorePoint>) -> Result<Stored, AnyError> {
-        let mut floors = self.shared.floors.lock().expect("floors poisoned");
         let txn = self.shared.db.begin_write().map_err(io_err)?;
         let meta: SmMeta = match txn
             .open_table(SM_META)
@@ -590,6 +577,7 @@ impl StateMachine {
         {
             let mut entries = txn.open_table(ENTRIES).map_err(io_err)?;
             let mut points = txn.open_table(RESTORE).map_err(io_err)?;
+            let mut floors = txn.open_table(FLOORS).map_err(io_err)?;
             for name in names {
                 let old: Option<RestorePoint> = points
                     .get(name.as_str())
@@ -597,10 +585,13 @@ impl StateMachine {
                     .map(|v| dec(v.value()))
                     .transpose()
                     .map_err(io_err)?;
-                let floor = old.as_ref().map_or(0, |p| p.index);
-                let mut fresh = captured
-                    .remove(&name)
-                    .filter(|p| p.index > floor && p.index <= meta.last_index);
+                let mut floor = floors
+                    .get(name.as_str())
+                    .map_err(io_err)?
+                    .map_or(0, |v| v.value());
+                let mut fresh = captured.remove(&name).filter(|p| {
+                    p.index > old.as_ref().map_or(0, |o| o.index) && p.index <= meta.last_index
+                });
                 if let Some(point) = &mut fresh {
                     point.control = last_control(&entries, &name, point.index)?
                         .or_else(|| old.as_ref().and_then(|o| o.control.clone()));
@@ -609,19 +600,25 @@ impl StateMachine {
                         .map_err(io_err)?;
                     // Keep the last entry at or below the point: it marks
                     // where the stream ends.
-                    let keep = entries
-                        .range((name.as_str(), 0)..=(name.as_str(), point.index))
-                        .map_err(io_err)?
-                        .next_back()
-                        .transpose()
-                        .map_err(io_err)?
-                        .map(|(k, _)| k.value().1);
-                    if let Some(keep) = keep {
+                    let before = |entries: &redb::Table<(&str, u64), &[u8]>, through| {
+                        entries
+                            .range((name.as_str(), 0)..=(name.as_str(), through))
+                            .map_err(io_err)?
+                            .next_back()
+                            .transpose()
+                            .map_err(io_err)
+                            .map(|e| e.map(|(k, _)| k.value().1))
+                    };
+                    if let Some(keep) = before(&entries, point.index)?
+                        && let Some(deleted) = before(&entries, keep - 1)?
+                    {
                         entries
                             .retain_in((name.as_str(), 0)..(name.as_str(), keep), |_, _| false)
                             .map_err(io_err)?;
+                        floor = floor.max(deleted);
+                        floors.insert(name.as_str(), floor).map_err(io_err)?;
+                        moved.push((name.clone(), floor));
                     }
-                    moved.push((name.clone(), point.index));
                 }
                 let mut kept = Vec::new();
                 for item in entries
@@ -633,17 +630,21 @@ impl StateMachine {
                 }
                 streams.push(StreamSnapshot {
                     name,
+                    floor,
                     point: fresh.or(old),
                     entries: kept,
                 });
             }
         }
-        let built = self.shared.built.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.built.fetch_add(1, Ordering::Relaxed);
+        let mut nonce = [0u8; 4];
+        getrandom::fill(&mut nonce).map_err(io_err)?;
         let stored = Stored {
             id: format!(
-                "{}-{}-{built}",
+                "{}-{}-{:08x}",
                 meta.applied.map_or(0, |l| l.index),
-                meta.last_index
+                meta.last_index,
+                u32::from_le_bytes(nonce)
             ),
             data: enc(&SnapshotData {
                 meta: meta.clone(),
@@ -655,6 +656,7 @@ impl StateMachine {
             .map_err(io_err)?
             .insert("current", enc(&stored).as_slice())
             .map_err(io_err)?;
+        let mut floors = self.shared.floors.lock().expect("floors poisoned");
         txn.commit().map_err(io_err)?;
         floors.extend(moved);
         Ok(stored)
@@ -675,10 +677,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     /// reads the streams: a plugin is never ahead of the state machine, so
     /// the entries after its point are all there.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
-        let captured = self
-            .capture()
-            .await
-            .map_err(StorageIOError::read_state_machine)?;
+        let captured = self.capture().await;
         let stored = tokio::task::block_in_place(|| self.compact(captured))
             .map_err(StorageIOError::read_state_machine)?;
         tracing::info!(
@@ -769,15 +768,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data: SnapshotData =
             dec(&bytes).map_err(|e| StorageIOError::read_snapshot(None, io_err(e)))?;
         let db = &self.shared.db;
-        let mut floors = self.shared.floors.lock().expect("floors poisoned");
         let mut new_floors = HashMap::new();
-        tokio::task::block_in_place(|| -> Result<(), AnyError> {
+        let floors = tokio::task::block_in_place(|| -> Result<_, AnyError> {
             let txn = db.begin_write().map_err(io_err)?;
             {
                 let mut t = txn.open_table(ENTRIES).map_err(io_err)?;
                 t.retain(|_, _| false).map_err(io_err)?;
                 let mut points = txn.open_table(RESTORE).map_err(io_err)?;
                 points.retain(|_, _| false).map_err(io_err)?;
+                let mut floors = txn.open_table(FLOORS).map_err(io_err)?;
+                floors.retain(|_, _| false).map_err(io_err)?;
                 for stream in &data.streams {
                     for (index, value) in &stream.entries {
                         t.insert((stream.name.as_str(), *index), value.as_slice())
@@ -787,7 +787,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         points
                             .insert(stream.name.as_str(), enc(point).as_slice())
                             .map_err(io_err)?;
-                        new_floors.insert(stream.name.clone(), point.index);
+                    }
+                    if stream.floor > 0 {
+                        floors
+                            .insert(stream.name.as_str(), stream.floor)
+                            .map_err(io_err)?;
+                        new_floors.insert(stream.name.clone(), stream.floor);
                     }
                 }
             }
@@ -804,9 +809,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(io_err)?
                 .insert("current", enc(&stored).as_slice())
                 .map_err(io_err)?;
-            txn.commit().map_err(io_err)
+            let floors = self.shared.floors.lock().expect("floors poisoned");
+            txn.commit().map_err(io_err)?;
+            Ok(floors)
         })
         .map_err(StorageIOError::write_state_machine)?;
+        let mut floors = floors;
         *floors = new_floors;
         drop(floors);
         let last = data.meta.last_index;
@@ -942,8 +950,8 @@ pub struct RaftLog {
     names: Names,
     voters: watch::Receiver<BTreeSet<String>>,
     batcher: mpsc::Sender<Proposal>,
-    /// The leader this follower last accepted entries from, and when.
-    heard: Heard,
+    /// The leader this follower last accepted entries from.
+    heard: Arc<Mutex<Option<Heard>>>,
     proposals: Arc<AtomicU64>,
     writes: Arc<AtomicU64>,
 }
@@ -951,8 +959,14 @@ pub struct RaftLog {
 /// Raft ids to node names, learned from the config and the membership.
 type Names = Arc<RwLock<HashMap<NodeId, String>>>;
 
-/// The last leader heard from, and when.
-type Heard = Arc<Mutex<Option<(NodeId, Instant)>>>;
+/// The leader this follower last accepted entries from: who, in which
+/// term, and when the request arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Heard {
+    leader: NodeId,
+    term: u64,
+    at: Instant,
+}
 
 /// How to start the replicated log.
 pub struct RaftOptions<'a> {
@@ -1048,7 +1062,7 @@ impl RaftLog {
         let proposals = Arc::new(AtomicU64::new(0));
         let writes = Arc::new(AtomicU64::new(0));
         tokio::spawn(batcher(raft.clone(), rx, proposals.clone(), writes.clone()));
-        let heard: Heard = Arc::default();
+        let heard: Arc<Mutex<Option<Heard>>> = Arc::default();
         tokio::spawn(hasten_elections(
             raft.clone(),
             me,
@@ -1224,12 +1238,24 @@ impl RaftLog {
             kind::APPEND => Box::pin(async move {
                 let req: AppendEntriesRequest<TypeConfig> =
                     dec(&body).map_err(|e| e.to_string())?;
-                let from = req.vote.leader_id().voted_for();
+                // Stamped on arrival, as Raft's own timer is: a slow fsync
+                // of the entries must not look like a silent leader.
+                let arrived = Instant::now();
+                let from = req
+                    .vote
+                    .is_committed()
+                    .then(|| req.vote.leader_id().voted_for())
+                    .flatten()
+                    .map(|leader| (leader, req.vote.leader_id().term));
                 let resp = this.raft.append_entries(req).await;
-                if let (Some(leader), Ok(r)) = (from, &resp)
+                if let (Some((leader, term)), Ok(r)) = (from, &resp)
                     && !matches!(r, AppendEntriesResponse::HigherVote(_))
                 {
-                    *this.heard.lock().expect("heard poisoned") = Some((leader, Instant::now()));
+                    *this.heard.lock().expect("heard poisoned") = Some(Heard {
+                        leader,
+                        term,
+                        at: arrived,
+                    });
                 }
                 Ok(enc(&resp))
             }),
@@ -1354,44 +1380,72 @@ impl RaftLog {
 /// campaign that can win, once the lease is over. The followers go in
 /// the order of their ids, two heartbeats apart, so they do not split the
 /// vote; Raft's own timers keep running as before.
-async fn hasten_elections(raft: Raft, me: NodeId, heard: Heard, timing: Timing) {
+///
+/// It campaigns only while this node is still in the silent leader's term,
+/// or a candidate for the next one: never after it voted for another
+/// candidate or followed a newer leader, and never while it leads.
+async fn hasten_elections(
+    raft: Raft,
+    me: NodeId,
+    heard: Arc<Mutex<Option<Heard>>>,
+    timing: Timing,
+) {
     let tick = Duration::from_millis((timing.heartbeat_ms / 4).max(2));
     let lease = Duration::from_millis(timing.election_max_ms + timing.heartbeat_ms / 2);
     let stagger = Duration::from_millis(timing.heartbeat_ms * 2);
     let mut fired_for = None;
+    let mut metrics = raft.metrics();
+    // Whether campaigning now is warranted, and after how much silence.
+    let due = |m: &openraft::RaftMetrics<NodeId, BasicNode>, h: &Heard| -> Option<Duration> {
+        if m.state == openraft::ServerState::Leader {
+            return None;
+        }
+        let still_silent = m.current_term == h.term && m.current_leader == Some(h.leader);
+        let own_campaign =
+            m.current_term == h.term + 1 && m.vote.leader_id().voted_for() == Some(me);
+        if !(still_silent || own_campaign) {
+            return None;
+        }
+        let mut others: Vec<NodeId> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|id| *id != h.leader)
+            .collect();
+        others.sort_unstable();
+        let rank = others.iter().position(|id| *id == me)?;
+        Some(lease + stagger * rank as u32)
+    };
     loop {
         tokio::time::sleep(tick).await;
-        let Some((leader, at)) = *heard.lock().expect("heard poisoned") else {
-            continue;
-        };
-        if fired_for == Some(at) {
-            continue;
-        }
-        let rank = {
-            let m = raft.metrics();
-            let m = m.borrow();
-            if m.state == openraft::ServerState::Leader
-                || m.current_leader.is_some_and(|l| l != leader)
-            {
-                continue;
+        let h = {
+            let mut heard = heard.lock().expect("heard poisoned");
+            if metrics.borrow().state == openraft::ServerState::Leader {
+                *heard = None;
             }
-            let mut others: Vec<NodeId> = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .filter(|id| *id != leader)
-                .collect();
-            others.sort_unstable();
-            others.iter().position(|id| *id == me)
+            *heard
         };
-        let Some(rank) = rank else { continue };
-        let silent = at.elapsed();
-        if silent < lease + stagger * rank as u32 {
+        let Some(h) = h else { continue };
+        if fired_for == Some(h) {
             continue;
         }
-        fired_for = Some(at);
+        let Some(after) = due(&metrics.borrow_and_update(), &h) else {
+            continue;
+        };
+        let silent = h.at.elapsed();
+        if silent < after {
+            continue;
+        }
+        // Look again right before campaigning: a vote granted or a new
+        // leader heard since the check above calls it off.
+        if *heard.lock().expect("heard poisoned") != Some(h) || due(&metrics.borrow(), &h).is_none()
+        {
+            continue;
+        }
+        fired_for = Some(h);
         tracing::info!(
             silent_ms = silent.as_millis() as u64,
+            term = h.term,
             "the leader is silent past its lease; campaigning"
         );
         if raft.trigger().elect().await.is_err() {

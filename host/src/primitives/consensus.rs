@@ -99,15 +99,6 @@ impl ConsensusCtx {
         self.submitted.contains(&ticket) || self.surfaced.contains(&ticket)
     }
 
-    /// Moves the cursor to `index` after the plugin's state was replaced
-    /// by a snapshot's: what this instance submitted is forgotten.
-    pub fn restart_at(&mut self, index: u64) {
-        self.delivered = index;
-        self.submitted.clear();
-        self.surfaced.clear();
-        self.owes_answers = false;
-    }
-
     /// Forgets a failed submission. Returns whether it was outstanding.
     pub fn forget(&mut self, ticket: u64) -> bool {
         self.submitted.remove(&ticket)

@@ -228,12 +228,6 @@ pub enum Mail {
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<SwapReport, SwapError>>,
     },
-    /// Take the plugin's state for a consensus snapshot: what `snapshot`
-    /// returns, and the storage namespace with its cursor.
-    Capture {
-        /// Where the state goes; `None` when it could not be taken.
-        reply: oneshot::Sender<Option<RestorePoint>>,
-    },
     /// Stop the actor.
     Stop {
         /// Signalled once stopped.
@@ -593,6 +587,8 @@ fn error_response(status: u16, message: &str) -> Response {
 pub struct PluginHandle {
     env: Arc<PluginEnv>,
     tx: mpsc::Sender<Mail>,
+    /// Requests for the plugin's state, served ahead of the mailbox.
+    captures: mpsc::Sender<CaptureReply>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -653,9 +649,11 @@ impl PluginHandle {
         });
         let config = env.config();
         let instance = Instance::start(&env, prepared, tx.downgrade(), config).await?;
+        let (captures_tx, captures) = mpsc::channel(4);
         let actor = Actor {
             env: env.clone(),
             rx,
+            captures,
             mailbox: tx.downgrade(),
             deferred: VecDeque::new(),
             commits,
@@ -668,7 +666,12 @@ impl PluginHandle {
         let span =
             tracing::info_span!("plugin", node = %env.services.view.local(), name = %env.name);
         let task = tokio::spawn(actor.run().instrument(span));
-        Ok(PluginHandle { env, tx, task })
+        Ok(PluginHandle {
+            env,
+            tx,
+            captures: captures_tx,
+            task,
+        })
     }
 
     /// The plugin's name.
@@ -792,9 +795,11 @@ impl PluginHandle {
     }
 
     /// The plugin's state between two hooks, for a consensus snapshot.
+    ///
+    /// Served ahead of the mailbox, between two hooks.
     pub async fn capture(&self) -> Option<RestorePoint> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Mail::Capture { reply }).await.ok()?;
+        self.captures.send(reply).await.ok()?;
         rx.await.ok().flatten()
     }
 
@@ -812,9 +817,14 @@ impl PluginHandle {
     }
 }
 
+/// Where a captured [`RestorePoint`] goes; `None` when it could not be
+/// taken.
+type CaptureReply = oneshot::Sender<Option<RestorePoint>>;
+
 struct Actor {
     env: Arc<PluginEnv>,
     rx: mpsc::Receiver<Mail>,
+    captures: mpsc::Receiver<CaptureReply>,
     /// For the instances it starts; weak so that dropping the handle ends
     /// the actor.
     mailbox: mpsc::WeakSender<Mail>,
@@ -832,6 +842,7 @@ struct Actor {
 
 enum Next {
     Mail(Mail),
+    Capture(CaptureReply),
     Commits,
     Dropped(Dropped),
     Closed,
@@ -870,12 +881,14 @@ impl Actor {
                         Next::Commits
                     }
                     Some(dropped) = self.drops.recv() => Next::Dropped(dropped),
+                    Some(reply) = self.captures.recv() => Next::Capture(reply),
                     mail = self.rx.recv(), if !saturated => mail.map_or(Next::Closed, Next::Mail),
                 }
             };
             match next {
                 Next::Commits => {}
                 Next::Dropped(d) => self.dropped(d),
+                Next::Capture(reply) => self.capture(reply).await,
                 Next::Closed => break,
                 Next::Mail(mail) => {
                     if !self.handle(mail).await {
@@ -1039,6 +1052,53 @@ impl Actor {
         self.apply(&entries).await;
     }
 
+    /// Takes the plugin's state between two hooks: what `snapshot`
+    /// returns, and the storage namespace with its cursor.
+    async fn capture(&mut self, reply: CaptureReply) {
+        let env = self.env.clone();
+        let Some(inst) = self.instance.as_mut() else {
+            let _ = reply.send(None);
+            return;
+        };
+        if reply.is_closed() {
+            return;
+        }
+        inst.begin();
+        let r = inst
+            .bindings
+            .plexus_cluster_pattern()
+            .call_snapshot(&mut inst.store)
+            .await;
+        let state = match inst.finish(&env, "snapshot", r).await {
+            Ok(state) => state,
+            Err(_) => {
+                self.kill();
+                let _ = reply.send(None);
+                return;
+            }
+        };
+        self.succeeded();
+        let kv = env.services.kv.clone();
+        let ns = env.name.clone();
+        let point = match tokio::task::spawn_blocking(move || kv.export(&ns)).await {
+            Ok(Ok((index, items))) => Some(RestorePoint {
+                index,
+                items,
+                state,
+                control: None,
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(plugin = %env.name, "reading storage for a snapshot: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %env.name, "reading storage for a snapshot: {e}");
+                None
+            }
+        };
+        let _ = reply.send(point);
+    }
+
     /// The entries after this instance's cursor were compacted into a
     /// snapshot: replaces the plugin's storage and cursor by the snapshot's
     /// restore point and hands its state to `restore`.
@@ -1085,19 +1145,34 @@ impl Actor {
             tokio::time::sleep(Duration::from_millis(100)).await;
             return;
         }
+        // A fresh instance: its `init` sees the restored storage, then
+        // `restore` gets the in-memory state.
+        let prepared = inst.prepared.clone();
         inst.abandon("the plugin's state was replaced by a consensus snapshot");
-        inst.dropped.clear();
-        inst.store.data_mut().consensus.restart_at(index);
-        inst.persisted = index;
         env.update(|s| s.restored_at_index = Some(index));
         tracing::info!(plugin = %env.name, from, to = index, "plugin state restored from a consensus snapshot");
-        inst.begin();
-        let r = inst
+        let next =
+            Instance::start(&env, prepared.clone(), self.mailbox.clone(), env.config()).await;
+        let mut next = match next {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::warn!(plugin = %env.name, "starting on the snapshot's state: {e}");
+                self.instance = None;
+                self.last_prepared = Some(prepared);
+                self.failures += 1;
+                self.env.update(|s| s.state = RunState::Restarting);
+                return;
+            }
+        };
+        next.begin();
+        let r = next
             .bindings
             .plexus_cluster_pattern()
-            .call_restore(&mut inst.store, &point.state)
+            .call_restore(&mut next.store, &point.state)
             .await;
-        match inst.finish(&env, "restore", r).await {
+        let restored = next.finish(&env, "restore", r).await;
+        self.instance = Some(next);
+        match restored {
             Ok(Ok(())) => self.succeeded(),
             Ok(Err(msg)) => {
                 // Storage is already the snapshot's; a fresh instance starts
@@ -1353,43 +1428,6 @@ impl Actor {
                 }
                 let r = self.swap(*next).await;
                 let _ = reply.send(r);
-            }
-            Mail::Capture { reply } => {
-                inst.begin();
-                let r = inst
-                    .bindings
-                    .plexus_cluster_pattern()
-                    .call_snapshot(&mut inst.store)
-                    .await;
-                match inst.finish(&env, "snapshot", r).await {
-                    Ok(state) => {
-                        self.succeeded();
-                        let kv = env.services.kv.clone();
-                        let ns = env.name.clone();
-                        let dump = tokio::task::spawn_blocking(move || kv.export(&ns)).await;
-                        let point = match dump {
-                            Ok(Ok((index, items))) => Some(RestorePoint {
-                                index,
-                                items,
-                                state,
-                                control: None,
-                            }),
-                            Ok(Err(e)) => {
-                                tracing::warn!(plugin = %env.name, "reading storage for a snapshot: {e}");
-                                None
-                            }
-                            Err(e) => {
-                                tracing::warn!(plugin = %env.name, "reading storage for a snapshot: {e}");
-                                None
-                            }
-                        };
-                        let _ = reply.send(point);
-                    }
-                    Err(_) => {
-                        self.kill();
-                        let _ = reply.send(None);
-                    }
-                }
             }
             Mail::Stop { reply } => {
                 self.instance = None;
