@@ -1658,4 +1658,91 @@ mod tests {
         let back: Result<VoteResponse<NodeId>, RaftError<NodeId>> = dec(&enc(&err)).unwrap();
         assert_eq!(format!("{back:?}"), format!("{err:?}"));
     }
+
+    /// Hands out the state a plugin would report at `index`.
+    struct FixedState(u64);
+
+    impl Capture for FixedState {
+        fn capture(&self, _: Duration) -> BoxFuture<'static, HashMap<String, RestorePoint>> {
+            let point = RestorePoint {
+                index: self.0,
+                items: vec![(b"k".to_vec(), b"v".to_vec(), 1)],
+                state: b"memory".to_vec(),
+                control: None,
+            };
+            Box::pin(async move { HashMap::from([("kv".to_string(), point)]) })
+        }
+    }
+
+    fn batch(index: u64, ops: &[(&str, &[u8])]) -> Entry<TypeConfig> {
+        let leader = openraft::CommittedLeaderId::new(1, raft_id("node-1"));
+        Entry {
+            log_id: LogId::new(leader, index),
+            payload: EntryPayload::Normal(Batch(
+                ops.iter()
+                    .map(|(s, d)| (s.to_string(), d.to_vec()))
+                    .collect(),
+            )),
+        }
+    }
+
+    /// A snapshot replaces a plugin's applied entries by its state: a
+    /// reader behind that state is told to restore, on the node that built
+    /// it and on a node that installs it, and the entries after it are
+    /// still read one by one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_compacts_a_stream_behind_the_plugins_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(&dir.path().join("a.redb")).unwrap();
+        // Stream indexes 1..=6: kv, other, kv, kv (a swap), kv, kv.
+        let swap = crate::primitives::consensus::Control::Swap {
+            component: vec![0],
+            config: None,
+        }
+        .encode();
+        sm.apply(vec![
+            batch(1, &[("kv", &[0, 1]), ("other", &[0, 2])]),
+            batch(2, &[("kv", &[0, 3]), ("kv", &swap)]),
+            batch(3, &[("kv", &[0, 5]), ("kv", &[0, 6])]),
+        ])
+        .await
+        .unwrap();
+        // The plugin has applied through 5.
+        let _ = sm.shared.capture.set(Arc::new(FixedState(5)));
+        let snapshot = sm.build_snapshot().await.unwrap();
+
+        let check = |shared: &SmShared| {
+            assert!(matches!(
+                shared.entries("kv", 2, 6, 100),
+                Err(LogError::Compacted(4))
+            ));
+            let after: Vec<u64> = shared
+                .entries("kv", 5, 6, 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.index)
+                .collect();
+            assert_eq!(after, vec![6]);
+            let point = shared.restore_point("kv").unwrap().unwrap();
+            assert_eq!((point.index, &point.state[..]), (5, &b"memory"[..]));
+            assert_eq!(point.control.map(|(i, _)| i), Some(4), "the swap is kept");
+            // A stream with no plugin state is kept whole.
+            assert_eq!(shared.entries("other", 0, 6, 100).unwrap().len(), 1);
+        };
+        check(&sm.shared);
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.snapshot_id, snapshot.meta.snapshot_id);
+
+        let mut other = StateMachine::open(&dir.path().join("b.redb")).unwrap();
+        other
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        check(&other.shared);
+        assert_eq!(other.shared.watches.commit_index(), 6);
+        // The install survives a reopen.
+        drop(other);
+        let reopened = StateMachine::open(&dir.path().join("b.redb")).unwrap();
+        check(&reopened.shared);
+    }
 }
