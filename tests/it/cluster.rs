@@ -443,16 +443,7 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
     for i in 0..3 {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let (_, body) = http(
-                c.http[i],
-                "GET",
-                "/v1/admin/plugins/kv",
-                &[("authorization", &auth)],
-                b"",
-            )
-            .await
-            .unwrap();
-            let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let s = kv_status(c.http[i]).await;
             if s["swapped_at_index"].as_u64() == Some(index) {
                 assert_eq!(
                     s["version"].as_str(),
@@ -485,16 +476,7 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
     c.kill(2);
     let p = c.spawn(2).await;
     c.nodes[2] = Some(p);
-    let (_, body) = http(
-        c.http[2],
-        "GET",
-        "/v1/admin/plugins/kv",
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await
-    .unwrap();
-    let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let s = kv_status(c.http[2]).await;
     assert_eq!(
         (s["version"].as_str(), s["swapped_at_index"].as_u64()),
         (Some(version.as_str()), Some(index)),
@@ -654,16 +636,7 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
         .await
             > 0
     );
-    let (_, body) = http(
-        c.http[lagging],
-        "GET",
-        "/v1/admin/plugins/kv",
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await
-    .unwrap();
-    let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let s = kv_status(c.http[lagging]).await;
     assert!(
         s["restored_at_index"]
             .as_u64()
@@ -680,6 +653,21 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
     for i in 0..3 {
         assert_eq!(read(c.http[i], "after").await.as_deref(), Some(&b"2"[..]));
     }
+}
+
+/// The `kv` plugin's status on the node at `addr`.
+async fn kv_status(addr: SocketAddr) -> serde_json::Value {
+    let auth = format!("Bearer {TOKEN}");
+    let (_, body) = http(
+        addr,
+        "GET",
+        "/v1/admin/plugins/kv",
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+    .unwrap();
+    serde_json::from_slice(&body).unwrap()
 }
 
 /// The value of the counter or gauge `name` in `addr`'s `/metrics`.

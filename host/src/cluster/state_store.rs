@@ -91,6 +91,12 @@ impl RedbKv {
     }
 }
 
+fn encode_value(version: u64, value: &[u8], buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(&version.to_le_bytes());
+    buf.extend_from_slice(value);
+}
+
 fn decode_value(raw: &[u8]) -> Result<(Vec<u8>, u64), StoreError> {
     let (head, value) = raw
         .split_first_chunk::<8>()
@@ -149,9 +155,7 @@ impl KvBackend for RedbKv {
             for (key, write) in &writes {
                 match write {
                     Some((value, version)) => {
-                        buf.clear();
-                        buf.extend_from_slice(&version.to_le_bytes());
-                        buf.extend_from_slice(value);
+                        encode_value(*version, value, &mut buf);
                         table
                             .insert((ns, key.as_slice()), buf.as_slice())
                             .map_err(err)?;
@@ -223,9 +227,7 @@ impl KvBackend for RedbKv {
             let mut buf = Vec::new();
             for (key, value, _) in &items {
                 let version = self.next_version();
-                buf.clear();
-                buf.extend_from_slice(&version.to_le_bytes());
-                buf.extend_from_slice(value);
+                encode_value(version, value, &mut buf);
                 table
                     .insert((ns, key.as_slice()), buf.as_slice())
                     .map_err(err)?;

@@ -1080,17 +1080,17 @@ impl Actor {
         self.succeeded();
         let kv = env.services.kv.clone();
         let ns = env.name.clone();
-        let point = match tokio::task::spawn_blocking(move || kv.export(&ns)).await {
-            Ok(Ok((index, items))) => Some(RestorePoint {
+        let dump = tokio::task::spawn_blocking(move || kv.export(&ns))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let point = match dump {
+            Ok((index, items)) => Some(RestorePoint {
                 index,
                 items,
                 state,
                 control: None,
             }),
-            Ok(Err(e)) => {
-                tracing::warn!(plugin = %env.name, "reading storage for a snapshot: {e}");
-                None
-            }
             Err(e) => {
                 tracing::warn!(plugin = %env.name, "reading storage for a snapshot: {e}");
                 None
