@@ -415,21 +415,7 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
         (acked, failed)
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let component = plexus_tests::variant(&plexus_tests::wasm("replicated-kv"), 42);
-    let auth = format!("Bearer {TOKEN}");
-    let (status, body) = http(
-        c.http[1],
-        "POST",
-        "/v1/admin/plugins/kv/swap?scope=cluster",
-        &[("authorization", &auth)],
-        &component,
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let done: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let index = done["index"].as_u64().unwrap();
-    let version = done["version"].as_str().unwrap().to_string();
+    let (index, version) = swap_cluster_wide(c.http[1], 42).await;
 
     let (acked, failed) = writes.await.unwrap();
     // A write whose entry landed behind the swap entry while its proposer
@@ -568,7 +554,6 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
     // Far more entries than a snapshot interval: the log the lagging node
     // needs is purged, so it can only catch up from a snapshot. A
     // cluster-wide swap lies in the compacted part.
-    let auth = format!("Bearer {TOKEN}");
     let mut swapped = None;
     for i in 0..120 {
         assert!(
@@ -576,22 +561,7 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
             "write {i}"
         );
         if i == 40 {
-            let component = plexus_tests::variant(&plexus_tests::wasm("replicated-kv"), 7);
-            let (status, body) = http(
-                c.http[writer],
-                "POST",
-                "/v1/admin/plugins/kv/swap?scope=cluster",
-                &[("authorization", &auth)],
-                &component,
-            )
-            .await
-            .unwrap();
-            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-            let done: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            swapped = Some((
-                done["index"].as_u64().unwrap(),
-                done["version"].as_str().unwrap().to_string(),
-            ));
+            swapped = Some(swap_cluster_wide(c.http[writer], 7).await);
         }
     }
     let (swap_index, swap_version) = swapped.unwrap();
@@ -653,6 +623,28 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
     for i in 0..3 {
         assert_eq!(read(c.http[i], "after").await.as_deref(), Some(&b"2"[..]));
     }
+}
+
+/// Swaps `kv` cluster-wide, through `addr`, to a variant of
+/// `replicated-kv`; returns the swap's log index and the new version.
+async fn swap_cluster_wide(addr: SocketAddr, variant: u8) -> (u64, String) {
+    let component = plexus_tests::variant(&plexus_tests::wasm("replicated-kv"), variant);
+    let auth = format!("Bearer {TOKEN}");
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/v1/admin/plugins/kv/swap?scope=cluster",
+        &[("authorization", &auth)],
+        &component,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let done: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (
+        done["index"].as_u64().unwrap(),
+        done["version"].as_str().unwrap().to_string(),
+    )
 }
 
 /// The `kv` plugin's status on the node at `addr`.

@@ -91,6 +91,20 @@ impl RedbKv {
     }
 }
 
+/// Records `version` as the highest committed, if it is.
+fn raise_version(txn: &redb::WriteTransaction, version: u64) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META).map_err(err)?;
+    let current = meta
+        .get("version")
+        .map_err(err)?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    if version > current {
+        meta.insert("version", version).map_err(err)?;
+    }
+    Ok(())
+}
+
 fn encode_value(version: u64, value: &[u8], buf: &mut Vec<u8>) {
     buf.clear();
     buf.extend_from_slice(&version.to_le_bytes());
@@ -167,15 +181,7 @@ impl KvBackend for RedbKv {
                 }
             }
             if max_version > 0 {
-                let mut meta = txn.open_table(META).map_err(err)?;
-                let current = meta
-                    .get("version")
-                    .map_err(err)?
-                    .map(|v| v.value())
-                    .unwrap_or(0);
-                if max_version > current {
-                    meta.insert("version", max_version).map_err(err)?;
-                }
+                raise_version(&txn, max_version)?;
             }
             if let Some(index) = applied {
                 let mut t = txn.open_table(APPLIED).map_err(err)?;
@@ -233,15 +239,7 @@ impl KvBackend for RedbKv {
                     .map_err(err)?;
                 max_version = max_version.max(version);
             }
-            let mut meta = txn.open_table(META).map_err(err)?;
-            let current = meta
-                .get("version")
-                .map_err(err)?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            if max_version > current {
-                meta.insert("version", max_version).map_err(err)?;
-            }
+            raise_version(&txn, max_version)?;
             txn.open_table(APPLIED)
                 .map_err(err)?
                 .insert(ns, applied)
