@@ -706,7 +706,10 @@ async fn voters(addr: SocketAddr) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_as_a_voter_and_a_voter_leaves() {
-    let mut c = Cluster::start(3000).await;
+    // Snapshots every 10 entries: the log before the join is purged, so
+    // the new node starts from a snapshot and its plugin from the
+    // snapshot's state.
+    let mut c = Cluster::start_with(3000, 10).await;
     let leader = c.leader().await;
     for i in 0..20 {
         assert!(put(c.http[0], &format!("j{i}"), &format!("v{i}")).await);
@@ -773,6 +776,12 @@ async fn a_node_joins_as_a_voter_and_a_voter_leaves() {
     assert_eq!(
         read(c.http[0], "from-4").await.as_deref(),
         Some(&b"hello"[..])
+    );
+    assert!(counter(http4, "plexus_consensus_snapshots_installed_total").await > 0);
+    let s = kv_status(http4).await;
+    assert!(
+        s["restored_at_index"].as_u64().is_some(),
+        "node-4's plugin started from the snapshot's state: {s}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while voters(http4).await.len() != 4 {
