@@ -672,6 +672,10 @@ async fn counter(addr: SocketAddr, name: &str) -> u64 {
 }
 
 /// Sends `sig` (`-STOP`, `-CONT`) to the processes `pids`.
+///
+/// A stop is delivered to each thread when it next runs, which on a busy
+/// machine can be some milliseconds later; `-STOP` returns only once every
+/// thread of every process has stopped.
 fn signal(sig: &str, pids: &[String]) {
     for pid in pids {
         let ok = std::process::Command::new("kill")
@@ -681,6 +685,30 @@ fn signal(sig: &str, pids: &[String]) {
             .success();
         assert!(ok, "kill {sig} {pid} failed");
     }
+    if sig != "-STOP" {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for pid in pids {
+        while !all_threads_stopped(pid) {
+            assert!(Instant::now() < deadline, "process {pid} never stopped");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T`).
+fn all_threads_stopped(pid: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        })
+    })
 }
 
 /// Runs the `plexus` CLI against the node at `addr`.
