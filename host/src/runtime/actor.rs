@@ -1151,16 +1151,14 @@ impl Actor {
         inst.abandon("the plugin's state was replaced by a consensus snapshot");
         env.update(|s| s.restored_at_index = Some(index));
         tracing::info!(plugin = %env.name, from, to = index, "plugin state restored from a consensus snapshot");
-        let next =
-            Instance::start(&env, prepared.clone(), self.mailbox.clone(), env.config()).await;
+        let next = Instance::start(&env, prepared, self.mailbox.clone(), env.config()).await;
         let mut next = match next {
             Ok(next) => next,
             Err(e) => {
+                // The restart after the backoff starts from the restored
+                // storage too.
                 tracing::warn!(plugin = %env.name, "starting on the snapshot's state: {e}");
-                self.instance = None;
-                self.last_prepared = Some(prepared);
-                self.failures += 1;
-                self.env.update(|s| s.state = RunState::Restarting);
+                self.kill();
                 return;
             }
         };
