@@ -337,7 +337,6 @@ impl Node {
                 }
             }
         });
-        raft.set_capture(Arc::new(Captor(Arc::downgrade(&node))));
         transport.set_handler(Arc::new(PeerHandler {
             raft,
             node: Arc::downgrade(&node),
@@ -364,13 +363,17 @@ impl Node {
             transport,
             runtime: runtime.clone(),
         };
-        Ok(Arc::new(Node {
+        let node = Arc::new(Node {
             id: opts.id,
             runtime,
             services,
             plugins: RwLock::new(BTreeMap::new()),
             raft,
-        }))
+        });
+        node.services
+            .log
+            .set_capture(Arc::new(Captor(Arc::downgrade(&node))));
+        Ok(node)
     }
 
     /// This node's id.

@@ -4,16 +4,20 @@
 //! Concurrent proposals from all plugins are coalesced by one writer task
 //! into a single redb transaction and a single fsync, then acknowledged.
 //! A node alone is its own quorum, so "committed" means "fsynced here".
+//!
+//! Every [`COMPACT_EVERY`] entries the streams are compacted behind the
+//! plugins' state, as a cluster compacts them behind its snapshots.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::log::{BoxFuture, ConsensusBackend, Entry, LogError, LogStats};
+use super::compaction::{self, Compaction};
+use super::log::{BoxFuture, Capture, ConsensusBackend, Entry, LogError, LogStats, RestorePoint};
 use super::streams::{self, ENTRIES, Watches, err};
 
 /// "last-index" → the highest index written.
@@ -22,6 +26,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const TERM: u64 = 1;
 /// Most proposals written in one transaction.
 const MAX_GROUP: usize = 1024;
+/// Entries between two compactions of the streams.
+pub const COMPACT_EVERY: u64 = 20_000;
 
 struct Proposal {
     stream: String,
@@ -35,6 +41,12 @@ struct Shared {
     watches: Watches,
     proposals: AtomicU64,
     writes: AtomicU64,
+    compaction: Compaction,
+    /// Entries written since the last compaction started.
+    since_compaction: AtomicU64,
+    compact_every: u64,
+    compacting: AtomicBool,
+    compactions: AtomicU64,
 }
 
 /// The single-node [`ConsensusBackend`].
@@ -47,8 +59,14 @@ impl LocalLog {
     /// Opens (or creates) the log at `path` and starts its writer task.
     /// Must be called inside a tokio runtime.
     pub fn open(path: &Path, node: &str) -> Result<LocalLog, LogError> {
+        LocalLog::open_with(path, node, COMPACT_EVERY)
+    }
+
+    /// [`open`](Self::open), compacting every `compact_every` entries.
+    pub fn open_with(path: &Path, node: &str, compact_every: u64) -> Result<LocalLog, LogError> {
         let db = Database::create(path).map_err(err)?;
         let txn = db.begin_write().map_err(err)?;
+        let compaction = Compaction::open(&txn)?;
         let last = {
             txn.open_table(ENTRIES).map_err(err)?;
             let meta = txn.open_table(META).map_err(err)?;
@@ -64,6 +82,11 @@ impl LocalLog {
             watches: Watches::new(last),
             proposals: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            compaction,
+            since_compaction: AtomicU64::new(0),
+            compact_every,
+            compacting: AtomicBool::new(false),
+            compactions: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
         tokio::spawn(writer(shared.clone(), rx));
@@ -100,6 +123,15 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
                 for (i, p) in group.drain(..).enumerate() {
                     let _ = p.reply.send(Ok(first + i as u64));
                 }
+                let since = shared
+                    .since_compaction
+                    .fetch_add(batch_len(last, first), Ordering::Relaxed)
+                    + batch_len(last, first);
+                if since >= shared.compact_every && !shared.compacting.swap(true, Ordering::AcqRel)
+                {
+                    shared.since_compaction.store(0, Ordering::Relaxed);
+                    tokio::spawn(compact(shared.clone(), last));
+                }
             }
             Err(e) => {
                 for p in group.drain(..) {
@@ -108,6 +140,33 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
             }
         }
     }
+}
+
+fn batch_len(last: u64, first: u64) -> u64 {
+    last + 1 - first
+}
+
+/// Compacts the streams behind the state of the plugins running here.
+async fn compact(shared: Arc<Shared>, last: u64) {
+    let captured = shared.compaction.capture().await;
+    let s = shared.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<(), LogError> {
+        let txn = s.db.begin_write().map_err(err)?;
+        let (_, moved) = compaction::compact(&txn, captured, last, false)?;
+        let mut floors = s.compaction.floors();
+        txn.commit().map_err(err)?;
+        floors.extend(moved);
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| Err(err(e)));
+    match result {
+        Ok(()) => {
+            shared.compactions.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!("compacting the log's streams: {e}"),
+    }
+    shared.compacting.store(false, Ordering::Release);
 }
 
 fn write_group(shared: &Shared, batch: &[(String, Vec<u8>)]) -> Result<u64, LogError> {
@@ -160,7 +219,15 @@ impl ConsensusBackend for LocalLog {
     }
 
     fn last_control(&self, stream: &str, through: u64) -> Result<Option<(u64, Vec<u8>)>, LogError> {
-        streams::last_control(&self.shared.db, stream, through)
+        compaction::last_control(&self.shared.db, stream, through)
+    }
+
+    fn restore_point(&self, stream: &str) -> Result<Option<RestorePoint>, LogError> {
+        compaction::restore_point(&self.shared.db, stream)
+    }
+
+    fn set_capture(&self, capture: Arc<dyn Capture>) {
+        self.shared.compaction.set_capture(capture);
     }
 
     fn entries(
@@ -170,7 +237,9 @@ impl ConsensusBackend for LocalLog {
         through: u64,
         max: usize,
     ) -> Result<Vec<Entry>, LogError> {
-        streams::read(&self.shared.db, stream, after, through, max)
+        self.shared
+            .compaction
+            .entries(&self.shared.db, stream, after, through, max)
     }
 
     fn subscribe(&self, stream: &str) -> Result<watch::Receiver<u64>, LogError> {
@@ -193,7 +262,77 @@ impl ConsensusBackend for LocalLog {
         LogStats {
             proposals: self.shared.proposals.load(Ordering::Relaxed),
             writes: self.shared.writes.load(Ordering::Relaxed),
+            snapshots_built: self.shared.compactions.load(Ordering::Relaxed),
             ..LogStats::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Reports the plugin `kv` as having applied through `index`.
+    struct AppliedThrough(u64);
+
+    impl Capture for AppliedThrough {
+        fn capture(&self, _: Duration) -> BoxFuture<'static, HashMap<String, RestorePoint>> {
+            let point = RestorePoint {
+                index: self.0,
+                items: vec![(b"k".to_vec(), b"v".to_vec(), 1)],
+                state: Vec::new(),
+                control: None,
+            };
+            Box::pin(async move { HashMap::from([("kv".to_string(), point)]) })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_streams_are_compacted_behind_the_plugins_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.redb");
+        let log = LocalLog::open_with(&path, "n", 10).unwrap();
+        log.set_capture(Arc::new(AppliedThrough(8)));
+        for i in 0..12u8 {
+            let stream = if i == 3 { "other" } else { "kv" };
+            log.propose(stream, vec![0, i]).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log.stats().snapshots_built == 0 {
+            assert!(std::time::Instant::now() < deadline, "never compacted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let check = |log: &LocalLog| {
+            // kv holds 1, 2, 3, 5, ..., 12; through 8 it is the plugin's
+            // state, and 8 marks where that part ends.
+            assert!(matches!(
+                log.entries("kv", 3, 12, 100),
+                Err(LogError::Compacted(7))
+            ));
+            let after: Vec<u64> = log
+                .entries("kv", 8, 12, 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.index)
+                .collect();
+            assert_eq!(after, vec![9, 10, 11, 12]);
+            assert_eq!(log.restore_point("kv").unwrap().unwrap().index, 8);
+            assert_eq!(log.entries("other", 0, 12, 100).unwrap().len(), 1);
+        };
+        check(&log);
+        drop(log);
+        // The floors survive a restart (once the writer task has let go of
+        // the file).
+        let log = loop {
+            match LocalLog::open(&path, "n") {
+                Ok(log) => break log,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        check(&log);
     }
 }

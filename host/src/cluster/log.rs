@@ -77,7 +77,8 @@ pub struct LogStats {
     pub proposals: u64,
     /// Durable writes (fsyncs) that committed them.
     pub writes: u64,
-    /// Snapshots this node built.
+    /// Snapshots this node built; on a single node, compactions of its
+    /// streams.
     pub snapshots_built: u64,
     /// Snapshots this node installed from the leader.
     pub snapshots_installed: u64,
@@ -111,6 +112,9 @@ pub trait ConsensusBackend: Send + Sync + 'static {
     /// below `through`, as `(index, data)`: the version a plugin whose
     /// cursor is at `through` runs.
     fn last_control(&self, stream: &str, through: u64) -> Result<Option<(u64, Vec<u8>)>, LogError>;
+    /// Sets where plugin state comes from when the streams are compacted.
+    /// Until it is set, they are kept whole.
+    fn set_capture(&self, capture: std::sync::Arc<dyn Capture>);
     /// The state that replaces the compacted part of `stream`, if any.
     fn restore_point(&self, stream: &str) -> Result<Option<RestorePoint>, LogError> {
         let _ = stream;

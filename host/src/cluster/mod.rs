@@ -1,5 +1,6 @@
 //! The cluster layer: the consensus log and node-local storage engines.
 
+pub mod compaction;
 pub mod local_log;
 pub mod log;
 pub mod raft;

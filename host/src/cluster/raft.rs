@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+use super::compaction::{self, Compaction, StreamState};
 use super::log::{BoxFuture, Capture, ConsensusBackend, LogError, LogStats, RestorePoint};
 use super::streams::{self, ENTRIES, Watches};
 use super::transport::{Transport, TransportError};
@@ -355,16 +356,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 // ------------------------------------------------------------ state machine
 
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm-meta");
-/// Stream → its latest [`RestorePoint`]: the plugin's state through an
-/// index, behind which the stream's entries are compacted.
-const RESTORE: TableDefinition<&str, &[u8]> = TableDefinition::new("restore-points");
-/// Stream → the highest index of its entries deleted by compaction. A
-/// reader whose cursor is below it has missed entries.
-const FLOORS: TableDefinition<&str, u64> = TableDefinition::new("compacted-floors");
 /// `"current"` → the last snapshot built or installed ([`Stored`]).
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
-/// How long building a snapshot waits for one plugin's state.
-const CAPTURE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct SmMeta {
@@ -379,18 +372,7 @@ struct SmMeta {
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     meta: SmMeta,
-    streams: Vec<StreamSnapshot>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StreamSnapshot {
-    name: String,
-    /// The highest index of the stream's deleted entries.
-    floor: u64,
-    point: Option<RestorePoint>,
-    /// `(index, stored value)` of the entries kept: those after the point,
-    /// and the last one at or below it (which marks the stream's end).
-    entries: Vec<(u64, Vec<u8>)>,
+    streams: Vec<StreamState>,
 }
 
 /// The current snapshot as the state machine keeps it.
@@ -419,19 +401,13 @@ pub struct SmShared {
     db: Database,
     watches: Watches,
     meta: Mutex<SmMeta>,
-    /// Per stream, the highest index of its entries compacted away. Held
-    /// across the commits that move it, so a reader that checks it after
-    /// reading never misses a gap.
-    floors: Mutex<HashMap<String, u64>>,
-    /// Where plugin state comes from when a snapshot is built.
-    capture: OnceLock<Arc<dyn Capture>>,
+    /// The streams' floors, and where plugin state comes from.
+    compaction: Compaction,
     built: AtomicU64,
     installed: AtomicU64,
 }
 
 impl SmShared {
-    /// Committed entries of `stream` after `after`, or
-    /// [`LogError::Compacted`] when some are compacted away.
     fn entries(
         &self,
         stream: &str,
@@ -439,27 +415,12 @@ impl SmShared {
         through: u64,
         max: usize,
     ) -> Result<Vec<super::log::Entry>, LogError> {
-        let out = streams::read(&self.db, stream, after, through, max)?;
-        let floor = self
-            .floors
-            .lock()
-            .expect("floors poisoned")
-            .get(stream)
-            .copied()
-            .unwrap_or(0);
-        if after < floor {
-            return Err(LogError::Compacted(floor));
-        }
-        Ok(out)
+        self.compaction
+            .entries(&self.db, stream, after, through, max)
     }
 
     fn restore_point(&self, stream: &str) -> Result<Option<RestorePoint>, LogError> {
-        let txn = self.db.begin_read().map_err(streams::err)?;
-        let t = txn.open_table(RESTORE).map_err(streams::err)?;
-        t.get(stream)
-            .map_err(streams::err)?
-            .map(|v| dec(v.value()).map_err(streams::err))
-            .transpose()
+        compaction::restore_point(&self.db, stream)
     }
 }
 
@@ -469,53 +430,6 @@ pub struct StateMachine {
     shared: Arc<SmShared>,
 }
 
-/// The last host control entry of `stream` at or below `through`.
-fn last_control(
-    entries: &redb::Table<(&str, u64), &[u8]>,
-    stream: &str,
-    through: u64,
-) -> Result<Option<(u64, Vec<u8>)>, AnyError> {
-    let mut found = None;
-    for item in entries
-        .range((stream, 0)..=(stream, through))
-        .map_err(io_err)?
-    {
-        let (k, v) = item.map_err(io_err)?;
-        let data = v.value().get(8..).unwrap_or_default();
-        if data.first() == Some(&crate::primitives::consensus::TAG_CONTROL) {
-            found = Some((k.value().1, data.to_vec()));
-        }
-    }
-    Ok(found)
-}
-
-/// Names of the streams that have entries or a restore point.
-fn stream_names(txn: &redb::WriteTransaction) -> Result<BTreeSet<String>, AnyError> {
-    use std::ops::Bound;
-    let mut names = BTreeSet::new();
-    let t = txn.open_table(ENTRIES).map_err(io_err)?;
-    let first = |r: Option<Result<_, redb::StorageError>>| -> Result<Option<String>, AnyError> {
-        Ok(r.transpose()
-            .map_err(io_err)?
-            .map(|(k, _): (redb::AccessGuard<(&str, u64)>, _)| k.value().0.to_string()))
-    };
-    let mut next = first(t.iter().map_err(io_err)?.next())?;
-    while let Some(name) = next {
-        let after = (Bound::Excluded((name.as_str(), u64::MAX)), Bound::Unbounded);
-        next = first(t.range::<(&str, u64)>(after).map_err(io_err)?.next())?;
-        names.insert(name);
-    }
-    for item in txn
-        .open_table(RESTORE)
-        .map_err(io_err)?
-        .iter()
-        .map_err(io_err)?
-    {
-        names.insert(item.map_err(io_err)?.0.value().to_string());
-    }
-    Ok(names)
-}
-
 impl StateMachine {
     /// Opens or creates the state machine at `path`.
     pub fn open(path: &Path) -> anyhow::Result<StateMachine> {
@@ -523,24 +437,18 @@ impl StateMachine {
         let txn = db.begin_write()?;
         txn.open_table(ENTRIES)?;
         txn.open_table(SNAPSHOT)?;
-        txn.open_table(RESTORE)?;
+        let compaction = Compaction::open(&txn)?;
         check_format(&txn, SM_META, path)?;
         let meta: SmMeta = match txn.open_table(SM_META)?.get("meta")? {
             Some(v) => dec(v.value())?,
             None => SmMeta::default(),
         };
-        let mut floors = HashMap::new();
-        for item in txn.open_table(FLOORS)?.iter()? {
-            let (k, v) = item?;
-            floors.insert(k.value().to_string(), v.value());
-        }
         txn.commit()?;
         Ok(StateMachine {
             shared: Arc::new(SmShared {
                 watches: Watches::new(meta.last_index),
                 meta: Mutex::new(meta),
-                floors: Mutex::new(floors),
-                capture: OnceLock::new(),
+                compaction,
                 built: AtomicU64::new(0),
                 installed: AtomicU64::new(0),
                 db,
@@ -548,19 +456,10 @@ impl StateMachine {
         })
     }
 
-    /// Takes the state of every plugin that runs here, for the snapshot
-    /// to replace the part of its stream that state covers.
-    async fn capture(&self) -> HashMap<String, RestorePoint> {
-        match self.shared.capture.get().cloned() {
-            Some(capture) => capture.capture(CAPTURE_TIMEOUT).await,
-            None => HashMap::new(),
-        }
-    }
-
     /// Builds the snapshot from the stream table and `captured`, and
     /// compacts each captured stream behind its new restore point, in one
     /// transaction.
-    fn compact(&self, mut captured: HashMap<String, RestorePoint>) -> Result<Stored, AnyError> {
+    fn compact(&self, captured: HashMap<String, RestorePoint>) -> Result<Stored, AnyError> {
         let txn = self.shared.db.begin_write().map_err(io_err)?;
         let meta: SmMeta = match txn
             .open_table(SM_META)
@@ -571,71 +470,8 @@ impl StateMachine {
             Some(v) => dec(v.value()).map_err(io_err)?,
             None => SmMeta::default(),
         };
-        let names = stream_names(&txn)?;
-        let mut streams = Vec::with_capacity(names.len());
-        let mut moved = Vec::new();
-        {
-            let mut entries = txn.open_table(ENTRIES).map_err(io_err)?;
-            let mut points = txn.open_table(RESTORE).map_err(io_err)?;
-            let mut floors = txn.open_table(FLOORS).map_err(io_err)?;
-            for name in names {
-                let old: Option<RestorePoint> = points
-                    .get(name.as_str())
-                    .map_err(io_err)?
-                    .map(|v| dec(v.value()))
-                    .transpose()
-                    .map_err(io_err)?;
-                let mut floor = floors
-                    .get(name.as_str())
-                    .map_err(io_err)?
-                    .map_or(0, |v| v.value());
-                let mut fresh = captured.remove(&name).filter(|p| {
-                    p.index > old.as_ref().map_or(0, |o| o.index) && p.index <= meta.last_index
-                });
-                if let Some(point) = &mut fresh {
-                    point.control = last_control(&entries, &name, point.index)?
-                        .or_else(|| old.as_ref().and_then(|o| o.control.clone()));
-                    points
-                        .insert(name.as_str(), enc(point).as_slice())
-                        .map_err(io_err)?;
-                    // Keep the last entry at or below the point: it marks
-                    // where the stream ends.
-                    let before = |entries: &redb::Table<(&str, u64), &[u8]>, through| {
-                        entries
-                            .range((name.as_str(), 0)..=(name.as_str(), through))
-                            .map_err(io_err)?
-                            .next_back()
-                            .transpose()
-                            .map_err(io_err)
-                            .map(|e| e.map(|(k, _)| k.value().1))
-                    };
-                    if let Some(keep) = before(&entries, point.index)?
-                        && let Some(deleted) = before(&entries, keep - 1)?
-                    {
-                        entries
-                            .retain_in((name.as_str(), 0)..(name.as_str(), keep), |_, _| false)
-                            .map_err(io_err)?;
-                        floor = floor.max(deleted);
-                        floors.insert(name.as_str(), floor).map_err(io_err)?;
-                        moved.push((name.clone(), floor));
-                    }
-                }
-                let mut kept = Vec::new();
-                for item in entries
-                    .range((name.as_str(), 0)..=(name.as_str(), u64::MAX))
-                    .map_err(io_err)?
-                {
-                    let (k, v) = item.map_err(io_err)?;
-                    kept.push((k.value().1, v.value().to_vec()));
-                }
-                streams.push(StreamSnapshot {
-                    name,
-                    floor,
-                    point: fresh.or(old),
-                    entries: kept,
-                });
-            }
-        }
+        let (streams, moved) =
+            compaction::compact(&txn, captured, meta.last_index, true).map_err(io_err)?;
         self.shared.built.fetch_add(1, Ordering::Relaxed);
         let mut nonce = [0u8; 4];
         getrandom::fill(&mut nonce).map_err(io_err)?;
@@ -656,7 +492,7 @@ impl StateMachine {
             .map_err(io_err)?
             .insert("current", enc(&stored).as_slice())
             .map_err(io_err)?;
-        let mut floors = self.shared.floors.lock().expect("floors poisoned");
+        let mut floors = self.shared.compaction.floors();
         txn.commit().map_err(io_err)?;
         floors.extend(moved);
         Ok(stored)
@@ -677,7 +513,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     /// reads the streams: a plugin is never ahead of the state machine, so
     /// the entries after its point are all there.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
-        let captured = self.capture().await;
+        let captured = self.shared.compaction.capture().await;
         let stored = tokio::task::block_in_place(|| self.compact(captured))
             .map_err(StorageIOError::read_state_machine)?;
         tracing::info!(
@@ -768,34 +604,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data: SnapshotData =
             dec(&bytes).map_err(|e| StorageIOError::read_snapshot(None, io_err(e)))?;
         let db = &self.shared.db;
-        let mut new_floors = HashMap::new();
-        let floors = tokio::task::block_in_place(|| -> Result<_, AnyError> {
+        let (floors, new_floors) = tokio::task::block_in_place(|| -> Result<_, AnyError> {
             let txn = db.begin_write().map_err(io_err)?;
-            {
-                let mut t = txn.open_table(ENTRIES).map_err(io_err)?;
-                t.retain(|_, _| false).map_err(io_err)?;
-                let mut points = txn.open_table(RESTORE).map_err(io_err)?;
-                points.retain(|_, _| false).map_err(io_err)?;
-                let mut floors = txn.open_table(FLOORS).map_err(io_err)?;
-                floors.retain(|_, _| false).map_err(io_err)?;
-                for stream in &data.streams {
-                    for (index, value) in &stream.entries {
-                        t.insert((stream.name.as_str(), *index), value.as_slice())
-                            .map_err(io_err)?;
-                    }
-                    if let Some(point) = &stream.point {
-                        points
-                            .insert(stream.name.as_str(), enc(point).as_slice())
-                            .map_err(io_err)?;
-                    }
-                    if stream.floor > 0 {
-                        floors
-                            .insert(stream.name.as_str(), stream.floor)
-                            .map_err(io_err)?;
-                        new_floors.insert(stream.name.clone(), stream.floor);
-                    }
-                }
-            }
+            let new_floors = compaction::install(&txn, &data.streams).map_err(io_err)?;
             txn.open_table(SM_META)
                 .map_err(io_err)?
                 .insert("meta", enc(&data.meta).as_slice())
@@ -809,9 +620,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(io_err)?
                 .insert("current", enc(&stored).as_slice())
                 .map_err(io_err)?;
-            let floors = self.shared.floors.lock().expect("floors poisoned");
+            let floors = self.shared.compaction.floors();
             txn.commit().map_err(io_err)?;
-            Ok(floors)
+            Ok((floors, new_floors))
         })
         .map_err(StorageIOError::write_state_machine)?;
         let mut floors = floors;
@@ -1010,12 +821,6 @@ impl Default for Timing {
 }
 
 impl RaftLog {
-    /// Sets where snapshots take plugin state from. Until it is set,
-    /// snapshots carry the streams uncompacted.
-    pub fn set_capture(&self, capture: Arc<dyn Capture>) {
-        let _ = self.sm.capture.set(capture);
-    }
-
     /// Opens the stores, starts Raft, and, on the member with the smallest
     /// id of a fresh cluster, initialises the membership.
     pub async fn start(opts: RaftOptions<'_>) -> anyhow::Result<Arc<RaftLog>> {
@@ -1570,17 +1375,12 @@ impl ConsensusBackend for Arc<RaftLog> {
         self.sm.restore_point(stream)
     }
 
+    fn set_capture(&self, capture: Arc<dyn Capture>) {
+        self.sm.compaction.set_capture(capture);
+    }
+
     fn last_control(&self, stream: &str, through: u64) -> Result<Option<(u64, Vec<u8>)>, LogError> {
-        // Entries below a restore point are compacted; the point keeps the
-        // last control entry among them.
-        if let Some(found) = streams::last_control(&self.sm.db, stream, through)? {
-            return Ok(Some(found));
-        }
-        Ok(self
-            .sm
-            .restore_point(stream)?
-            .and_then(|p| p.control)
-            .filter(|(index, _)| *index <= through))
+        compaction::last_control(&self.sm.db, stream, through)
     }
 
     fn subscribe(&self, stream: &str) -> Result<tokio::sync::watch::Receiver<u64>, LogError> {
@@ -1708,7 +1508,7 @@ mod tests {
         .await
         .unwrap();
         // The plugin has applied through 5.
-        let _ = sm.shared.capture.set(Arc::new(FixedState(5)));
+        sm.shared.compaction.set_capture(Arc::new(FixedState(5)));
         let snapshot = sm.build_snapshot().await.unwrap();
 
         let check = |shared: &SmShared| {

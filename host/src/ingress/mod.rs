@@ -588,7 +588,7 @@ fn metrics(node: &Arc<Node>) -> Resp {
         (
             "plexus_consensus_snapshots_built_total",
             "counter",
-            "Snapshots built here; each compacts the plugins' streams behind their state.",
+            "Snapshots built here (on a single node: compactions); each compacts the plugins' streams behind their state.",
             stats.snapshots_built,
         ),
         (
