@@ -163,26 +163,6 @@ fn last_at_or_below(
         .map(|(k, _)| k.value().1))
 }
 
-/// The last host control entry of `stream` at or below `through`.
-fn control_in(
-    entries: &redb::Table<(&str, u64), &[u8]>,
-    stream: &str,
-    through: u64,
-) -> Result<Option<(u64, Vec<u8>)>, LogError> {
-    for item in entries
-        .range((stream, 0)..=(stream, through))
-        .map_err(err)?
-        .rev()
-    {
-        let (k, v) = item.map_err(err)?;
-        let data = v.value().get(8..).unwrap_or_default();
-        if data.first() == Some(&crate::primitives::consensus::TAG_CONTROL) {
-            return Ok(Some((k.value().1, data.to_vec())));
-        }
-    }
-    Ok(None)
-}
-
 /// What [`compact`] did: each stream's state (when collected), and the
 /// floors that moved.
 pub type Compacted = (Vec<StreamState>, Vec<(String, u64)>);
@@ -219,7 +199,7 @@ pub fn compact(
             .remove(&name)
             .filter(|p| p.index > old.as_ref().map_or(0, |o| o.index) && p.index <= last_index);
         if let Some(point) = &mut fresh {
-            point.control = control_in(&entries, &name, point.index)?
+            point.control = streams::control_in(&entries, &name, point.index)?
                 .or_else(|| old.as_ref().and_then(|o| o.control.clone()));
             let encoded = postcard::to_allocvec(point).map_err(err)?;
             points

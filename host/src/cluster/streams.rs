@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 use super::log::{Entry, LogError};
@@ -68,7 +68,15 @@ pub fn last_control(
     through: u64,
 ) -> Result<Option<(u64, Vec<u8>)>, LogError> {
     let txn = db.begin_read().map_err(err)?;
-    let table = txn.open_table(ENTRIES).map_err(err)?;
+    control_in(&txn.open_table(ENTRIES).map_err(err)?, stream, through)
+}
+
+/// [`last_control`] in an open stream table.
+pub fn control_in(
+    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    stream: &str,
+    through: u64,
+) -> Result<Option<(u64, Vec<u8>)>, LogError> {
     for item in table
         .range((stream, 0)..=(stream, through))
         .map_err(err)?
