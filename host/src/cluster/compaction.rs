@@ -41,9 +41,8 @@ pub struct StreamState {
 /// state comes from.
 #[derive(Default)]
 pub struct Compaction {
-    /// Per stream, the highest index compacted away. Held across the
-    /// commits that move it, so a reader that checks it after reading
-    /// never misses a gap.
+    /// Per stream, the highest index compacted away (see
+    /// [`commit`](Self::commit)).
     floors: Mutex<HashMap<String, u64>>,
     capture: OnceLock<Arc<dyn Capture>>,
 }
@@ -77,10 +76,22 @@ impl Compaction {
         }
     }
 
-    /// The floors, locked: hold the guard across the commit that moves
-    /// them, then update it.
-    pub fn floors(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+    fn floors(&self) -> MutexGuard<'_, HashMap<String, u64>> {
         self.floors.lock().expect("floors poisoned")
+    }
+
+    /// Commits `txn`, which moved the floors, and applies `moved` to the
+    /// floors readers check. The floors stay locked across the commit, so a
+    /// reader that checks them after reading never misses a gap.
+    pub fn commit(
+        &self,
+        txn: WriteTransaction,
+        moved: impl FnOnce(&mut HashMap<String, u64>),
+    ) -> Result<(), LogError> {
+        let mut floors = self.floors();
+        txn.commit().map_err(err)?;
+        moved(&mut floors);
+        Ok(())
     }
 
     /// Committed entries of `stream` with `after < index <= through`, or
@@ -269,4 +280,25 @@ pub fn install(
         }
     }
     Ok(new_floors)
+}
+
+/// A [`Capture`] for tests: the plugin `kv` has applied through the index,
+/// with one key in storage and `memory` as its `snapshot` bytes.
+#[cfg(test)]
+pub struct AppliedThrough(pub u64);
+
+#[cfg(test)]
+impl Capture for AppliedThrough {
+    fn capture(
+        &self,
+        _: Duration,
+    ) -> super::log::BoxFuture<'static, HashMap<String, RestorePoint>> {
+        let point = RestorePoint {
+            index: self.0,
+            items: vec![(b"k".to_vec(), b"v".to_vec(), 1)],
+            state: b"memory".to_vec(),
+            control: None,
+        };
+        Box::pin(async move { HashMap::from([("kv".to_string(), point)]) })
+    }
 }

@@ -123,10 +123,11 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
                 for (i, p) in group.drain(..).enumerate() {
                     let _ = p.reply.send(Ok(first + i as u64));
                 }
+                let written = last + 1 - first;
                 let since = shared
                     .since_compaction
-                    .fetch_add(batch_len(last, first), Ordering::Relaxed)
-                    + batch_len(last, first);
+                    .fetch_add(written, Ordering::Relaxed)
+                    + written;
                 if since >= shared.compact_every && !shared.compacting.swap(true, Ordering::AcqRel)
                 {
                     shared.since_compaction.store(0, Ordering::Relaxed);
@@ -142,10 +143,6 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
     }
 }
 
-fn batch_len(last: u64, first: u64) -> u64 {
-    last + 1 - first
-}
-
 /// Compacts the streams behind the state of the plugins running here.
 async fn compact(shared: Arc<Shared>, last: u64) {
     let captured = shared.compaction.capture().await;
@@ -153,10 +150,7 @@ async fn compact(shared: Arc<Shared>, last: u64) {
     let result = tokio::task::spawn_blocking(move || -> Result<(), LogError> {
         let txn = s.db.begin_write().map_err(err)?;
         let (_, moved) = compaction::compact(&txn, captured, last, false)?;
-        let mut floors = s.compaction.floors();
-        txn.commit().map_err(err)?;
-        floors.extend(moved);
-        Ok(())
+        s.compaction.commit(txn, |floors| floors.extend(moved))
     })
     .await
     .unwrap_or_else(|e| Err(err(e)));
@@ -271,22 +265,8 @@ impl ConsensusBackend for LocalLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::compaction::AppliedThrough;
     use std::time::Duration;
-
-    /// Reports the plugin `kv` as having applied through `index`.
-    struct AppliedThrough(u64);
-
-    impl Capture for AppliedThrough {
-        fn capture(&self, _: Duration) -> BoxFuture<'static, HashMap<String, RestorePoint>> {
-            let point = RestorePoint {
-                index: self.0,
-                items: vec![(b"k".to_vec(), b"v".to_vec(), 1)],
-                state: Vec::new(),
-                control: None,
-            };
-            Box::pin(async move { HashMap::from([("kv".to_string(), point)]) })
-        }
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_streams_are_compacted_behind_the_plugins_state() {

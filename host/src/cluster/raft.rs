@@ -492,9 +492,10 @@ impl StateMachine {
             .map_err(io_err)?
             .insert("current", enc(&stored).as_slice())
             .map_err(io_err)?;
-        let mut floors = self.shared.compaction.floors();
-        txn.commit().map_err(io_err)?;
-        floors.extend(moved);
+        self.shared
+            .compaction
+            .commit(txn, |floors| floors.extend(moved))
+            .map_err(io_err)?;
         Ok(stored)
     }
 
@@ -603,31 +604,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = snapshot.into_inner();
         let data: SnapshotData =
             dec(&bytes).map_err(|e| StorageIOError::read_snapshot(None, io_err(e)))?;
-        let db = &self.shared.db;
-        let (floors, new_floors) = tokio::task::block_in_place(|| -> Result<_, AnyError> {
-            let txn = db.begin_write().map_err(io_err)?;
+        let stored = Stored {
+            meta: data.meta.clone(),
+            id: meta.snapshot_id.clone(),
+            data: bytes,
+        };
+        let shared = &self.shared;
+        tokio::task::block_in_place(|| -> Result<(), AnyError> {
+            let txn = shared.db.begin_write().map_err(io_err)?;
             let new_floors = compaction::install(&txn, &data.streams).map_err(io_err)?;
             txn.open_table(SM_META)
                 .map_err(io_err)?
                 .insert("meta", enc(&data.meta).as_slice())
                 .map_err(io_err)?;
-            let stored = Stored {
-                meta: data.meta.clone(),
-                id: meta.snapshot_id.clone(),
-                data: bytes.clone(),
-            };
             txn.open_table(SNAPSHOT)
                 .map_err(io_err)?
                 .insert("current", enc(&stored).as_slice())
                 .map_err(io_err)?;
-            let floors = self.shared.compaction.floors();
-            txn.commit().map_err(io_err)?;
-            Ok((floors, new_floors))
+            shared
+                .compaction
+                .commit(txn, |floors| *floors = new_floors)
+                .map_err(io_err)
         })
         .map_err(StorageIOError::write_state_machine)?;
-        let mut floors = floors;
-        *floors = new_floors;
-        drop(floors);
         let last = data.meta.last_index;
         *self.shared.meta.lock().expect("sm poisoned") = data.meta;
         self.shared
@@ -635,7 +634,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .reload(&self.shared.db, last)
             .map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
         self.shared.installed.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = bytes.len(), "snapshot installed");
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = stored.data.len(), "snapshot installed");
         Ok(())
     }
 
@@ -1459,21 +1458,6 @@ mod tests {
         assert_eq!(format!("{back:?}"), format!("{err:?}"));
     }
 
-    /// Hands out the state a plugin would report at `index`.
-    struct FixedState(u64);
-
-    impl Capture for FixedState {
-        fn capture(&self, _: Duration) -> BoxFuture<'static, HashMap<String, RestorePoint>> {
-            let point = RestorePoint {
-                index: self.0,
-                items: vec![(b"k".to_vec(), b"v".to_vec(), 1)],
-                state: b"memory".to_vec(),
-                control: None,
-            };
-            Box::pin(async move { HashMap::from([("kv".to_string(), point)]) })
-        }
-    }
-
     fn batch(index: u64, ops: &[(&str, &[u8])]) -> Entry<TypeConfig> {
         let leader = openraft::CommittedLeaderId::new(1, raft_id("node-1"));
         Entry {
@@ -1508,7 +1492,9 @@ mod tests {
         .await
         .unwrap();
         // The plugin has applied through 5.
-        sm.shared.compaction.set_capture(Arc::new(FixedState(5)));
+        sm.shared
+            .compaction
+            .set_capture(Arc::new(compaction::AppliedThrough(5)));
         let snapshot = sm.build_snapshot().await.unwrap();
 
         let check = |shared: &SmShared| {
