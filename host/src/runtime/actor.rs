@@ -26,7 +26,7 @@ use super::metrics::PluginMetrics;
 use super::state::{PluginState, WaitClock};
 use super::{Capability, LoadError, Prepared};
 use crate::cluster::log::{ConsensusBackend, LogError, RestorePoint};
-use crate::cluster::state_store::KvBackend;
+use crate::cluster::state_store::{KvBackend, StoreError};
 use crate::primitives::CallLimits;
 use crate::primitives::consensus::{ConsensusCtx, Control, Dropped, is_control};
 use crate::primitives::log::LogCtx;
@@ -258,6 +258,19 @@ impl PluginEnv {
     fn update(&self, f: impl FnOnce(&mut PluginStatus)) {
         f(&mut self.status.lock().expect("status poisoned"));
     }
+
+    /// Runs `f` on the plugin's storage namespace, off the async workers.
+    async fn kv<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn KvBackend, &str) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, String> {
+        let kv = self.services.kv.clone();
+        let ns = self.name.clone();
+        tokio::task::spawn_blocking(move || f(kv.as_ref(), &ns))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// A live instance: its store and bindings.
@@ -459,6 +472,32 @@ impl Instance {
         Ok(inst)
     }
 
+    /// Calls the guest's `snapshot`.
+    async fn snapshot(&mut self, env: &PluginEnv) -> Result<Vec<u8>, CallError> {
+        self.begin();
+        let r = self
+            .bindings
+            .plexus_cluster_pattern()
+            .call_snapshot(&mut self.store)
+            .await;
+        self.finish(env, "snapshot", r).await
+    }
+
+    /// Calls the guest's `restore` with `state`.
+    async fn restore(
+        &mut self,
+        env: &PluginEnv,
+        state: &[u8],
+    ) -> Result<Result<(), String>, CallError> {
+        self.begin();
+        let r = self
+            .bindings
+            .plexus_cluster_pattern()
+            .call_restore(&mut self.store, state)
+            .await;
+        self.finish(env, "restore", r).await
+    }
+
     fn begin(&mut self) {
         self.store.data_mut().call_started = Instant::now();
         self.store.data().waited.reset();
@@ -504,13 +543,10 @@ impl Instance {
                 let delivered = data.consensus.delivered;
                 let applied = (delivered != self.persisted).then_some(delivered);
                 if !writes.is_empty() || applied.is_some() {
-                    let kv = env.services.kv.clone();
-                    let ns = env.name.clone();
-                    let result =
-                        tokio::task::spawn_blocking(move || kv.commit(&ns, writes, applied))
-                            .await
-                            .map_err(|e| CallError::Storage(e.to_string()))
-                            .and_then(|r| r.map_err(|e| CallError::Storage(e.to_string())));
+                    let result = env
+                        .kv(move |kv, ns| kv.commit(ns, writes, applied))
+                        .await
+                        .map_err(CallError::Storage);
                     if let Err(e) = result {
                         env.update(|s| {
                             s.errors += 1;
@@ -1063,13 +1099,7 @@ impl Actor {
         if reply.is_closed() {
             return;
         }
-        inst.begin();
-        let r = inst
-            .bindings
-            .plexus_cluster_pattern()
-            .call_snapshot(&mut inst.store)
-            .await;
-        let state = match inst.finish(&env, "snapshot", r).await {
+        let state = match inst.snapshot(&env).await {
             Ok(state) => state,
             Err(_) => {
                 self.kill();
@@ -1078,13 +1108,7 @@ impl Actor {
             }
         };
         self.succeeded();
-        let kv = env.services.kv.clone();
-        let ns = env.name.clone();
-        let dump = tokio::task::spawn_blocking(move || kv.export(&ns))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        let point = match dump {
+        let point = match env.kv(|kv, ns| kv.export(ns)).await {
             Ok((index, items)) => Some(RestorePoint {
                 index,
                 items,
@@ -1133,14 +1157,8 @@ impl Actor {
             return;
         };
         let index = point.index;
-        let kv = env.services.kv.clone();
-        let ns = env.name.clone();
         let items = point.items;
-        let replaced = tokio::task::spawn_blocking(move || kv.replace(&ns, items, index))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        if let Err(e) = replaced {
+        if let Err(e) = env.kv(move |kv, ns| kv.replace(ns, items, index)).await {
             tracing::error!(plugin = %env.name, "replacing storage from a snapshot: {e}");
             tokio::time::sleep(Duration::from_millis(100)).await;
             return;
@@ -1162,13 +1180,7 @@ impl Actor {
                 return;
             }
         };
-        next.begin();
-        let r = next
-            .bindings
-            .plexus_cluster_pattern()
-            .call_restore(&mut next.store, &point.state)
-            .await;
-        let restored = next.finish(&env, "restore", r).await;
+        let restored = next.restore(&env, &point.state).await;
         self.instance = Some(next);
         match restored {
             Ok(Ok(())) => self.succeeded(),
@@ -1450,13 +1462,7 @@ impl Actor {
         let Some(old) = self.instance.as_mut() else {
             return Err(SwapError::Call(CallError::Stopped));
         };
-        old.begin();
-        let r = old
-            .bindings
-            .plexus_cluster_pattern()
-            .call_snapshot(&mut old.store)
-            .await;
-        let state = match old.finish(&env, "snapshot", r).await {
+        let state = match old.snapshot(&env).await {
             Ok(state) => state,
             Err(e) => {
                 self.kill();
@@ -1467,13 +1473,7 @@ impl Actor {
         // older cursor; the old instance's is the truth.
         next.store.data_mut().consensus.delivered = old.delivered();
         next.persisted = old.persisted;
-        next.begin();
-        let r = next
-            .bindings
-            .plexus_cluster_pattern()
-            .call_restore(&mut next.store, &state)
-            .await;
-        match next.finish(&env, "restore", r).await {
+        match next.restore(&env, &state).await {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => return Err(SwapError::Restore(msg)),
             Err(e) => return Err(SwapError::Restore(e.to_string())),
