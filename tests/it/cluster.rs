@@ -475,18 +475,20 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
     );
 }
 
+/// An admin API call to the node at `addr`, with the cluster's token.
+async fn admin(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let auth = format!("Bearer {TOKEN}");
+    http(addr, method, path, &[("authorization", &auth)], body).await
+}
+
 /// The node's `/v1/admin/status`, if it answers 200.
 async fn status(addr: SocketAddr) -> Option<serde_json::Value> {
-    let auth = format!("Bearer {TOKEN}");
-    let (code, body) = http(
-        addr,
-        "GET",
-        "/v1/admin/status",
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await
-    .ok()?;
+    let (code, body) = admin(addr, "GET", "/v1/admin/status", b"").await.ok()?;
     if code != 200 {
         return None;
     }
@@ -629,12 +631,10 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
 /// `replicated-kv`; returns the swap's log index and the new version.
 async fn swap_cluster_wide(addr: SocketAddr, variant: u8) -> (u64, String) {
     let component = plexus_tests::variant(&plexus_tests::wasm("replicated-kv"), variant);
-    let auth = format!("Bearer {TOKEN}");
-    let (status, body) = http(
+    let (status, body) = admin(
         addr,
         "POST",
         "/v1/admin/plugins/kv/swap?scope=cluster",
-        &[("authorization", &auth)],
         &component,
     )
     .await
@@ -649,16 +649,9 @@ async fn swap_cluster_wide(addr: SocketAddr, variant: u8) -> (u64, String) {
 
 /// The `kv` plugin's status on the node at `addr`.
 async fn kv_status(addr: SocketAddr) -> serde_json::Value {
-    let auth = format!("Bearer {TOKEN}");
-    let (_, body) = http(
-        addr,
-        "GET",
-        "/v1/admin/plugins/kv",
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await
-    .unwrap();
+    let (_, body) = admin(addr, "GET", "/v1/admin/plugins/kv", b"")
+        .await
+        .unwrap();
     serde_json::from_slice(&body).unwrap()
 }
 
