@@ -39,7 +39,6 @@ pub struct StreamState {
 
 /// What a log keeps to compact its streams: the floors, and where plugin
 /// state comes from.
-#[derive(Default)]
 pub struct Compaction {
     /// Per stream, the highest index compacted away (see
     /// [`commit`](Self::commit)).
