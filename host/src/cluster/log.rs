@@ -92,8 +92,14 @@ pub struct LogStats {
 /// and make `subscribe` report, for a stream, the index of its last
 /// committed entry, growing monotonically.
 pub trait ConsensusBackend: Send + Sync + 'static {
-    /// Appends `data` to `stream`; resolves with its index once committed.
+    /// Appends `data` to `stream`; resolves with its index once committed
+    /// and applied on this node.
     fn propose(&self, stream: &str, data: Vec<u8>) -> BoxFuture<'static, Result<u64, LogError>>;
+    /// Like [`propose`](Self::propose), but resolves as soon as the entry
+    /// is committed, applied here or not.
+    fn submit(&self, stream: &str, data: Vec<u8>) -> BoxFuture<'static, Result<u64, LogError>> {
+        self.propose(stream, data)
+    }
     /// A linearizable read point: every entry acknowledged before the call
     /// has an index at or below the returned one and is committed here.
     fn read_index(&self) -> BoxFuture<'static, Result<u64, LogError>>;

@@ -3,11 +3,13 @@
 //! this module.
 //!
 //! The host coalesces concurrent proposals from all plugins into one Raft
-//! entry (a [`Batch`] of at most [`MAX_BATCH`] proposals, at most
-//! [`IN_FLIGHT`] entries in flight), because openraft 0.9 commits at most
-//! one entry per fsync round. Applying a batch gives each proposal its own
-//! dense log index, in order, the same on every node. A follower forwards
-//! proposals, read-index requests and voter changes to the leader.
+//! entry (a [`Batch`]), because openraft 0.9 commits at most one entry per
+//! fsync round. Applying a batch gives each proposal its own dense log
+//! index, in order, the same on every node. Every node queues its own
+//! proposals; a follower forwards what queued up to the leader in one
+//! request, which the leader puts into one entry with its own (see
+//! [`proposer`]). Read-index requests and voter changes are forwarded to
+//! the leader one by one.
 //!
 //! Every member is recorded in the Raft membership as `name@address`, so
 //! a node learns the names and peer addresses of members added at run time
@@ -44,17 +46,21 @@ use openraft::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::compaction::{self, Compaction, StreamState};
 use super::log::{BoxFuture, Capture, ConsensusBackend, LogError, LogStats, RestorePoint};
+use super::state_store::{Checkpoints, Persist};
 use super::streams::{self, ENTRIES, Watches};
 use super::transport::{Transport, TransportError};
 
-/// Most proposals coalesced into one Raft entry.
+/// Proposals after which a queue is full: it goes out even while another
+/// is in flight.
 pub const MAX_BATCH: usize = 256;
-/// Most Raft entries a leader has in flight from the batcher.
-pub const IN_FLIGHT: usize = 4;
+/// Bytes of proposals after which a queue is full.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Most batches a node has in flight at once.
+pub const IN_FLIGHT: usize = 8;
 /// How long a proposal may wait for a leader and a commit.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long a request forwarded to the leader may take before its outcome
@@ -69,7 +75,7 @@ pub mod kind {
     pub const VOTE: u8 = 2;
     /// Raft InstallSnapshot (one chunk).
     pub const SNAPSHOT: u8 = 3;
-    /// A proposal forwarded to the leader.
+    /// Proposals forwarded to the leader, to go into one entry in order.
     pub const PROPOSE: u8 = 10;
     /// A read-index request forwarded to the leader.
     pub const READ_INDEX: u8 = 11;
@@ -403,6 +409,8 @@ pub struct SmShared {
     meta: Mutex<SmMeta>,
     /// The streams' floors, and where plugin state comes from.
     compaction: Compaction,
+    /// Which applies are durable.
+    checkpoints: Checkpoints,
     built: AtomicU64,
     installed: AtomicU64,
 }
@@ -449,6 +457,7 @@ impl StateMachine {
                 watches: Watches::new(meta.last_index),
                 meta: Mutex::new(meta),
                 compaction,
+                checkpoints: Checkpoints::default(),
                 built: AtomicU64::new(0),
                 installed: AtomicU64::new(0),
                 db,
@@ -544,9 +553,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut meta = self.shared.meta.lock().expect("sm poisoned").clone();
         let mut responses = Vec::new();
         let mut per_stream: HashMap<String, u64> = HashMap::new();
-        let db = &self.shared.db;
+        let shared = &self.shared;
         tokio::task::block_in_place(|| -> Result<(), AnyError> {
-            let txn = db.begin_write().map_err(io_err)?;
+            let mut txn = shared.db.begin_write().map_err(io_err)?;
+            // The Raft log holds these entries: after a crash, Raft applies
+            // them again from the applied index that reached the disk.
+            txn.set_durability(shared.checkpoints.durability(Persist::Replayable))
+                .map_err(io_err)?;
             {
                 let mut t = txn.open_table(ENTRIES).map_err(io_err)?;
                 let mut buf = Vec::new();
@@ -745,10 +758,19 @@ impl RaftNetwork<TypeConfig> for Connection {
 
 type Raft = openraft::Raft<TypeConfig>;
 
-struct Proposal {
-    stream: String,
-    data: Vec<u8>,
+/// Proposals to go into one Raft entry in order, with consecutive indexes;
+/// `reply` gets the first.
+struct Group {
+    ops: Vec<(String, Vec<u8>)>,
+    /// Sent by a follower: placed here, or refused, never forwarded on.
+    forwarded: bool,
     reply: oneshot::Sender<Result<u64, LogError>>,
+}
+
+impl Group {
+    fn bytes(&self) -> usize {
+        self.ops.iter().map(|(s, d)| s.len() + d.len()).sum()
+    }
 }
 
 /// The replicated [`ConsensusBackend`].
@@ -759,7 +781,8 @@ pub struct RaftLog {
     transport: Arc<Transport>,
     names: Names,
     voters: watch::Receiver<BTreeSet<String>>,
-    batcher: mpsc::Sender<Proposal>,
+    /// This node's proposals, and those followers forwarded to it.
+    queue: mpsc::Sender<Group>,
     /// The leader this follower last accepted entries from.
     heard: Arc<Mutex<Option<Heard>>>,
     proposals: Arc<AtomicU64>,
@@ -862,10 +885,7 @@ impl RaftLog {
                 }
             }
         }
-        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        let proposals = Arc::new(AtomicU64::new(0));
-        let writes = Arc::new(AtomicU64::new(0));
-        tokio::spawn(batcher(raft.clone(), rx, proposals.clone(), writes.clone()));
+        let (queue, queued) = mpsc::channel(4 * MAX_BATCH);
         let heard: Arc<Mutex<Option<Heard>>> = Arc::default();
         tokio::spawn(hasten_elections(
             raft.clone(),
@@ -880,18 +900,20 @@ impl RaftLog {
             opts.transport.clone(),
             voters_tx,
         ));
-        Ok(Arc::new(RaftLog {
+        let log = Arc::new(RaftLog {
             raft,
             me: opts.me.to_string(),
             sm: shared,
             transport: opts.transport,
             names,
             voters,
-            batcher: tx,
+            queue,
             heard,
-            proposals,
-            writes,
-        }))
+            proposals: Arc::default(),
+            writes: Arc::default(),
+        });
+        tokio::spawn(proposer(Arc::downgrade(&log), queued));
+        Ok(log)
     }
 
     fn name_of(&self, id: NodeId) -> Option<String> {
@@ -1073,8 +1095,8 @@ impl RaftLog {
                 Ok(enc(&this.raft.install_snapshot(req).await))
             }),
             kind::PROPOSE => Box::pin(async move {
-                let (stream, data): (String, Vec<u8>) = dec(&body).map_err(|e| e.to_string())?;
-                Ok(enc(&this.propose_here(stream, data).await))
+                let ops: Vec<(String, Vec<u8>)> = dec(&body).map_err(|e| e.to_string())?;
+                Ok(enc(&this.enqueue(ops, true).await))
             }),
             kind::READ_INDEX => Box::pin(async move { Ok(enc(&this.read_index_here().await)) }),
             kind::MEMBERS => Box::pin(async move {
@@ -1085,17 +1107,107 @@ impl RaftLog {
         })
     }
 
-    async fn propose_here(&self, stream: String, data: Vec<u8>) -> Result<u64, LogError> {
+    /// Queues `ops` to go into one entry; resolves with the first one's
+    /// index once committed.
+    async fn enqueue(&self, ops: Vec<(String, Vec<u8>)>, forwarded: bool) -> Result<u64, LogError> {
         let (reply, rx) = oneshot::channel();
-        self.batcher
-            .send(Proposal {
-                stream,
-                data,
+        self.queue
+            .send(Group {
+                ops,
+                forwarded,
                 reply,
             })
             .await
             .map_err(|_| LogError::ShuttingDown)?;
         rx.await.map_err(|_| LogError::ShuttingDown)?
+    }
+
+    /// Puts `groups` into one Raft entry, here when this node leads or
+    /// through the leader, and answers each group with its first index.
+    /// Retries while no leader is known; groups a follower forwarded are
+    /// refused instead, and that follower retries.
+    async fn place(self: Arc<Self>, mut groups: Vec<Group>) {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            let leader = self.leader_name();
+            if leader.as_ref() != Some(&self.me) {
+                let refused;
+                (refused, groups) = groups.into_iter().partition(|g| g.forwarded);
+                for g in refused {
+                    let _ = g.reply.send(Err(LogError::NotLeader(leader.clone())));
+                }
+                if groups.is_empty() {
+                    return;
+                }
+            }
+            let ops: Vec<(String, Vec<u8>)> = groups.iter().flat_map(|g| g.ops.clone()).collect();
+            let result = match leader {
+                // Without a quorum the commit would wait forever.
+                Some(l) if l == self.me => {
+                    tokio::time::timeout_at(deadline.into(), self.write_here(ops))
+                        .await
+                        .unwrap_or(Err(LogError::Timeout))
+                }
+                Some(l) => self.forward(&l, ops).await,
+                None => Err(LogError::NotLeader(None)),
+            };
+            match result {
+                Ok(first) => {
+                    let mut next = first;
+                    for g in groups {
+                        let n = g.ops.len() as u64;
+                        let _ = g.reply.send(Ok(next));
+                        next += n;
+                    }
+                    return;
+                }
+                Err(LogError::NotLeader(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    let e = match e {
+                        LogError::NotLeader(_) => LogError::Timeout,
+                        e => e,
+                    };
+                    for g in groups {
+                        let _ = g.reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Appends `ops` as one entry on this node, the leader; resolves with
+    /// the first one's index once applied here.
+    async fn write_here(&self, ops: Vec<(String, Vec<u8>)>) -> Result<u64, LogError> {
+        let n = ops.len() as u64;
+        match self.raft.client_write(Batch(ops)).await {
+            Ok(resp) => {
+                self.proposals.fetch_add(n, Ordering::Relaxed);
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                Ok(resp.data)
+            }
+            Err(e) => Err(match e.forward_to_leader() {
+                Some(f) => LogError::NotLeader(f.leader_id.and_then(|id| self.name_of(id))),
+                None => LogError::Storage(e.to_string()),
+            }),
+        }
+    }
+
+    /// Sends `ops` to the leader `to`, to go into one entry.
+    async fn forward(&self, to: &str, ops: Vec<(String, Vec<u8>)>) -> Result<u64, LogError> {
+        match self
+            .transport
+            .request(to, kind::PROPOSE, enc(&ops), FORWARD_TIMEOUT)
+            .await
+        {
+            // The leader's own answer, `not-leader` included when
+            // leadership moved meanwhile.
+            Ok(bytes) => dec::<Result<u64, LogError>>(&bytes)
+                .unwrap_or_else(|e| Err(LogError::Storage(e.to_string()))),
+            Err(e) => Err(transport_error(e)),
+        }
     }
 
     async fn read_index_here(&self) -> Result<u64, LogError> {
@@ -1135,17 +1247,7 @@ impl RaftLog {
                     // leadership moved meanwhile.
                     Ok(bytes) => dec::<Result<u64, LogError>>(&bytes)
                         .unwrap_or_else(|e| Err(LogError::Storage(e.to_string()))),
-                    // Sent, and maybe handled: retrying could apply it twice.
-                    Err(TransportError::Timeout(_) | TransportError::Lost(_)) => {
-                        Err(LogError::Timeout)
-                    }
-                    // Never reached the leader: safe to try again.
-                    Err(TransportError::Unreachable(..) | TransportError::UnknownPeer(_)) => {
-                        Err(LogError::NotLeader(None))
-                    }
-                    Err(e @ (TransportError::Remote(..) | TransportError::TooLarge(_))) => {
-                        Err(LogError::Storage(e.to_string()))
-                    }
+                    Err(e) => Err(transport_error(e)),
                 },
                 None => Err(LogError::NotLeader(None)),
             };
@@ -1292,66 +1394,88 @@ async fn follow_membership(
     }
 }
 
-async fn batcher(
-    raft: Raft,
-    mut rx: mpsc::Receiver<Proposal>,
-    proposals: Arc<AtomicU64>,
-    writes: Arc<AtomicU64>,
-) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut group = Vec::with_capacity(MAX_BATCH);
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        if rx.recv_many(&mut group, MAX_BATCH).await == 0 {
-            return;
+/// What a failed forward means for the request.
+fn transport_error(e: TransportError) -> LogError {
+    match e {
+        // Sent, and maybe handled: retrying could apply it twice.
+        TransportError::Timeout(_) | TransportError::Lost(_) => LogError::Timeout,
+        // Never reached the leader: safe to try again.
+        TransportError::Unreachable(..) | TransportError::UnknownPeer(_) => {
+            LogError::NotLeader(None)
         }
-        let taken: Vec<Proposal> = std::mem::take(&mut group);
-        let raft = raft.clone();
-        let (proposals, writes) = (proposals.clone(), writes.clone());
-        tokio::spawn(async move {
-            let (ops, replies): (Vec<_>, Vec<_>) = taken
-                .into_iter()
-                .map(|p| ((p.stream, p.data), p.reply))
-                .unzip();
-            let n = ops.len() as u64;
-            match raft.client_write(Batch(ops)).await {
-                Ok(resp) => {
-                    proposals.fetch_add(n, Ordering::Relaxed);
-                    writes.fetch_add(1, Ordering::Relaxed);
-                    for (i, reply) in replies.into_iter().enumerate() {
-                        let _ = reply.send(Ok(resp.data + i as u64));
-                    }
+        e @ (TransportError::Remote(..) | TransportError::TooLarge(_)) => {
+            LogError::Storage(e.to_string())
+        }
+    }
+}
+
+/// Sends out this node's queued proposals as batches, each to go into one
+/// Raft entry.
+///
+/// One batch goes out as soon as anything is queued; while it is in
+/// flight, what queues up next waits for it to finish, unless the queue
+/// fills up first ([`MAX_BATCH`], [`MAX_BATCH_BYTES`]), in which case up
+/// to [`IN_FLIGHT`] batches go at once. Under load each Raft entry thus
+/// takes all that arrived during the previous round, and the per-entry
+/// costs (fsyncs, storage commits, round trips) are shared by more writes;
+/// at light load a proposal goes out at once.
+async fn proposer(log: std::sync::Weak<RaftLog>, mut queued: mpsc::Receiver<Group>) {
+    let mut flights = tokio::task::JoinSet::new();
+    let mut waiting: Vec<Group> = Vec::new();
+    let (mut ops, mut bytes) = (0, 0);
+    let mut open = true;
+    loop {
+        while open && ops < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match queued.try_recv() {
+                Ok(g) => {
+                    (ops, bytes) = (ops + g.ops.len(), bytes + g.bytes());
+                    waiting.push(g);
                 }
-                Err(e) => {
-                    let leader = e
-                        .forward_to_leader()
-                        .and_then(|f| f.leader_id)
-                        .map(|id| id.to_string());
-                    let err = if e.forward_to_leader().is_some() {
-                        LogError::NotLeader(leader)
-                    } else {
-                        LogError::Storage(e.to_string())
-                    };
-                    for reply in replies {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
-            drop(permit);
-        });
+        }
+        let full = ops >= MAX_BATCH || bytes >= MAX_BATCH_BYTES;
+        if !waiting.is_empty() && flights.len() < IN_FLIGHT {
+            let Some(log) = log.upgrade() else { return };
+            let leads = log.leader_name().as_ref() == Some(&log.me);
+            if flights.is_empty() || full || !leads {
+                flights.spawn(log.place(std::mem::take(&mut waiting)));
+                (ops, bytes) = (0, 0);
+                continue;
+            }
+        }
+        tokio::select! {
+            Some(_) = flights.join_next(), if !flights.is_empty() => {}
+            g = queued.recv(), if open && !full => match g {
+                Some(g) => {
+                    (ops, bytes) = (ops + g.ops.len(), bytes + g.bytes());
+                    waiting.push(g);
+                }
+                None => open = false,
+            },
+            else => return,
+        }
     }
 }
 
 impl ConsensusBackend for Arc<RaftLog> {
     fn propose(&self, stream: &str, data: Vec<u8>) -> BoxFuture<'static, Result<u64, LogError>> {
-        let body = enc(&(stream, &data));
-        let (stream, this) = (stream.to_string(), self.clone());
-        Box::pin(this.on_leader(kind::PROPOSE, body, move |me| {
-            let (stream, data) = (stream.clone(), data.clone());
-            Box::pin(async move { me.propose_here(stream, data).await })
-        }))
+        let submitted = self.submit(stream, data);
+        let this = self.clone();
+        Box::pin(async move {
+            let index = submitted.await?;
+            // Committed; the caller also wants it applied here.
+            tokio::time::timeout(PROPOSE_TIMEOUT, this.sm.watches.wait_for(index))
+                .await
+                .map(|()| index)
+                .map_err(|_| LogError::Timeout)
+        })
+    }
+
+    fn submit(&self, stream: &str, data: Vec<u8>) -> BoxFuture<'static, Result<u64, LogError>> {
+        let (ops, this) = (vec![(stream.to_string(), data)], self.clone());
+        Box::pin(async move { this.enqueue(ops, false).await })
     }
 
     fn read_index(&self) -> BoxFuture<'static, Result<u64, LogError>> {

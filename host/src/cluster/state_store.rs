@@ -1,9 +1,16 @@
 //! Node-local plugin storage on redb: one database, one key namespace per
 //! plugin, and the per-plugin "applied through" log index kept in the same
 //! transactions as the plugin's writes.
+//!
+//! Writes made by applying committed log entries may reach the disk a
+//! little later than the others, at the next [`Checkpoints`] point: the log
+//! holds the entries, and a node that crashed before the checkpoint applies
+//! them again from the applied index that did reach the disk.
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -11,8 +18,55 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 const KV: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("kv");
 /// namespace → last log index whose effects are in `KV`.
 const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("applied");
-/// "version" → highest version ever committed.
+/// "version" → a bound, on disk, above every version ever committed.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Versions reserved on disk at a time: a commit that would pass the bound
+/// raises it by this much and is made durable.
+const VERSION_LEASE: u64 = 1 << 20;
+/// Longest a replayable commit stays off the disk.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// When a commit must reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persist {
+    /// Before the commit returns.
+    Now,
+    /// By the next checkpoint: the writes come from applying log entries
+    /// after an applied index that is on disk, and are made again by
+    /// applying them again after a crash.
+    Replayable,
+}
+
+/// Decides which commits to a redb file are durable: all that must be, and
+/// a replayable one once [`CHECKPOINT_EVERY`] has passed since the last
+/// durable commit. A durable commit also makes every earlier one durable,
+/// and lets redb reuse the pages they freed.
+#[derive(Debug)]
+pub struct Checkpoints {
+    last: Mutex<Instant>,
+}
+
+impl Default for Checkpoints {
+    fn default() -> Self {
+        Checkpoints {
+            last: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Checkpoints {
+    /// The durability of the next commit, which is `persist`.
+    pub fn durability(&self, persist: Persist) -> redb::Durability {
+        let mut last = self.last.lock().expect("checkpoints poisoned");
+        if persist == Persist::Now || last.elapsed() >= CHECKPOINT_EVERY {
+            *last = Instant::now();
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        }
+    }
+}
 
 /// A failure of the storage engine (I/O, corruption). Definite: the
 /// operation did not take effect.
@@ -33,9 +87,11 @@ pub type Write = (Vec<u8>, Option<(Vec<u8>, u64)>);
 /// The durable key-value backend behind the `storage` interface.
 ///
 /// To be correct, an implementation must make `commit` atomic (all writes
-/// and the applied index, or nothing) and durable before it returns, and
-/// must hand out versions from `next_version` that are greater than any
-/// version it has ever committed.
+/// and the applied index, or nothing), durable before it returns unless it
+/// is [`Persist::Replayable`], and, when it loses replayable commits in a
+/// crash, lose the later ones too; and it must hand out versions from
+/// `next_version` that are greater than any version it has ever committed,
+/// lost commits included.
 pub trait KvBackend: Send + Sync + 'static {
     /// Reads one key of a namespace: value and version.
     fn get(&self, ns: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError>;
@@ -48,8 +104,14 @@ pub trait KvBackend: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Item>, StoreError>;
     /// Applies `writes` and, when given, records `applied` as the namespace's
-    /// applied log index, atomically and durably.
-    fn commit(&self, ns: &str, writes: Vec<Write>, applied: Option<u64>) -> Result<(), StoreError>;
+    /// applied log index, atomically; durably as `persist` says.
+    fn commit(
+        &self,
+        ns: &str,
+        writes: Vec<Write>,
+        applied: Option<u64>,
+        persist: Persist,
+    ) -> Result<(), StoreError>;
     /// The namespace's applied log index and all its keys, read at one
     /// point.
     fn export(&self, ns: &str) -> Result<(u64, Vec<Item>), StoreError>;
@@ -67,6 +129,9 @@ pub trait KvBackend: Send + Sync + 'static {
 pub struct RedbKv {
     db: Database,
     version: AtomicU64,
+    /// The version bound on disk.
+    reserved: AtomicU64,
+    checkpoints: Checkpoints,
 }
 
 impl RedbKv {
@@ -87,22 +152,25 @@ impl RedbKv {
         Ok(RedbKv {
             db,
             version: AtomicU64::new(version),
+            reserved: AtomicU64::new(version),
+            checkpoints: Checkpoints::default(),
         })
     }
-}
 
-/// Records `version` as the highest committed, if it is.
-fn raise_version(txn: &redb::WriteTransaction, version: u64) -> Result<(), StoreError> {
-    let mut meta = txn.open_table(META).map_err(err)?;
-    let current = meta
-        .get("version")
-        .map_err(err)?
-        .map(|v| v.value())
-        .unwrap_or(0);
-    if version > current {
-        meta.insert("version", version).map_err(err)?;
+    /// Keeps the version bound on disk above `version`: when it is not,
+    /// raises it in `txn`, which must then be durable. Returns whether it
+    /// did.
+    fn reserve(&self, txn: &redb::WriteTransaction, version: u64) -> Result<bool, StoreError> {
+        if version <= self.reserved.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let bound = version + VERSION_LEASE;
+        txn.open_table(META)
+            .map_err(err)?
+            .insert("version", bound)
+            .map_err(err)?;
+        Ok(true)
     }
-    Ok(())
 }
 
 fn encode_value(version: u64, value: &[u8], buf: &mut Vec<u8>) {
@@ -160,8 +228,15 @@ impl KvBackend for RedbKv {
         Ok(out)
     }
 
-    fn commit(&self, ns: &str, writes: Vec<Write>, applied: Option<u64>) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(err)?;
+    fn commit(
+        &self,
+        ns: &str,
+        writes: Vec<Write>,
+        applied: Option<u64>,
+        persist: Persist,
+    ) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(err)?;
+        let mut reserved = None;
         {
             let mut table = txn.open_table(KV).map_err(err)?;
             let mut max_version = 0;
@@ -180,15 +255,26 @@ impl KvBackend for RedbKv {
                     }
                 }
             }
-            if max_version > 0 {
-                raise_version(&txn, max_version)?;
+            if self.reserve(&txn, max_version)? {
+                reserved = Some(max_version + VERSION_LEASE);
             }
             if let Some(index) = applied {
                 let mut t = txn.open_table(APPLIED).map_err(err)?;
                 t.insert(ns, index).map_err(err)?;
             }
         }
-        txn.commit().map_err(err)
+        let persist = if reserved.is_some() {
+            Persist::Now
+        } else {
+            persist
+        };
+        txn.set_durability(self.checkpoints.durability(persist))
+            .map_err(err)?;
+        txn.commit().map_err(err)?;
+        if let Some(bound) = reserved {
+            self.reserved.fetch_max(bound, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn export(&self, ns: &str) -> Result<(u64, Vec<Item>), StoreError> {
@@ -216,7 +302,7 @@ impl KvBackend for RedbKv {
     fn replace(&self, ns: &str, items: Vec<Item>, applied: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(err)?;
         let mut max_version = 0;
-        {
+        let reserved = {
             let mut table = txn.open_table(KV).map_err(err)?;
             let old: Vec<Vec<u8>> = table
                 .range((ns, &[][..])..)
@@ -239,13 +325,18 @@ impl KvBackend for RedbKv {
                     .map_err(err)?;
                 max_version = max_version.max(version);
             }
-            raise_version(&txn, max_version)?;
+            let reserved = self.reserve(&txn, max_version)?;
             txn.open_table(APPLIED)
                 .map_err(err)?
                 .insert(ns, applied)
                 .map_err(err)?;
-        }
+            reserved
+        };
         txn.commit().map_err(err)?;
+        if reserved {
+            self.reserved
+                .fetch_max(max_version + VERSION_LEASE, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -274,8 +365,13 @@ mod tests {
     fn namespaces_do_not_see_each_other() {
         let (_d, kv) = store();
         let v = kv.next_version();
-        kv.commit("a", vec![(b"k".to_vec(), Some((b"1".to_vec(), v)))], None)
-            .unwrap();
+        kv.commit(
+            "a",
+            vec![(b"k".to_vec(), Some((b"1".to_vec(), v)))],
+            None,
+            Persist::Now,
+        )
+        .unwrap();
         assert_eq!(kv.get("a", b"k").unwrap(), Some((b"1".to_vec(), v)));
         assert_eq!(kv.get("b", b"k").unwrap(), None);
         assert!(kv.scan("b", b"", None, 10).unwrap().is_empty());
@@ -293,7 +389,7 @@ mod tests {
                 )
             })
             .collect();
-        kv.commit("p", writes, None).unwrap();
+        kv.commit("p", writes, None, Persist::Now).unwrap();
         let page = kv.scan("p", b"x/", None, 2).unwrap();
         let keys: Vec<_> = page.iter().map(|(k, _, _)| k.clone()).collect();
         assert_eq!(keys, vec![b"x/1".to_vec(), b"x/2".to_vec()]);
@@ -313,12 +409,14 @@ mod tests {
                 (b"k2".to_vec(), Some((b"2".to_vec(), v2))),
             ],
             Some(5),
+            Persist::Now,
         )
         .unwrap();
         kv.commit(
             "b",
             vec![(b"k1".to_vec(), Some((b"x".to_vec(), v1)))],
             Some(3),
+            Persist::Now,
         )
         .unwrap();
         let (applied, items) = kv.export("a").unwrap();
@@ -353,12 +451,22 @@ mod tests {
                 "n",
                 vec![(b"k".to_vec(), Some((b"v".to_vec(), v)))],
                 Some(7),
+                Persist::Now,
             )
             .unwrap();
-            v
+            // Maybe lost on reopen, but its version is never reused.
+            let replayable = kv.next_version();
+            kv.commit(
+                "n",
+                vec![(b"k".to_vec(), Some((b"w".to_vec(), replayable)))],
+                Some(8),
+                Persist::Replayable,
+            )
+            .unwrap();
+            replayable
         };
         let kv = RedbKv::open(&path).unwrap();
         assert!(kv.next_version() > first);
-        assert_eq!(kv.applied_index("n").unwrap(), 7);
+        assert!(kv.applied_index("n").unwrap() >= 7);
     }
 }

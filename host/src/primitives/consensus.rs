@@ -287,7 +287,7 @@ impl wit::Host for ConsensusCtx {
         tagged.extend_from_slice(&ticket.to_le_bytes());
         tagged.extend_from_slice(&data);
         drop(data);
-        let proposal = self.backend.propose(&self.stream, tagged);
+        let proposal = self.backend.submit(&self.stream, tagged);
         let generation = self.generation;
         self.submitted.insert(ticket);
         // Success needs no report: the entry reaches the actor through the

@@ -26,7 +26,7 @@ use super::metrics::PluginMetrics;
 use super::state::{PluginState, WaitClock};
 use super::{Capability, LoadError, Prepared};
 use crate::cluster::log::{ConsensusBackend, LogError, RestorePoint};
-use crate::cluster::state_store::{KvBackend, StoreError};
+use crate::cluster::state_store::{KvBackend, Persist, StoreError};
 use crate::primitives::CallLimits;
 use crate::primitives::consensus::{ConsensusCtx, Control, Dropped, is_control};
 use crate::primitives::log::LogCtx;
@@ -543,8 +543,15 @@ impl Instance {
                 let delivered = data.consensus.delivered;
                 let applied = (delivered != self.persisted).then_some(delivered);
                 if !writes.is_empty() || applied.is_some() {
+                    // What `apply` wrote follows from the entries it applied,
+                    // which a restart applies again from the cursor on disk.
+                    let persist = if hook == "apply" && applied.is_some() {
+                        Persist::Replayable
+                    } else {
+                        Persist::Now
+                    };
                     let result = env
-                        .kv(move |kv, ns| kv.commit(ns, writes, applied))
+                        .kv(move |kv, ns| kv.commit(ns, writes, applied, persist))
                         .await
                         .map_err(CallError::Storage);
                     if let Err(e) = result {
