@@ -397,6 +397,9 @@ async fn main() -> anyhow::Result<()> {
         alive[l] = true;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    if times.is_empty() {
+        return Ok(());
+    }
     times.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| times[((times.len() as f64 - 1.0) * p) as usize];
     println!(
