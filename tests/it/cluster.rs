@@ -898,7 +898,12 @@ async fn a_write_without_quorum_is_answered_504_and_the_node_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_every_node_right_after_writes_loses_no_acknowledged_write() {
     let mut c = Cluster::start(3000).await;
-    c.leader().await;
+    let leader = c.leader().await;
+    let metric = |name| counter(c.http[leader], name);
+    let (proposals, log_writes) = (
+        metric("plexus_consensus_proposals_total").await,
+        metric("plexus_consensus_log_writes_total").await,
+    );
     let writes = (0..60).map(|i| {
         let addr = c.http[i % 3];
         async move {
@@ -912,6 +917,14 @@ async fn killing_every_node_right_after_writes_loses_no_acknowledged_write() {
         acked.len() >= 55,
         "only {} of 60 writes acknowledged",
         acked.len()
+    );
+    // Writes submitted together, on the leader and through both followers,
+    // share Raft entries.
+    let proposals = metric("plexus_consensus_proposals_total").await - proposals;
+    let log_writes = metric("plexus_consensus_log_writes_total").await - log_writes;
+    assert!(
+        proposals >= 60 && proposals >= 3 * log_writes,
+        "{proposals} proposals in {log_writes} Raft entries"
     );
     for i in 0..3 {
         c.kill(i);
