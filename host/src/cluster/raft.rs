@@ -237,9 +237,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
-        let db = self.db.clone();
-        tokio::task::block_in_place(|| {
-            let txn = db.begin_read().map_err(io_err)?;
+        // Recent entries, read back from redb's cache: short enough to run
+        // on the async worker.
+        let read = || -> Result<Vec<Entry<TypeConfig>>, AnyError> {
+            let txn = self.db.begin_read().map_err(io_err)?;
             let t = txn.open_table(LOG).map_err(io_err)?;
             let mut out = Vec::new();
             for item in t.range(range).map_err(io_err)? {
@@ -247,8 +248,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 out.push(dec(v.value()).map_err(io_err)?);
             }
             Ok(out)
-        })
-        .map_err(|e: AnyError| StorageIOError::read_logs(e).into())
+        };
+        read().map_err(|e| StorageIOError::read_logs(e).into())
     }
 }
 
@@ -288,13 +289,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     /// The commit index may be lost in a crash (Raft learns it again from
-    /// the leader), so it is written without an fsync of its own; the next
-    /// append makes it durable.
+    /// the leader), so it is written without an fsync of its own, on the
+    /// async worker; the next append makes it durable.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
-        tokio::task::block_in_place(|| {
-            self.put_meta("committed", &committed, redb::Durability::None)
-        })
-        .map_err(|e| StorageIOError::write(e).into())
+        self.put_meta("committed", &committed, redb::Durability::None)
+            .map_err(|e| StorageIOError::write(e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
@@ -554,7 +553,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut responses = Vec::new();
         let mut per_stream: HashMap<String, u64> = HashMap::new();
         let shared = &self.shared;
-        tokio::task::block_in_place(|| -> Result<(), AnyError> {
+        // Without an fsync (but once a second) this is short enough to run
+        // on the async worker.
+        let write = || -> Result<(), AnyError> {
             let mut txn = shared.db.begin_write().map_err(io_err)?;
             // The Raft log holds these entries: after a crash, Raft applies
             // them again from the applied index that reached the disk.
@@ -589,8 +590,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .insert("meta", enc(&meta).as_slice())
                 .map_err(io_err)?;
             txn.commit().map_err(io_err)
-        })
-        .map_err(StorageIOError::write_state_machine)?;
+        };
+        write().map_err(StorageIOError::write_state_machine)?;
         let last = meta.last_index;
         *self.shared.meta.lock().expect("sm poisoned") = meta;
         self.shared.watches.publish(last, per_stream);

@@ -550,10 +550,18 @@ impl Instance {
                     } else {
                         Persist::Now
                     };
-                    let result = env
-                        .kv(move |kv, ns| kv.commit(ns, writes, applied, persist))
-                        .await
-                        .map_err(CallError::Storage);
+                    // Without an fsync (but at a checkpoint) the commit is
+                    // short enough to run here, on the async worker.
+                    let result = if persist == Persist::Replayable {
+                        env.services
+                            .kv
+                            .commit(&env.name, writes, applied, persist)
+                            .map_err(|e| CallError::Storage(e.to_string()))
+                    } else {
+                        env.kv(move |kv, ns| kv.commit(ns, writes, applied, persist))
+                            .await
+                            .map_err(CallError::Storage)
+                    };
                     if let Err(e) = result {
                         env.update(|s| {
                             s.errors += 1;
