@@ -8,7 +8,7 @@
 //! index, in order, the same on every node. Every node queues its own
 //! proposals; a follower forwards what queued up to the leader in one
 //! request, which the leader puts into one entry with its own (see
-//! [`proposer`]). Read-index requests and voter changes are forwarded to
+//! `proposer`). Read-index requests and voter changes are forwarded to
 //! the leader one by one.
 //!
 //! Every member is recorded in the Raft membership as `name@address`, so
