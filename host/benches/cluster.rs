@@ -8,8 +8,10 @@
 //! with its own keep-alive connection, spread over the three nodes. With
 //! `--etcd PATH` (an `etcd` 3.4+ binary, e.g. from Debian's `etcd-server`)
 //! it runs the same load against a 3-member etcd on loopback through its
-//! HTTP gateway, in the same run. Then it measures leader failover: kill -9
-//! the leader, time until a surviving node acknowledges a write.
+//! HTTP gateway, in the same run. Each run also prints the CPU time (user
+//! and system, from `/proc`) the three servers used per acknowledged write.
+//! Then it measures leader failover: kill -9 the leader, time until a
+//! surviving node acknowledges a write.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -88,14 +90,53 @@ async fn once(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option
     Some((status, body))
 }
 
-/// Sends `PUT`s of 64 B from `clients` connections for `seconds`; returns
-/// (ops/s, p50 ms, p99 ms, errors).
+/// CPU time (user + system) the processes `pids` have used so far.
+fn cpu_time(pids: &[u32]) -> Duration {
+    // Clock ticks per second as `/proc` counts them: 100 on Linux.
+    const TICKS: u64 = 100;
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            // Fields after the parenthesised command name; utime and
+            // stime are the 14th and 15th of the whole line.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            field(11).unwrap_or(0) + field(12).unwrap_or(0)
+        })
+        .sum();
+    Duration::from_millis(ticks * 1000 / TICKS)
+}
+
+/// What one load run measured.
+struct Figures {
+    ops: f64,
+    p50: f64,
+    p99: f64,
+    errors: u64,
+    /// CPU the servers used per acknowledged write, in µs.
+    cpu_per_write: f64,
+}
+
+impl Figures {
+    fn print(&self, label: &str) {
+        println!(
+            "{label:<40} {:>10.0} {:>9.1} {:>9.1} {:>8} {:>12.0}",
+            self.ops, self.p50, self.p99, self.errors, self.cpu_per_write
+        );
+    }
+}
+
+/// Sends `PUT`s of 64 B from `clients` connections for `seconds` to the
+/// servers `pids` listening on `targets`.
 async fn load(
     targets: Vec<SocketAddr>,
+    pids: &[u32],
     clients: usize,
     seconds: u64,
     request: fn(u64) -> (String, Vec<u8>),
-) -> (f64, f64, f64, u64) {
+) -> Figures {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -128,8 +169,10 @@ async fn load(
         }));
     }
     let started = Instant::now();
+    let cpu_before = cpu_time(pids);
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
+    let cpu = cpu_time(pids) - cpu_before;
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap_or_default());
@@ -141,12 +184,13 @@ async fn load(
             .copied()
             .unwrap_or(f64::NAN)
     };
-    (
-        all.len() as f64 / elapsed,
-        pct(0.5),
-        pct(0.99),
-        errors.load(Ordering::Relaxed),
-    )
+    Figures {
+        ops: all.len() as f64 / elapsed,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        errors: errors.load(Ordering::Relaxed),
+        cpu_per_write: cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64,
+    }
 }
 
 fn kv_put(i: u64) -> (String, Vec<u8>) {
@@ -249,7 +293,7 @@ async fn run_etcd(
     dir: &Path,
     clients: usize,
     seconds: u64,
-) -> anyhow::Result<(f64, f64, f64, u64)> {
+) -> anyhow::Result<Figures> {
     let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let initial: Vec<String> = (0..3)
@@ -300,7 +344,8 @@ async fn run_etcd(
         anyhow::ensure!(Instant::now() < deadline, "etcd did not come up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(load(targets, clients, seconds, etcd_put).await)
+    let pids: Vec<u32> = procs.0.iter().flatten().map(Child::id).collect();
+    Ok(load(targets, &pids, clients, seconds, etcd_put).await)
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -344,22 +389,16 @@ async fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "{:<40} {:>10} {:>9} {:>9} {:>8}",
-        "", "writes/s", "p50 ms", "p99 ms", "errors"
+        "{:<40} {:>10} {:>9} {:>9} {:>8} {:>12}",
+        "", "writes/s", "p50 ms", "p99 ms", "errors", "CPU µs/write"
     );
-    let (ops, p50, p99, errors) = load(http.clone(), clients, seconds, kv_put).await;
-    println!(
-        "{:<40} {ops:>10.0} {p50:>9.1} {p99:>9.1} {errors:>8}",
-        "plexus replicated-kv (HTTP PUT)"
-    );
+    let pids: Vec<u32> = procs.0.iter().flatten().map(Child::id).collect();
+    load(http.clone(), &pids, clients, seconds, kv_put)
+        .await
+        .print("plexus replicated-kv (HTTP PUT)");
     if let Some(etcd) = &etcd {
         match run_etcd(etcd, dir.path(), clients, seconds).await {
-            Ok((ops, p50, p99, errors)) => {
-                println!(
-                    "{:<40} {ops:>10.0} {p50:>9.1} {p99:>9.1} {errors:>8}",
-                    "etcd (v3 HTTP gateway put)"
-                )
-            }
+            Ok(figures) => figures.print("etcd (v3 HTTP gateway put)"),
             Err(e) => println!("etcd: {e}"),
         }
     }

@@ -162,8 +162,13 @@ pub(crate) fn take_answers() -> Vec<Answer> {
 /// After it returns, local state reflects every write committed before the
 /// call.
 pub fn read_barrier<P: Pattern>(pattern: &mut P) -> Result<(), Error> {
-    for entry in wit::read_barrier()? {
+    let entries = wit::read_barrier()?;
+    let any = !entries.is_empty();
+    for entry in entries {
         deliver(pattern, entry);
+    }
+    if any {
+        pattern.after_apply();
     }
     Ok(())
 }

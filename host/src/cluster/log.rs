@@ -84,6 +84,9 @@ pub struct LogStats {
     pub snapshots_installed: u64,
 }
 
+/// Receives the outcome of [`ConsensusBackend::submit`].
+pub type Submitted = Box<dyn FnOnce(Result<u64, LogError>) + Send>;
+
 /// A totally ordered, durable log with one stream per plugin.
 ///
 /// To be correct, an implementation must: give every entry a unique index
@@ -95,10 +98,13 @@ pub trait ConsensusBackend: Send + Sync + 'static {
     /// Appends `data` to `stream`; resolves with its index once committed
     /// and applied on this node.
     fn propose(&self, stream: &str, data: Vec<u8>) -> BoxFuture<'static, Result<u64, LogError>>;
-    /// Like [`propose`](Self::propose), but resolves as soon as the entry
-    /// is committed, applied here or not.
-    fn submit(&self, stream: &str, data: Vec<u8>) -> BoxFuture<'static, Result<u64, LogError>> {
-        self.propose(stream, data)
+    /// Like [`propose`](Self::propose), but hands the outcome to `done` as
+    /// soon as the entry is committed, applied here or not. `done` runs
+    /// exactly once, and must be quick: it may run on the task that
+    /// commits entries.
+    fn submit(&self, stream: &str, data: Vec<u8>, done: Submitted) {
+        let proposal = self.propose(stream, data);
+        tokio::spawn(async move { done(proposal.await) });
     }
     /// A linearizable read point: every entry acknowledged before the call
     /// has an index at or below the returned one and is committed here.

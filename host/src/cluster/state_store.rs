@@ -93,8 +93,13 @@ pub type Write = (Vec<u8>, Option<(Vec<u8>, u64)>);
 /// `next_version` that are greater than any version it has ever committed,
 /// lost commits included.
 pub trait KvBackend: Send + Sync + 'static {
+    /// A view of namespace `ns` as committed now, which later commits do
+    /// not change: the reads of one hook call go through one view.
+    fn reader(&self, ns: &str) -> Result<Box<dyn KvReader>, StoreError>;
     /// Reads one key of a namespace: value and version.
-    fn get(&self, ns: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError>;
+    fn get(&self, ns: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        self.reader(ns)?.get(key)
+    }
     /// Keys of `ns` starting with `prefix`, after `start_after`, in order.
     fn scan(
         &self,
@@ -102,7 +107,9 @@ pub trait KvBackend: Send + Sync + 'static {
         prefix: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<Item>, StoreError>;
+    ) -> Result<Vec<Item>, StoreError> {
+        self.reader(ns)?.scan(prefix, start_after, limit)
+    }
     /// Applies `writes` and, when given, records `applied` as the namespace's
     /// applied log index, atomically; durably as `persist` says.
     fn commit(
@@ -123,6 +130,19 @@ pub trait KvBackend: Send + Sync + 'static {
     fn applied_index(&self, ns: &str) -> Result<u64, StoreError>;
     /// A fresh version, greater than every version committed so far.
     fn next_version(&self) -> u64;
+}
+
+/// A read view of one namespace (see [`KvBackend::reader`]).
+pub trait KvReader: Send {
+    /// Reads one key: value and version.
+    fn get(&self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError>;
+    /// Keys starting with `prefix`, after `start_after`, in order.
+    fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Item>, StoreError>;
 }
 
 /// [`KvBackend`] on a redb file.
@@ -186,11 +206,15 @@ fn decode_value(raw: &[u8]) -> Result<(Vec<u8>, u64), StoreError> {
     Ok((value.to_vec(), u64::from_le_bytes(*head)))
 }
 
-impl KvBackend for RedbKv {
-    fn get(&self, ns: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(KV).map_err(err)?;
-        match table.get((ns, key)).map_err(err)? {
+/// A redb read transaction on the `KV` table, limited to one namespace.
+struct RedbReader {
+    ns: String,
+    table: redb::ReadOnlyTable<(&'static str, &'static [u8]), &'static [u8]>,
+}
+
+impl KvReader for RedbReader {
+    fn get(&self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        match self.table.get((self.ns.as_str(), key)).map_err(err)? {
             Some(v) => decode_value(v.value()).map(Some),
             None => Ok(None),
         }
@@ -198,19 +222,17 @@ impl KvBackend for RedbKv {
 
     fn scan(
         &self,
-        ns: &str,
         prefix: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Item>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(KV).map_err(err)?;
+        let ns = self.ns.as_str();
         let start = match start_after {
             Some(after) if after >= prefix => after,
             _ => prefix,
         };
         let mut out = Vec::new();
-        for item in table.range((ns, start)..).map_err(err)? {
+        for item in self.table.range((ns, start)..).map_err(err)? {
             let (k, v) = item.map_err(err)?;
             let (k_ns, key) = k.value();
             if k_ns != ns || !key.starts_with(prefix) {
@@ -226,6 +248,16 @@ impl KvBackend for RedbKv {
             }
         }
         Ok(out)
+    }
+}
+
+impl KvBackend for RedbKv {
+    fn reader(&self, ns: &str) -> Result<Box<dyn KvReader>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        Ok(Box::new(RedbReader {
+            ns: ns.to_string(),
+            table: txn.open_table(KV).map_err(err)?,
+        }))
     }
 
     fn commit(

@@ -67,24 +67,46 @@ enum Frame {
     Challenge {
         node: String,
         nonce: [u8; 32],
+        #[serde(with = "serde_bytes")]
         proof: Vec<u8>,
     },
     Proof {
+        #[serde(with = "serde_bytes")]
         proof: Vec<u8>,
     },
     Request {
         id: u64,
         kind: u8,
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
     Reply {
         id: u64,
+        #[serde(with = "reply_bytes")]
         result: Result<Vec<u8>, String>,
     },
     Oneway {
         kind: u8,
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
+}
+
+/// A reply's body as bytes, not as a sequence of numbers (the same postcard
+/// encoding, decoded in one copy instead of byte by byte).
+mod reply_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(r: &Result<Vec<u8>, String>, s: S) -> Result<S::Ok, S::Error> {
+        r.as_ref().map(|b| Bytes::new(b)).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Result<Vec<u8>, String>, D::Error> {
+        Ok(Result::<ByteBuf, String>::deserialize(d)?.map(ByteBuf::into_vec))
+    }
 }
 
 /// What a node does with frames from its peers.

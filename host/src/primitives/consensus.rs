@@ -287,20 +287,23 @@ impl wit::Host for ConsensusCtx {
         tagged.extend_from_slice(&ticket.to_le_bytes());
         tagged.extend_from_slice(&data);
         drop(data);
-        let proposal = self.backend.submit(&self.stream, tagged);
         let generation = self.generation;
         self.submitted.insert(ticket);
         // Success needs no report: the entry reaches the actor through the
         // stream like any other, carrying its ticket.
-        tokio::spawn(async move {
-            if let Err(e) = proposal.await {
-                let _ = drops.send(Dropped {
-                    generation,
-                    ticket,
-                    error: to_wit(e),
-                });
-            }
-        });
+        self.backend.submit(
+            &self.stream,
+            tagged,
+            Box::new(move |outcome| {
+                if let Err(e) = outcome {
+                    let _ = drops.send(Dropped {
+                        generation,
+                        ticket,
+                        error: to_wit(e),
+                    });
+                }
+            }),
+        );
         Ok(Ok(ticket))
     }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use wasmtime::component::{HasData, Linker};
 
 use super::{CallLimits, over};
-use crate::cluster::state_store::{KvBackend, StoreError, Write};
+use crate::cluster::state_store::{KvBackend, KvReader, StoreError, Write};
 use crate::runtime::bindings::plexus::cluster::storage::{
     self as wit, BatchOp, KeyValue, StorageError, Version, Versioned,
 };
@@ -24,6 +24,8 @@ pub struct StorageCtx {
     limits: CallLimits,
     overlay: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
     overlay_bytes: u64,
+    /// The committed state this hook call reads, opened at its first read.
+    reader: Option<Box<dyn KvReader>>,
 }
 
 impl StorageCtx {
@@ -35,12 +37,14 @@ impl StorageCtx {
             limits,
             overlay: BTreeMap::new(),
             overlay_bytes: 0,
+            reader: None,
         }
     }
 
     /// Takes the writes of the current hook call, leaving none.
     pub fn take_writes(&mut self) -> Vec<Write> {
         self.overlay_bytes = 0;
+        self.reader = None;
         std::mem::take(&mut self.overlay).into_iter().collect()
     }
 
@@ -48,12 +52,21 @@ impl StorageCtx {
     pub fn discard(&mut self) {
         self.overlay.clear();
         self.overlay_bytes = 0;
+        self.reader = None;
     }
 
-    fn current(&self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StorageError> {
+    /// The committed state as this hook call sees it.
+    fn reader(&mut self) -> Result<&dyn KvReader, StorageError> {
+        if self.reader.is_none() {
+            self.reader = Some(self.backend.reader(&self.ns).map_err(io)?);
+        }
+        Ok(self.reader.as_deref().expect("opened above"))
+    }
+
+    fn current(&mut self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StorageError> {
         match self.overlay.get(key) {
             Some(w) => Ok(w.clone()),
-            None => self.backend.get(&self.ns, key).map_err(io),
+            None => self.reader()?.get(key).map_err(io),
         }
     }
 
@@ -138,17 +151,13 @@ impl wit::Host for StorageCtx {
             let limit = limit.clamp(1, 1000) as usize;
             let in_range =
                 |k: &Vec<u8>| k.starts_with(&prefix) && start_after.as_ref().is_none_or(|a| k > a);
+            self.reader()?;
+            let reader = self.reader.as_deref().expect("opened above");
             let pending: Vec<_> = self.overlay.iter().filter(|(k, _)| in_range(k)).collect();
             // Deleted or overwritten keys in the overlay may hide stored ones,
             // so read enough stored keys to still fill the page.
-            let stored = self
-                .backend
-                .scan(
-                    &self.ns,
-                    &prefix,
-                    start_after.as_deref(),
-                    limit + pending.len(),
-                )
+            let stored = reader
+                .scan(&prefix, start_after.as_deref(), limit + pending.len())
                 .map_err(io)?;
             let mut merged: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = stored
                 .into_iter()

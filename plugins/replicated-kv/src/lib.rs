@@ -31,6 +31,7 @@ const APPLIED: &str = "meta/applied";
 enum Command {
     Put {
         key: String,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     Delete {
@@ -39,6 +40,7 @@ enum Command {
     Cas {
         key: String,
         expected: u64,
+        #[serde(with = "serde_bytes")]
         value: Option<Vec<u8>>,
     },
 }
@@ -47,6 +49,7 @@ enum Command {
 #[derive(Serialize, Deserialize)]
 struct Stored {
     version: u64,
+    #[serde(with = "serde_bytes")]
     value: Vec<u8>,
 }
 
@@ -71,6 +74,9 @@ struct Kv {
     /// Writes acknowledged by this plugin on this node since it was first
     /// loaded; handed from version to version on hot swap.
     served: u64,
+    /// Entries applied on this node, as stored under [`APPLIED`] once the
+    /// current `apply` call commits.
+    applied: u64,
 }
 
 fn current(key: &str) -> Result<Option<Stored>, storage::Error> {
@@ -88,9 +94,8 @@ impl Kv {
                 value,
             } => (key, Some(expected), value),
         };
-        let existing = current(&key)?;
         if let Some(expected) = expected {
-            let now = existing.as_ref().map_or(0, |s| s.version);
+            let now = current(&key)?.map_or(0, |s| s.version);
             if now != expected {
                 return Ok(Outcome::Conflict { current: now });
             }
@@ -122,14 +127,20 @@ impl Kv {
     }
 }
 
+#[derive(Serialize)]
+struct Written {
+    version: u64,
+}
+
+#[derive(Serialize)]
+struct Deleted {
+    deleted: bool,
+}
+
 fn answer(outcome: Outcome) -> Response {
     match outcome {
-        Outcome::Written { version } => {
-            Response::json(200, &serde_json::json!({ "version": version }))
-        }
-        Outcome::Deleted { existed } => {
-            Response::json(200, &serde_json::json!({ "deleted": existed }))
-        }
+        Outcome::Written { version } => Response::json(200, &Written { version }),
+        Outcome::Deleted { existed } => Response::json(200, &Deleted { deleted: existed }),
         Outcome::Conflict { current } => Response::json(
             409,
             &serde_json::json!({ "error": "version mismatch", "current": current }),
@@ -226,23 +237,20 @@ fn list(kv: &mut Kv, req: &Request, _: &Params) -> http::Result {
 }
 
 fn stats(kv: &mut Kv, _: &Request, _: &Params) -> http::Result {
-    Ok({
-        let applied = storage::get_typed::<u64>(APPLIED)
-            .ok()
-            .flatten()
-            .map_or(0, |(n, _)| n);
-        Response::json(
-            200,
-            &serde_json::json!({ "applied": applied, "served": kv.served }),
-        )
-    })
+    Ok(Response::json(
+        200,
+        &serde_json::json!({ "applied": kv.applied, "served": kv.served }),
+    ))
 }
 
 impl Pattern for Kv {
     type Output = Outcome;
 
     fn init(_ctx: InitContext) -> Result<Self, String> {
-        Ok(Kv { served: 0 })
+        let applied = storage::get_typed::<u64>(APPLIED)
+            .map_err(|e| e.to_string())?
+            .map_or(0, |(n, _)| n);
+        Ok(Kv { served: 0, applied })
     }
 
     fn on_request(&mut self, req: Request) -> Reply {
@@ -257,17 +265,21 @@ impl Pattern for Kv {
     }
 
     fn apply(&mut self, entry: CommittedEntry) -> Outcome {
+        self.applied += 1;
         let Ok(cmd) = consensus::decode::<Command>(&entry) else {
             return Outcome::Invalid;
         };
-        let applied = storage::get_typed::<u64>(APPLIED)
-            .ok()
-            .flatten()
-            .map_or(0, |(n, _)| n);
-        let result = self
-            .execute(cmd, entry.index)
-            .and_then(|o| storage::put_typed(APPLIED, &(applied + 1)).map(|_| o));
-        result.unwrap_or_else(|e| Outcome::Failed(e.to_string()))
+        self.execute(cmd, entry.index)
+            .unwrap_or_else(|e| Outcome::Failed(e.to_string()))
+    }
+
+    fn after_apply(&mut self) {
+        // Without the count the entries cannot be committed as applied:
+        // trapping discards this call's writes, and the host applies the
+        // entries again in a fresh instance.
+        if let Err(e) = storage::put_typed(APPLIED, &self.applied) {
+            panic!("replicated-kv: storing the applied count: {e}");
+        }
     }
 
     fn snapshot(&mut self) -> Vec<u8> {
