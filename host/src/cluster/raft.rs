@@ -215,6 +215,9 @@ fn check_format(
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The commit index Raft last reported, not yet written: the next
+    /// append writes it in its own transaction.
+    committed: Arc<Mutex<Option<Option<LogId<NodeId>>>>>,
 }
 
 impl LogStore {
@@ -225,7 +228,10 @@ impl LogStore {
         txn.open_table(LOG)?;
         check_format(&txn, LOG_META, path)?;
         txn.commit()?;
-        Ok(LogStore { db: Arc::new(db) })
+        Ok(LogStore {
+            db: Arc::new(db),
+            committed: Arc::default(),
+        })
     }
 
     fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, SErr> {
@@ -313,14 +319,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     /// The commit index may be lost in a crash (Raft learns it again from
-    /// the leader), so it is written without an fsync of its own, on the
-    /// async worker; the next append makes it durable.
+    /// the leader), so it is not written on its own: the next append
+    /// writes it in the same transaction.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
-        self.put_meta("committed", &committed, redb::Durability::None)
-            .map_err(|e| StorageIOError::write(e).into())
+        *self.committed.lock().expect("log store poisoned") = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        if let Some(c) = *self.committed.lock().expect("log store poisoned") {
+            return Ok(c);
+        }
         Ok(self.meta::<Option<LogId<NodeId>>>("committed")?.flatten())
     }
 
@@ -329,6 +338,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        let committed = self.committed.lock().expect("log store poisoned").take();
         let result = tokio::task::block_in_place(|| -> Result<(), AnyError> {
             let txn = self.db.begin_write().map_err(io_err)?;
             {
@@ -337,6 +347,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     t.insert(e.log_id.index, enc(&e).as_slice())
                         .map_err(io_err)?;
                 }
+            }
+            if let Some(committed) = &committed {
+                txn.open_table(LOG_META)
+                    .map_err(io_err)?
+                    .insert("committed", enc(committed).as_slice())
+                    .map_err(io_err)?;
             }
             // Durable (fsync) before the callback acknowledges the append.
             txn.commit().map_err(io_err)
