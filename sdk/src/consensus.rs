@@ -63,6 +63,9 @@ pub fn propose_raw<P: Pattern>(
     for entry in entries {
         last = deliver(pattern, entry);
     }
+    if last.is_some() {
+        pattern.after_apply();
+    }
     // The host always ends the list with the proposed entry (which has no
     // ticket); an empty list would be a host bug, reported as a storage
     // failure rather than a panic.

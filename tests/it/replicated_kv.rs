@@ -146,3 +146,37 @@ async fn state_survives_a_hot_swap() {
     assert_eq!(stats["served"], 10);
     assert_eq!(stats["applied"], 10);
 }
+
+/// Writes made while a hot swap happens all succeed and are all counted,
+/// whichever version applied them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_a_hot_swap_are_all_counted() {
+    let n = std::sync::Arc::new(kv_node().await);
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let n = n.clone();
+            tokio::spawn(async move {
+                let mut ok = 0u64;
+                for i in 0..25 {
+                    let path = format!("/kv/w{w}-{i}");
+                    if n.call("kv", Method::Put, &path, b"v").await.status == 200 {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    n.node
+        .swap("kv", plexus_tests::variant(&wasm("replicated-kv"), 1), None)
+        .await
+        .expect("swap");
+    let mut ok = 0;
+    for w in writers {
+        ok += w.await.unwrap();
+    }
+    assert_eq!(ok, 100, "every write during the swap succeeds");
+    let stats = body_json(&n.call("kv", Method::Get, "/stats", b"").await);
+    assert_eq!(stats["applied"], ok);
+}

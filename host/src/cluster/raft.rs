@@ -815,19 +815,39 @@ impl Group {
 }
 
 /// Where a group's outcome goes: to a task awaiting it, or straight to a
-/// plugin's submission, which needs no task of its own.
-enum Reply {
+/// plugin's submission, which needs no task of its own. A reply dropped
+/// unsent (the proposer stopped) reports [`LogError::ShuttingDown`].
+struct Reply(Option<ReplyTo>);
+
+enum ReplyTo {
     Wait(oneshot::Sender<Result<u64, LogError>>),
     Call(Submitted),
 }
 
 impl Reply {
-    fn send(self, outcome: Result<u64, LogError>) {
-        match self {
-            Reply::Wait(tx) => {
+    fn wait(tx: oneshot::Sender<Result<u64, LogError>>) -> Reply {
+        Reply(Some(ReplyTo::Wait(tx)))
+    }
+
+    fn call(done: Submitted) -> Reply {
+        Reply(Some(ReplyTo::Call(done)))
+    }
+
+    fn send(mut self, outcome: Result<u64, LogError>) {
+        match self.0.take() {
+            Some(ReplyTo::Wait(tx)) => {
                 let _ = tx.send(outcome);
             }
-            Reply::Call(done) => done(outcome),
+            Some(ReplyTo::Call(done)) => done(outcome),
+            None => {}
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(ReplyTo::Call(done)) = self.0.take() {
+            done(Err(LogError::ShuttingDown));
         }
     }
 }
@@ -1174,7 +1194,7 @@ impl RaftLog {
             .send(Group {
                 ops,
                 forwarded,
-                reply: Reply::Wait(reply),
+                reply: Reply::wait(reply),
             })
             .await
             .map_err(|_| LogError::ShuttingDown)?;
@@ -1536,7 +1556,7 @@ impl ConsensusBackend for Arc<RaftLog> {
         let group = Group {
             ops: vec![(stream.to_string(), data)],
             forwarded: false,
-            reply: Reply::Call(done),
+            reply: Reply::call(done),
         };
         // The queue is full only under a burst beyond what one entry
         // carries; then the submission waits for room on a task.
@@ -1658,6 +1678,23 @@ mod tests {
             Err(RaftError::Fatal(openraft::error::Fatal::Panicked));
         let back: Result<VoteResponse<NodeId>, RaftError<NodeId>> = dec(&enc(&err)).unwrap();
         assert_eq!(format!("{back:?}"), format!("{err:?}"));
+    }
+
+    /// A submission's outcome is reported exactly once: the outcome it was
+    /// sent, or `shutting-down` when the proposer dropped it unsent.
+    #[test]
+    fn a_reply_reports_once_even_when_dropped() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let report = |tx: std::sync::mpsc::Sender<_>| -> Submitted {
+            Box::new(move |outcome| tx.send(outcome).unwrap())
+        };
+        Reply::call(report(tx.clone())).send(Ok(7));
+        drop(Reply::call(report(tx)));
+        let outcomes: Vec<_> = rx.iter().collect();
+        assert!(matches!(
+            outcomes.as_slice(),
+            [Ok(7), Err(LogError::ShuttingDown)]
+        ));
     }
 
     /// A batch's data is encoded as bytes, which in postcard is exactly

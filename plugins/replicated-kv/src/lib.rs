@@ -74,9 +74,17 @@ struct Kv {
     /// Writes acknowledged by this plugin on this node since it was first
     /// loaded; handed from version to version on hot swap.
     served: u64,
-    /// Entries applied on this node, as stored under [`APPLIED`] once the
-    /// current `apply` call commits.
-    applied: u64,
+    /// Entries applied since the last `after_apply`, to add to the count
+    /// stored under [`APPLIED`].
+    unrecorded: u64,
+}
+
+/// Entries applied on this node, as stored.
+fn applied_count() -> u64 {
+    storage::get_typed::<u64>(APPLIED)
+        .ok()
+        .flatten()
+        .map_or(0, |(n, _)| n)
 }
 
 fn current(key: &str) -> Result<Option<Stored>, storage::Error> {
@@ -239,7 +247,7 @@ fn list(kv: &mut Kv, req: &Request, _: &Params) -> http::Result {
 fn stats(kv: &mut Kv, _: &Request, _: &Params) -> http::Result {
     Ok(Response::json(
         200,
-        &serde_json::json!({ "applied": kv.applied, "served": kv.served }),
+        &serde_json::json!({ "applied": applied_count(), "served": kv.served }),
     ))
 }
 
@@ -247,10 +255,10 @@ impl Pattern for Kv {
     type Output = Outcome;
 
     fn init(_ctx: InitContext) -> Result<Self, String> {
-        let applied = storage::get_typed::<u64>(APPLIED)
-            .map_err(|e| e.to_string())?
-            .map_or(0, |(n, _)| n);
-        Ok(Kv { served: 0, applied })
+        Ok(Kv {
+            served: 0,
+            unrecorded: 0,
+        })
     }
 
     fn on_request(&mut self, req: Request) -> Reply {
@@ -265,21 +273,24 @@ impl Pattern for Kv {
     }
 
     fn apply(&mut self, entry: CommittedEntry) -> Outcome {
-        self.applied += 1;
         let Ok(cmd) = consensus::decode::<Command>(&entry) else {
             return Outcome::Invalid;
         };
-        self.execute(cmd, entry.index)
-            .unwrap_or_else(|e| Outcome::Failed(e.to_string()))
+        match self.execute(cmd, entry.index) {
+            Ok(outcome) => {
+                self.unrecorded += 1;
+                outcome
+            }
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
     }
 
     fn after_apply(&mut self) {
-        // Without the count the entries cannot be committed as applied:
-        // trapping discards this call's writes, and the host applies the
-        // entries again in a fresh instance.
-        if let Err(e) = storage::put_typed(APPLIED, &self.applied) {
-            panic!("replicated-kv: storing the applied count: {e}");
-        }
+        // Read, not kept in memory: during a hot swap the old instance
+        // applies entries after the new one was initialized. The count is
+        // a statistic; if storage refuses it, the writes still go in.
+        let count = applied_count() + std::mem::take(&mut self.unrecorded);
+        let _ = storage::put_typed(APPLIED, &count);
     }
 
     fn snapshot(&mut self) -> Vec<u8> {
