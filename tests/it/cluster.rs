@@ -456,18 +456,31 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
         }
     }
 
-    // A node restarted from its config comes back on the swapped version:
-    // its cursor is past the swap, so its config's version would apply
-    // the stream with other code than the rest of the cluster.
+    // A node restarted from its config comes back on the swapped version,
+    // switching at the swap's index: at once when its cursor on disk is
+    // past the swap, or when it applies the swap entry again when its
+    // last checkpoint was before it (its config's version applies the
+    // entries up to the swap, as it did the first time).
     c.kill(2);
     let p = c.spawn(2).await;
     c.nodes[2] = Some(p);
-    let s = kv_status(c.http[2]).await;
-    assert_eq!(
-        (s["version"].as_str(), s["swapped_at_index"].as_u64()),
-        (Some(version.as_str()), Some(index)),
-        "restarted node-3: {s}"
-    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = kv_status(c.http[2]).await;
+        if s["swapped_at_index"].as_u64().is_some() {
+            assert_eq!(
+                (s["version"].as_str(), s["swapped_at_index"].as_u64()),
+                (Some(version.as_str()), Some(index)),
+                "restarted node-3: {s}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted node-3 never switched: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(put(c.http[2], "after-restart", "1").await);
     assert_eq!(
         read(c.http[0], "after-restart").await.as_deref(),
