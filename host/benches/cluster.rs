@@ -194,13 +194,14 @@ async fn load(
             .copied()
             .unwrap_or(f64::NAN)
     };
+    let per_write = |cpu: Duration| cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64;
     Figures {
         ops: all.len() as f64 / elapsed,
         p50: pct(0.5),
         p99: pct(0.99),
         errors: errors.load(Ordering::Relaxed),
-        cpu_per_write: cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64,
-        client_cpu_per_write: client_cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64,
+        cpu_per_write: per_write(cpu),
+        client_cpu_per_write: per_write(client_cpu),
     }
 }
 
@@ -223,6 +224,13 @@ fn etcd_put(i: u64) -> (String, Vec<u8>) {
 }
 
 struct Procs(Vec<Option<Child>>);
+
+impl Procs {
+    /// The process ids of those running.
+    fn pids(&self) -> Vec<u32> {
+        self.0.iter().flatten().map(Child::id).collect()
+    }
+}
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -355,8 +363,7 @@ async fn run_etcd(
         anyhow::ensure!(Instant::now() < deadline, "etcd did not come up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let pids: Vec<u32> = procs.0.iter().flatten().map(Child::id).collect();
-    Ok(load(targets, &pids, clients, seconds, etcd_put).await)
+    Ok(load(targets, &procs.pids(), clients, seconds, etcd_put).await)
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -403,8 +410,7 @@ async fn main() -> anyhow::Result<()> {
         "{:<40} {:>10} {:>9} {:>9} {:>8} {:>12} {:>12}",
         "", "writes/s", "p50 ms", "p99 ms", "errors", "CPU µs/write", "client µs/w"
     );
-    let pids: Vec<u32> = procs.0.iter().flatten().map(Child::id).collect();
-    load(http.clone(), &pids, clients, seconds, kv_put)
+    load(http.clone(), &procs.pids(), clients, seconds, kv_put)
         .await
         .print("plexus replicated-kv (HTTP PUT)");
     if let Some(etcd) = &etcd {

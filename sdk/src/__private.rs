@@ -39,13 +39,7 @@ pub fn on_message<P: Pattern>(from: NodeId, topic: String, payload: Vec<u8>) -> 
 pub fn apply<P: Pattern>(entries: Vec<CommittedEntry>, dropped: Vec<u64>) -> Vec<Answer> {
     with::<P, _>(|p| {
         crate::consensus::forget(&dropped);
-        let any = !entries.is_empty();
-        for entry in entries {
-            crate::consensus::deliver(p, entry);
-        }
-        if any {
-            p.after_apply();
-        }
+        crate::consensus::deliver_all(p, entries);
     });
     crate::consensus::take_answers()
 }

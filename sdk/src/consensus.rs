@@ -58,18 +58,11 @@ pub fn propose_raw<P: Pattern>(
     pattern: &mut P,
     data: &[u8],
 ) -> Result<Committed<P::Output>, Error> {
-    let entries = wit::propose(data)?;
-    let mut last = None;
-    for entry in entries {
-        last = deliver(pattern, entry);
-    }
-    if last.is_some() {
-        pattern.after_apply();
-    }
     // The host always ends the list with the proposed entry (which has no
     // ticket); an empty list would be a host bug, reported as a storage
     // failure rather than a panic.
-    last.ok_or_else(|| Error::Storage("host returned no committed entry".into()))
+    deliver_all(pattern, wit::propose(data)?)
+        .ok_or_else(|| Error::Storage("host returned no committed entry".into()))
 }
 
 /// Encodes `command` with [`crate::codec`] and proposes it.
@@ -119,12 +112,26 @@ pub fn submit<P: Pattern, C: Serialize + ?Sized>(
     Ok(Pending(ticket))
 }
 
+/// Applies `entries` in order, then calls [`Pattern::after_apply`] once if
+/// there were any. Returns what [`deliver`] returns for the last one.
+pub(crate) fn deliver_all<P: Pattern>(
+    pattern: &mut P,
+    entries: Vec<CommittedEntry>,
+) -> Option<Committed<P::Output>> {
+    let any = !entries.is_empty();
+    let mut last = None;
+    for entry in entries {
+        last = deliver(pattern, entry);
+    }
+    if any {
+        pattern.after_apply();
+    }
+    last
+}
+
 /// Applies one entry. If it answers a submitted write, the answer is
 /// queued for the host and `None` is returned; otherwise its output.
-pub(crate) fn deliver<P: Pattern>(
-    pattern: &mut P,
-    entry: CommittedEntry,
-) -> Option<Committed<P::Output>> {
+fn deliver<P: Pattern>(pattern: &mut P, entry: CommittedEntry) -> Option<Committed<P::Output>> {
     let (index, ticket) = (entry.index, entry.ticket);
     let done = Committed {
         index,
@@ -165,14 +172,7 @@ pub(crate) fn take_answers() -> Vec<Answer> {
 /// After it returns, local state reflects every write committed before the
 /// call.
 pub fn read_barrier<P: Pattern>(pattern: &mut P) -> Result<(), Error> {
-    let entries = wit::read_barrier()?;
-    let any = !entries.is_empty();
-    for entry in entries {
-        deliver(pattern, entry);
-    }
-    if any {
-        pattern.after_apply();
-    }
+    deliver_all(pattern, wit::read_barrier()?);
     Ok(())
 }
 

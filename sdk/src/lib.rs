@@ -126,9 +126,9 @@ pub trait Pattern: Sized + 'static {
 
     /// Called once after a run of entries was applied (all the entries one
     /// `apply` call of the host brings, or those a read barrier or a
-    /// proposal brings), in the same storage transaction. The place for bookkeeping that
-    /// need not be written once per entry, such as a count of entries
-    /// applied.
+    /// proposal brings), in the same storage transaction. The place for
+    /// bookkeeping that need not be written once per entry, such as a
+    /// count of entries applied.
     fn after_apply(&mut self) {}
 
     /// Reacts to membership changes.

@@ -96,20 +96,6 @@ pub trait KvBackend: Send + Sync + 'static {
     /// A view of namespace `ns` as committed now, which later commits do
     /// not change: the reads of one hook call go through one view.
     fn reader(&self, ns: &str) -> Result<Box<dyn KvReader>, StoreError>;
-    /// Reads one key of a namespace: value and version.
-    fn get(&self, ns: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-        self.reader(ns)?.get(key)
-    }
-    /// Keys of `ns` starting with `prefix`, after `start_after`, in order.
-    fn scan(
-        &self,
-        ns: &str,
-        prefix: &[u8],
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<Item>, StoreError> {
-        self.reader(ns)?.scan(prefix, start_after, limit)
-    }
     /// Applies `writes` and, when given, records `applied` as the namespace's
     /// applied log index, atomically; durably as `persist` says.
     fn commit(
@@ -404,9 +390,18 @@ mod tests {
             Persist::Now,
         )
         .unwrap();
-        assert_eq!(kv.get("a", b"k").unwrap(), Some((b"1".to_vec(), v)));
-        assert_eq!(kv.get("b", b"k").unwrap(), None);
-        assert!(kv.scan("b", b"", None, 10).unwrap().is_empty());
+        assert_eq!(
+            kv.reader("a").unwrap().get(b"k").unwrap(),
+            Some((b"1".to_vec(), v))
+        );
+        assert_eq!(kv.reader("b").unwrap().get(b"k").unwrap(), None);
+        assert!(
+            kv.reader("b")
+                .unwrap()
+                .scan(b"", None, 10)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -422,10 +417,14 @@ mod tests {
             })
             .collect();
         kv.commit("p", writes, None, Persist::Now).unwrap();
-        let page = kv.scan("p", b"x/", None, 2).unwrap();
+        let page = kv.reader("p").unwrap().scan(b"x/", None, 2).unwrap();
         let keys: Vec<_> = page.iter().map(|(k, _, _)| k.clone()).collect();
         assert_eq!(keys, vec![b"x/1".to_vec(), b"x/2".to_vec()]);
-        let page = kv.scan("p", b"x/", Some(b"x/2"), 2).unwrap();
+        let page = kv
+            .reader("p")
+            .unwrap()
+            .scan(b"x/", Some(b"x/2"), 2)
+            .unwrap();
         assert_eq!(page.len(), 1);
         assert_eq!(page[0].0, b"x/3".to_vec());
     }
@@ -469,7 +468,10 @@ mod tests {
         assert_eq!(items.len(), 1);
         assert_eq!((&items[0].0[..], &items[0].1[..]), (&b"k3"[..], &b"3"[..]));
         assert!(items[0].2 > v2, "restored keys get fresh versions");
-        assert_eq!(kv.get("b", b"k1").unwrap(), Some((b"x".to_vec(), v1)));
+        assert_eq!(
+            kv.reader("b").unwrap().get(b"k1").unwrap(),
+            Some((b"x".to_vec(), v1))
+        );
     }
 
     #[test]

@@ -55,18 +55,12 @@ impl StorageCtx {
         self.reader = None;
     }
 
-    /// The committed state as this hook call sees it.
-    fn reader(&mut self) -> Result<&dyn KvReader, StorageError> {
-        if self.reader.is_none() {
-            self.reader = Some(self.backend.reader(&self.ns).map_err(io)?);
-        }
-        Ok(self.reader.as_deref().expect("opened above"))
-    }
-
     fn current(&mut self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StorageError> {
         match self.overlay.get(key) {
             Some(w) => Ok(w.clone()),
-            None => self.reader()?.get(key).map_err(io),
+            None => view(&mut self.reader, &*self.backend, &self.ns)?
+                .get(key)
+                .map_err(io),
         }
     }
 
@@ -105,6 +99,19 @@ impl StorageCtx {
 
 fn io(e: StoreError) -> StorageError {
     StorageError::Io(e.0)
+}
+
+/// The committed state as this hook call sees it: the view in `slot`,
+/// opened at the call's first read.
+fn view<'a>(
+    slot: &'a mut Option<Box<dyn KvReader>>,
+    backend: &dyn KvBackend,
+    ns: &str,
+) -> Result<&'a dyn KvReader, StorageError> {
+    Ok(match slot {
+        Some(reader) => &**reader,
+        None => &**slot.insert(backend.reader(ns).map_err(io)?),
+    })
 }
 
 impl wit::Host for StorageCtx {
@@ -151,8 +158,7 @@ impl wit::Host for StorageCtx {
             let limit = limit.clamp(1, 1000) as usize;
             let in_range =
                 |k: &Vec<u8>| k.starts_with(&prefix) && start_after.as_ref().is_none_or(|a| k > a);
-            self.reader()?;
-            let reader = self.reader.as_deref().expect("opened above");
+            let reader = view(&mut self.reader, &*self.backend, &self.ns)?;
             let pending: Vec<_> = self.overlay.iter().filter(|(k, _)| in_range(k)).collect();
             // Deleted or overwritten keys in the overlay may hide stored ones,
             // so read enough stored keys to still fill the page.
