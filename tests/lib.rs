@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use plexus::node::{LoadSpec, Node, NodeOptions};
 use plexus::primitives::CallLimits;
+use plexus::primitives::timers::{Clock, SystemClock};
 use plexus::runtime::Capability;
 use plexus::runtime::actor::PluginLimits;
 use plexus::runtime::bindings::pattern::{Method, Request, Response};
@@ -57,14 +58,20 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// Opens a fresh node.
+    /// Opens a fresh node on the system clock.
     pub fn new() -> TestNode {
+        TestNode::with_clock(Arc::new(SystemClock))
+    }
+
+    /// Opens a fresh node whose plugins read the wall clock from `clock`.
+    pub fn with_clock(clock: Arc<dyn Clock>) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = Node::open(NodeOptions {
             id: "node-1".into(),
             data_dir: dir.path().to_path_buf(),
             call_limits: CallLimits::default(),
             metadata: Vec::new(),
+            clock,
         })
         .expect("open node");
         TestNode { node, dir }

@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: dir.path().to_path_buf(),
         call_limits: CallLimits::default(),
         metadata: Vec::new(),
+        clock: Arc::new(plexus::primitives::timers::SystemClock),
     })?;
     let chaos: Arc<[u8]> = Arc::from(plexus::bundled::get("chaos").expect("chaos plugin"));
     let kv: Arc<[u8]> = Arc::from(plexus::bundled::get("replicated-kv").expect("kv plugin"));

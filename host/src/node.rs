@@ -36,6 +36,9 @@ pub struct NodeOptions {
     pub call_limits: CallLimits,
     /// Metadata announced in the member list.
     pub metadata: Vec<(String, String)>,
+    /// The wall clock plugins read ([`SystemClock`](crate::primitives::timers::SystemClock)
+    /// but in tests).
+    pub clock: Arc<dyn crate::primitives::timers::Clock>,
 }
 
 /// How a node joins a replicated cluster.
@@ -362,6 +365,7 @@ impl Node {
             call_limits: opts.call_limits,
             transport,
             runtime: runtime.clone(),
+            clock: opts.clock,
         };
         let node = Arc::new(Node {
             id: opts.id,

@@ -45,6 +45,7 @@ pub async fn start_with_progress(
         data_dir: config.node.data_dir.clone(),
         call_limits: CallLimits::default(),
         metadata: config.node.metadata.clone().into_iter().collect(),
+        clock: Arc::new(crate::primitives::timers::SystemClock),
     };
     let node = match config.cluster_options()? {
         Some(cluster) => {

@@ -873,14 +873,26 @@ async fn a_write_without_quorum_is_answered_504_and_the_node_keeps_serving() {
         .collect();
     let signal = |sig: &str| signal(sig, &pids);
     signal("-STOP");
-    // The write was submitted and the plugin went on; with no quorum the
-    // host gives up on it and answers for the plugin: outcome unknown.
-    let (status, body) = http(c.http[leader], "PUT", "/v1/plugins/kv/kv/stuck", &[], b"x")
-        .await
-        .unwrap();
-    let body = String::from_utf8_lossy(&body).into_owned();
-    assert_eq!(status, 504, "{body}");
-    assert!(body.contains("outcome unknown"), "{body}");
+    // The writes were submitted and the plugin went on; with no quorum the
+    // host gives up on them and answers for the plugin: outcome unknown.
+    // The second is queued behind the first, which cannot commit; its
+    // deadline runs from its own submission, so it too is answered by the
+    // host before the request times out.
+    let addr = c.http[leader];
+    let stuck = |key: &'static str| async move {
+        let (status, body) = http(addr, "PUT", &format!("/v1/plugins/kv/kv/{key}"), &[], b"x")
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let first = tokio::spawn(stuck("stuck-1"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = tokio::spawn(stuck("stuck-2"));
+    for answer in [first, second] {
+        let (status, body) = answer.await.unwrap();
+        assert_eq!(status, 504, "{body}");
+        assert!(body.contains("outcome unknown"), "{body}");
+    }
     // Meanwhile the node and the plugin kept serving local reads.
     let (status, body) = http(
         c.http[leader],

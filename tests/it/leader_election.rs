@@ -3,12 +3,16 @@
 
 use std::time::Duration;
 
+use plexus::primitives::timers::ManualClock;
 use plexus::runtime::actor::PluginLimits;
 use plexus::runtime::bindings::pattern::Method;
 use plexus_tests::{TestNode, body_json, caps};
 
 async fn election(config: &str) -> TestNode {
-    let n = TestNode::new();
+    election_on(TestNode::new(), config).await
+}
+
+async fn election_on(n: TestNode, config: &str) -> TestNode {
     n.load(
         "election",
         "leader-election",
@@ -28,7 +32,10 @@ fn acquire(holder: &str, ttl_ms: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_holder_per_role_and_tokens_only_grow() {
-    let n = election("{}").await;
+    // Expiry is judged on the wall clock the plugin reads; this one moves
+    // only when the test moves it, however slowly a loaded machine runs.
+    let clock = ManualClock::new(1_700_000_000_000);
+    let n = election_on(TestNode::with_clock(clock.clone()), "{}").await;
     let a = n
         .call(
             "election",
@@ -61,8 +68,20 @@ async fn one_holder_per_role_and_tokens_only_grow() {
         .await;
     assert_eq!(body_json(&renew)["token"].as_u64(), Some(t1));
 
+    // Up to the last millisecond of the lease, b is still refused.
+    clock.advance(Duration::from_millis(299));
+    let b = n
+        .call(
+            "election",
+            Method::Post,
+            "/roles/db/acquire",
+            &acquire("b", 300),
+        )
+        .await;
+    assert_eq!(b.status, 409);
+
     // After expiry b takes over with a strictly larger fencing token.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    clock.advance(Duration::from_millis(1));
     let b = n
         .call(
             "election",
@@ -121,7 +140,9 @@ async fn one_holder_per_role_and_tokens_only_grow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_campaigns_and_renews_by_timer() {
-    let n = election(r#"{"campaign": ["scheduler"], "ttl_ms": 300}"#).await;
+    // The lease is long enough that a renewal delayed by a loaded machine
+    // still lands in time; the test is about renewal, not its latency.
+    let n = election(r#"{"campaign": ["scheduler"], "ttl_ms": 1500}"#).await;
     let first = body_json(
         &n.wait_ok("election", "/roles/scheduler", Duration::from_secs(5))
             .await,
@@ -129,7 +150,7 @@ async fn the_node_campaigns_and_renews_by_timer() {
     assert_eq!(first["holder"], "node-1");
     // Several lease lengths later the node still holds it, with the same
     // token (renewed, never lost) and a later expiry.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let later = body_json(
         &n.call("election", Method::Get, "/roles/scheduler", b"")
             .await,

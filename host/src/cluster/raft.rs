@@ -806,6 +806,10 @@ struct Group {
     /// Sent by a follower: placed here, or refused, never forwarded on.
     forwarded: bool,
     reply: Reply,
+    /// When the outcome is reported unknown if the entry has not committed
+    /// by then. It runs from submission, so time spent queued behind a
+    /// stuck entry counts against it.
+    deadline: Instant,
 }
 
 impl Group {
@@ -1195,6 +1199,14 @@ impl RaftLog {
                 ops,
                 forwarded,
                 reply: Reply::wait(reply),
+                // A follower stops waiting for a forwarded batch after
+                // FORWARD_TIMEOUT; committing it later helps nobody.
+                deadline: Instant::now()
+                    + if forwarded {
+                        FORWARD_TIMEOUT
+                    } else {
+                        PROPOSE_TIMEOUT
+                    },
             })
             .await
             .map_err(|_| LogError::ShuttingDown)?;
@@ -1205,8 +1217,18 @@ impl RaftLog {
     /// through the leader, and answers each group with its first index.
     /// Retries while no leader is known; groups a follower forwarded are
     /// refused instead, and that follower retries.
-    async fn place(self: Arc<Self>, mut groups: Vec<Group>) {
-        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+    async fn place(self: Arc<Self>, groups: Vec<Group>) {
+        // Groups that waited out their deadline in the queue (behind an
+        // entry that could not commit) are not placed at all.
+        let now = Instant::now();
+        let (expired, mut groups): (Vec<_>, Vec<_>) =
+            groups.into_iter().partition(|g| g.deadline <= now);
+        for g in expired {
+            g.reply.send(Err(LogError::Timeout));
+        }
+        let Some(deadline) = groups.iter().map(|g| g.deadline).min() else {
+            return;
+        };
         loop {
             let leader = self.leader_name();
             if leader.as_ref() != Some(&self.me) {
@@ -1227,7 +1249,9 @@ impl RaftLog {
                         .await
                         .unwrap_or(Err(LogError::Timeout))
                 }
-                Some(l) => self.forward(&l, ops).await,
+                Some(l) => tokio::time::timeout_at(deadline.into(), self.forward(&l, ops))
+                    .await
+                    .unwrap_or(Err(LogError::Timeout)),
                 None => Err(LogError::NotLeader(None)),
             };
             match result {
@@ -1557,6 +1581,7 @@ impl ConsensusBackend for Arc<RaftLog> {
             ops: vec![(stream.to_string(), data)],
             forwarded: false,
             reply: Reply::call(done),
+            deadline: Instant::now() + PROPOSE_TIMEOUT,
         };
         // The queue is full only under a burst beyond what one entry
         // carries; then the submission waits for room on a task.

@@ -2,6 +2,9 @@
 //! plugin's mailbox.
 
 use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -15,8 +18,58 @@ use crate::runtime::state::PluginState;
 const MAX_PENDING: usize = 1024;
 const MAX_DELAY_MS: u64 = 24 * 60 * 60 * 1000;
 
+/// The wall clock plugins read through `now-ms`.
+///
+/// To be correct, an implementation must answer from any thread without
+/// blocking. It need not be monotonic (a wall clock may step); plugins use
+/// `monotonic-ms` for durations. Timer delays do not come from this clock:
+/// they run on the runtime's timer, so a test that steps a
+/// [`ManualClock`] changes what plugins read, not when timers fire.
+pub trait Clock: Send + Sync + Debug + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The operating system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// A wall clock that moves only when told to: tests of time-dependent
+/// plugin logic (lease expiry, say) that must not depend on how fast a
+/// loaded machine runs them.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// A clock reading `start_ms`.
+    pub fn new(start_ms: u64) -> Arc<ManualClock> {
+        Arc::new(ManualClock(AtomicU64::new(start_ms)))
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// One plugin instance's timers. Dropping it cancels them all.
 pub struct TimersCtx {
+    clock: Arc<dyn Clock>,
     mailbox: mpsc::WeakSender<Mail>,
     generation: u64,
     started: Instant,
@@ -25,9 +78,11 @@ pub struct TimersCtx {
 }
 
 impl TimersCtx {
-    /// Timers of instance `generation`, delivered into `mailbox`.
-    pub fn new(mailbox: mpsc::WeakSender<Mail>, generation: u64) -> Self {
+    /// Timers of instance `generation`, delivered into `mailbox`, with
+    /// `now-ms` read from `clock`.
+    pub fn new(clock: Arc<dyn Clock>, mailbox: mpsc::WeakSender<Mail>, generation: u64) -> Self {
         TimersCtx {
+            clock,
             mailbox,
             generation,
             started: Instant::now(),
@@ -62,9 +117,7 @@ impl Drop for TimersCtx {
 
 impl wit::Host for TimersCtx {
     fn now_ms(&mut self) -> wasmtime::Result<u64> {
-        Ok(SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Ok(self.clock.now_ms())
     }
 
     fn monotonic_ms(&mut self) -> wasmtime::Result<u64> {

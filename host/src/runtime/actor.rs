@@ -88,6 +88,8 @@ pub struct Services {
     pub transport: Option<Arc<crate::cluster::transport::Transport>>,
     /// The engine, for versions that arrive through the log.
     pub runtime: Arc<super::engine::Runtime>,
+    /// The wall clock behind `timers.now-ms`.
+    pub clock: Arc<dyn crate::primitives::timers::Clock>,
 }
 
 /// Where a plugin is in its life.
@@ -369,7 +371,7 @@ pub fn new_store(
             }),
             waited.clone(),
         ),
-        timers: TimersCtx::new(mailbox, generation),
+        timers: TimersCtx::new(services.clock.clone(), mailbox, generation),
         log: LogCtx::new(name, &prepared.version),
         waited,
         call_started: Instant::now(),
