@@ -120,6 +120,8 @@ struct Figures {
     cpu_per_write: f64,
     /// CPU this load generator used per acknowledged write, in µs.
     client_cpu_per_write: f64,
+    /// Median latency of the writes sent to each server, in ms.
+    p50_by_target: Vec<f64>,
 }
 
 impl Figures {
@@ -133,6 +135,12 @@ impl Figures {
             self.cpu_per_write,
             self.client_cpu_per_write
         );
+        let by: Vec<String> = self
+            .p50_by_target
+            .iter()
+            .map(|p| format!("{p:.1}"))
+            .collect();
+        println!("{:<40} p50 by server: {} ms", "", by.join(" / "));
     }
 }
 
@@ -184,9 +192,19 @@ async fn load(
     let cpu = cpu_time(pids) - cpu_before;
     let client_cpu = cpu_time(&me) - client_before;
     let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap_or_default());
+    let mut by_target: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for (c, t) in tasks.into_iter().enumerate() {
+        let lat = t.await.unwrap_or_default();
+        by_target[c % targets.len()].extend(&lat);
+        all.extend(lat);
     }
+    let p50_by_target = by_target
+        .into_iter()
+        .map(|mut l| {
+            l.sort_by(|a, b| a.total_cmp(b));
+            l.get(l.len() / 2).copied().unwrap_or(f64::NAN)
+        })
+        .collect();
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| {
@@ -202,6 +220,7 @@ async fn load(
         errors: errors.load(Ordering::Relaxed),
         cpu_per_write: per_write(cpu),
         client_cpu_per_write: per_write(client_cpu),
+        p50_by_target,
     }
 }
 
@@ -307,6 +326,27 @@ async fn leader(http: &[SocketAddr], alive: &[bool]) -> usize {
     }
 }
 
+/// Proposals and Raft entries written by the leaders so far, summed over
+/// `http` (each counts only while it leads).
+async fn raft_counters(http: &[SocketAddr]) -> (u64, u64) {
+    let mut sums = (0, 0);
+    for addr in http {
+        let Some((200, body)) = once(*addr, "GET", "/metrics", b"").await else {
+            continue;
+        };
+        for line in String::from_utf8_lossy(&body).lines() {
+            let value = |name: &str| {
+                line.strip_prefix(name)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .map_or(0, |v| v as u64)
+            };
+            sums.0 += value("plexus_consensus_proposals_total ");
+            sums.1 += value("plexus_consensus_log_writes_total ");
+        }
+    }
+    sums
+}
+
 async fn run_etcd(
     etcd: &Path,
     dir: &Path,
@@ -410,9 +450,17 @@ async fn main() -> anyhow::Result<()> {
         "{:<40} {:>10} {:>9} {:>9} {:>8} {:>12} {:>12}",
         "", "writes/s", "p50 ms", "p99 ms", "errors", "CPU µs/write", "client µs/w"
     );
+    let entries_before = raft_counters(&http).await;
     load(http.clone(), &procs.pids(), clients, seconds, kv_put)
         .await
         .print("plexus replicated-kv (HTTP PUT)");
+    let (proposals, entries) = raft_counters(&http).await;
+    let (proposals, entries) = (proposals - entries_before.0, entries - entries_before.1);
+    println!(
+        "{:<40} {proposals} writes in {entries} Raft entries ({:.1} per entry)",
+        "",
+        proposals as f64 / entries.max(1) as f64
+    );
     if let Some(etcd) = &etcd {
         match run_etcd(etcd, dir.path(), clients, seconds).await {
             Ok(figures) => figures.print("etcd (v3 HTTP gateway put)"),

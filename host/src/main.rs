@@ -1,6 +1,12 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+// Every write allocates on many threads (HTTP, the plugin actor, Raft,
+// redb's page buffers); glibc's malloc spent about a tenth of the node's
+// CPU there (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let filter = EnvFilter::try_from_env("PLEXUS_LOG")
