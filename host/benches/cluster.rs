@@ -455,7 +455,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .print("plexus replicated-kv (HTTP PUT)");
     let (proposals, entries) = raft_counters(&http).await;
-    let (proposals, entries) = (proposals - entries_before.0, entries - entries_before.1);
+    let (proposals, entries) = (
+        proposals.saturating_sub(entries_before.0),
+        entries.saturating_sub(entries_before.1),
+    );
     println!(
         "{:<40} {proposals} writes in {entries} Raft entries ({:.1} per entry)",
         "",

@@ -148,7 +148,7 @@ async fn the_node_campaigns_and_renews_by_timer() {
             .await,
     );
     assert_eq!(first["holder"], "node-1");
-    // Several lease lengths later the node still holds it, with the same
+    // More than a lease length later the node still holds it, with the same
     // token (renewed, never lost) and a later expiry.
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let later = body_json(

@@ -1179,7 +1179,11 @@ impl RaftLog {
             }),
             kind::PROPOSE => Box::pin(async move {
                 let Batch(ops) = dec(&body).map_err(|e| e.to_string())?;
-                Ok(enc(&this.enqueue(ops, true).await))
+                Ok(enc(&this
+                    // The follower gives up on its request after
+                    // FORWARD_TIMEOUT from sending it; sooner here.
+                    .enqueue(ops, true, Instant::now() + FORWARD_TIMEOUT)
+                    .await))
             }),
             kind::READ_INDEX => Box::pin(async move { Ok(enc(&this.read_index_here().await)) }),
             kind::MEMBERS => Box::pin(async move {
@@ -1192,21 +1196,19 @@ impl RaftLog {
 
     /// Queues `ops` to go into one entry; resolves with the first one's
     /// index once committed.
-    async fn enqueue(&self, ops: Vec<(String, Vec<u8>)>, forwarded: bool) -> Result<u64, LogError> {
+    async fn enqueue(
+        &self,
+        ops: Vec<(String, Vec<u8>)>,
+        forwarded: bool,
+        deadline: Instant,
+    ) -> Result<u64, LogError> {
         let (reply, rx) = oneshot::channel();
         self.queue
             .send(Group {
                 ops,
                 forwarded,
                 reply: Reply::wait(reply),
-                // A follower stops waiting for a forwarded batch after
-                // FORWARD_TIMEOUT; committing it later helps nobody.
-                deadline: Instant::now()
-                    + if forwarded {
-                        FORWARD_TIMEOUT
-                    } else {
-                        PROPOSE_TIMEOUT
-                    },
+                deadline,
             })
             .await
             .map_err(|_| LogError::ShuttingDown)?;
@@ -1217,19 +1219,20 @@ impl RaftLog {
     /// through the leader, and answers each group with its first index.
     /// Retries while no leader is known; groups a follower forwarded are
     /// refused instead, and that follower retries.
-    async fn place(self: Arc<Self>, groups: Vec<Group>) {
-        // Groups that waited out their deadline in the queue (behind an
-        // entry that could not commit) are not placed at all.
-        let now = Instant::now();
-        let (expired, mut groups): (Vec<_>, Vec<_>) =
-            groups.into_iter().partition(|g| g.deadline <= now);
-        for g in expired {
-            g.reply.send(Err(LogError::Timeout));
-        }
-        let Some(deadline) = groups.iter().map(|g| g.deadline).min() else {
-            return;
-        };
+    ///
+    /// Each group keeps its own deadline: one that passes is answered
+    /// `timeout` (outcome unknown) on its own, while the others go on
+    /// waiting for the same entry. A group whose deadline passed before it
+    /// was placed (it queued behind an entry that could not commit) is not
+    /// placed at all.
+    async fn place(self: Arc<Self>, mut groups: Vec<Group>) {
         loop {
+            let now = Instant::now();
+            let expired;
+            (expired, groups) = groups.into_iter().partition(|g| g.deadline <= now);
+            for g in expired {
+                g.reply.send(Err(LogError::Timeout));
+            }
             let leader = self.leader_name();
             if leader.as_ref() != Some(&self.me) {
                 let refused;
@@ -1237,42 +1240,50 @@ impl RaftLog {
                 for g in refused {
                     g.reply.send(Err(LogError::NotLeader(leader.clone())));
                 }
-                if groups.is_empty() {
-                    return;
-                }
+            }
+            if groups.is_empty() {
+                return;
             }
             let ops: Vec<(String, Vec<u8>)> = groups.iter().flat_map(|g| g.ops.clone()).collect();
-            let result = match leader {
-                // Without a quorum the commit would wait forever.
-                Some(l) if l == self.me => {
-                    tokio::time::timeout_at(deadline.into(), self.write_here(ops))
-                        .await
-                        .unwrap_or(Err(LogError::Timeout))
-                }
-                Some(l) => tokio::time::timeout_at(deadline.into(), self.forward(&l, ops))
-                    .await
-                    .unwrap_or(Err(LogError::Timeout)),
-                None => Err(LogError::NotLeader(None)),
+            let attempt: BoxFuture<'_, Result<u64, LogError>> = match &leader {
+                Some(l) if *l == self.me => Box::pin(self.write_here(ops)),
+                Some(l) => Box::pin(self.forward(l, ops)),
+                None => Box::pin(std::future::ready(Err(LogError::NotLeader(None)))),
+            };
+            // Slots keep each group's place in the entry (its first index
+            // follows from the groups before it) after it was answered.
+            let mut slots: Vec<(u64, Option<Group>)> = groups
+                .into_iter()
+                .map(|g| (g.ops.len() as u64, Some(g)))
+                .collect();
+            let Some(result) = await_within_deadlines(attempt, &mut slots).await else {
+                // Every group timed out; without a quorum the commit would
+                // wait forever.
+                return;
             };
             match result {
                 Ok(first) => {
                     let mut next = first;
-                    for g in groups {
-                        let n = g.ops.len() as u64;
-                        g.reply.send(Ok(next));
+                    for (n, g) in slots {
+                        if let Some(g) = g {
+                            g.reply.send(Ok(next));
+                        }
                         next += n;
                     }
                     return;
                 }
-                Err(LogError::NotLeader(_)) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                // Refused by Raft or never delivered: nothing was appended,
+                // so trying again cannot apply anything twice.
+                Err(LogError::NotLeader(_)) => {
+                    groups = slots.into_iter().filter_map(|(_, g)| g).collect();
+                    let Some(first_deadline) = groups.iter().map(|g| g.deadline).min() else {
+                        return;
+                    };
+                    let pause = (Instant::now() + Duration::from_millis(50)).min(first_deadline);
+                    tokio::time::sleep_until(pause.into()).await;
                 }
                 Err(e) => {
-                    let e = match e {
-                        LogError::NotLeader(_) => LogError::Timeout,
-                        e => e,
-                    };
-                    for g in groups {
+                    for g in slots.into_iter().filter_map(|(_, g)| g) {
                         g.reply.send(Err(e.clone()));
                     }
                     return;
@@ -1497,6 +1508,33 @@ async fn follow_membership(
     }
 }
 
+/// Awaits `attempt`, answering `timeout` to each group in `slots` whose
+/// deadline passes meanwhile. `None` when every group was answered so
+/// before the attempt ended.
+async fn await_within_deadlines(
+    attempt: BoxFuture<'_, Result<u64, LogError>>,
+    slots: &mut [(u64, Option<Group>)],
+) -> Option<Result<u64, LogError>> {
+    let mut attempt = attempt;
+    loop {
+        let next = slots
+            .iter()
+            .filter_map(|(_, g)| g.as_ref().map(|g| g.deadline))
+            .min()?;
+        tokio::select! {
+            result = &mut attempt => return Some(result),
+            () = tokio::time::sleep_until(next.into()) => {
+                let now = Instant::now();
+                for (_, slot) in slots.iter_mut() {
+                    if let Some(g) = slot.take_if(|g| g.deadline <= now) {
+                        g.reply.send(Err(LogError::Timeout));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// What a failed forward means for the request.
 fn transport_error(e: TransportError) -> LogError {
     match e {
@@ -1567,9 +1605,11 @@ impl ConsensusBackend for Arc<RaftLog> {
         let ops = vec![(stream.to_string(), data)];
         let this = self.clone();
         Box::pin(async move {
-            let index = this.enqueue(ops, false).await?;
+            // One deadline for committing and applying here.
+            let deadline = Instant::now() + PROPOSE_TIMEOUT;
+            let index = this.enqueue(ops, false, deadline).await?;
             // Committed; the caller also wants it applied here.
-            tokio::time::timeout(PROPOSE_TIMEOUT, this.sm.watches.wait_for(index))
+            tokio::time::timeout_at(deadline.into(), this.sm.watches.wait_for(index))
                 .await
                 .map(|()| index)
                 .map_err(|_| LogError::Timeout)
@@ -1658,6 +1698,53 @@ impl ConsensusBackend for Arc<RaftLog> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn group(deadline: Instant) -> (Group, oneshot::Receiver<Result<u64, LogError>>) {
+        let (tx, rx) = oneshot::channel();
+        let g = Group {
+            ops: vec![("kv".into(), vec![1])],
+            forwarded: false,
+            reply: Reply::wait(tx),
+            deadline,
+        };
+        (g, rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_group_times_out_at_its_own_deadline_while_the_rest_wait_on() {
+        let now = Instant::now();
+        let (early, mut early_rx) = group(now + Duration::from_secs(1));
+        let (late, late_rx) = group(now + Duration::from_secs(8));
+        let mut slots = vec![(1, Some(early)), (1, Some(late))];
+        // The entry commits 3 s in: after the first deadline, before the second.
+        let attempt: BoxFuture<'_, Result<u64, LogError>> = Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok(10)
+        });
+        let result = await_within_deadlines(attempt, &mut slots).await;
+        assert!(matches!(result, Some(Ok(10))));
+        assert!(matches!(early_rx.try_recv(), Ok(Err(LogError::Timeout))));
+        assert!(slots[0].1.is_none(), "the early group was answered");
+        // The late one is still waiting for its index, which counts the
+        // early group's op before it.
+        let (_, Some(late)) = slots.remove(1) else {
+            panic!("the late group was answered early");
+        };
+        late.reply.send(Ok(11));
+        assert!(matches!(late_rx.await, Ok(Ok(11))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_never_ends_times_every_group_out() {
+        let now = Instant::now();
+        let (a, a_rx) = group(now + Duration::from_secs(1));
+        let (b, b_rx) = group(now + Duration::from_secs(2));
+        let mut slots = vec![(1, Some(a)), (1, Some(b))];
+        let attempt: BoxFuture<'_, Result<u64, LogError>> = Box::pin(std::future::pending());
+        assert!(await_within_deadlines(attempt, &mut slots).await.is_none());
+        assert!(matches!(a_rx.await, Ok(Err(LogError::Timeout))));
+        assert!(matches!(b_rx.await, Ok(Err(LogError::Timeout))));
+    }
 
     /// Every RPC crosses the wire in postcard: the shapes openraft uses
     /// (enums, maps, sets, options, nested errors) must survive it.
