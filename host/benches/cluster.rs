@@ -110,6 +110,14 @@ fn cpu_time(pids: &[u32]) -> Duration {
     Duration::from_millis(ticks * 1000 / TICKS)
 }
 
+/// The `p` quantile of `sorted` (NaN when empty).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p) as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
 /// What one load run measured.
 struct Figures {
     ops: f64,
@@ -202,21 +210,16 @@ async fn load(
         .into_iter()
         .map(|mut l| {
             l.sort_by(|a, b| a.total_cmp(b));
-            l.get(l.len() / 2).copied().unwrap_or(f64::NAN)
+            percentile(&l, 0.5)
         })
         .collect();
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
     let per_write = |cpu: Duration| cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64;
     Figures {
         ops: all.len() as f64 / elapsed,
-        p50: pct(0.5),
-        p99: pct(0.99),
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
         errors: errors.load(Ordering::Relaxed),
         cpu_per_write: per_write(cpu),
         client_cpu_per_write: per_write(client_cpu),
@@ -450,14 +453,14 @@ async fn main() -> anyhow::Result<()> {
         "{:<40} {:>10} {:>9} {:>9} {:>8} {:>12} {:>12}",
         "", "writes/s", "p50 ms", "p99 ms", "errors", "CPU µs/write", "client µs/w"
     );
-    let entries_before = raft_counters(&http).await;
+    let before = raft_counters(&http).await;
     load(http.clone(), &procs.pids(), clients, seconds, kv_put)
         .await
         .print("plexus replicated-kv (HTTP PUT)");
     let (proposals, entries) = raft_counters(&http).await;
     let (proposals, entries) = (
-        proposals.saturating_sub(entries_before.0),
-        entries.saturating_sub(entries_before.1),
+        proposals.saturating_sub(before.0),
+        entries.saturating_sub(before.1),
     );
     println!(
         "{:<40} {proposals} writes in {entries} Raft entries ({:.1} per entry)",
@@ -508,11 +511,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| times[((times.len() as f64 - 1.0) * p) as usize];
     println!(
         "leader failover, {trials} trials (kill -9 leader -> first acknowledged write): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        pct(0.5),
-        pct(0.99),
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
         times[times.len() - 1]
     );
     Ok(())

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use plexus::primitives::timers::ManualClock;
 use plexus::runtime::actor::PluginLimits;
-use plexus::runtime::bindings::pattern::Method;
+use plexus::runtime::bindings::pattern::{Method, Response};
 use plexus_tests::{TestNode, body_json, caps};
 
 async fn election(config: &str) -> TestNode {
@@ -30,95 +30,61 @@ fn acquire(holder: &str, ttl_ms: u64) -> Vec<u8> {
         .into_bytes()
 }
 
+/// `holder` asks for role `db` for `ttl_ms`.
+async fn acquire_db(n: &TestNode, holder: &str, ttl_ms: u64) -> Response {
+    n.call(
+        "election",
+        Method::Post,
+        "/roles/db/acquire",
+        &acquire(holder, ttl_ms),
+    )
+    .await
+}
+
+/// `holder` gives role `db` back, naming the fencing token it holds.
+async fn release_db(n: &TestNode, holder: &str, token: u64) -> Response {
+    let body = serde_json::json!({ "holder": holder, "token": token }).to_string();
+    n.call(
+        "election",
+        Method::Post,
+        "/roles/db/release",
+        body.as_bytes(),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_holder_per_role_and_tokens_only_grow() {
     // Expiry is judged on the wall clock the plugin reads; this one moves
     // only when the test moves it, however slowly a loaded machine runs.
     let clock = ManualClock::new(1_700_000_000_000);
     let n = election_on(TestNode::with_clock(clock.clone()), "{}").await;
-    let a = n
-        .call(
-            "election",
-            Method::Post,
-            "/roles/db/acquire",
-            &acquire("a", 300),
-        )
-        .await;
+    let a = acquire_db(&n, "a", 300).await;
     assert_eq!(a.status, 200);
     let t1 = body_json(&a)["token"].as_u64().unwrap();
 
     // b is refused while a's lease runs; a renewing keeps its token.
-    let b = n
-        .call(
-            "election",
-            Method::Post,
-            "/roles/db/acquire",
-            &acquire("b", 300),
-        )
-        .await;
+    let b = acquire_db(&n, "b", 300).await;
     assert_eq!(b.status, 409);
     assert_eq!(body_json(&b)["holder"], "a");
-    let renew = n
-        .call(
-            "election",
-            Method::Post,
-            "/roles/db/acquire",
-            &acquire("a", 300),
-        )
-        .await;
+    let renew = acquire_db(&n, "a", 300).await;
     assert_eq!(body_json(&renew)["token"].as_u64(), Some(t1));
 
     // Up to the last millisecond of the lease, b is still refused.
     clock.advance(Duration::from_millis(299));
-    let b = n
-        .call(
-            "election",
-            Method::Post,
-            "/roles/db/acquire",
-            &acquire("b", 300),
-        )
-        .await;
+    let b = acquire_db(&n, "b", 300).await;
     assert_eq!(b.status, 409);
 
     // After expiry b takes over with a strictly larger fencing token.
     clock.advance(Duration::from_millis(1));
-    let b = n
-        .call(
-            "election",
-            Method::Post,
-            "/roles/db/acquire",
-            &acquire("b", 5000),
-        )
-        .await;
+    let b = acquire_db(&n, "b", 5000).await;
     assert_eq!(b.status, 200);
     let t2 = body_json(&b)["token"].as_u64().unwrap();
     assert!(t2 > t1);
 
     // a cannot release what it no longer holds; b can.
-    let rel = serde_json::json!({ "holder": "a", "token": t1 }).to_string();
-    assert_eq!(
-        n.call(
-            "election",
-            Method::Post,
-            "/roles/db/release",
-            rel.as_bytes()
-        )
-        .await
-        .status,
-        409
-    );
-    let rel = serde_json::json!({ "holder": "b", "token": t2 }).to_string();
-    assert_eq!(
-        n.call(
-            "election",
-            Method::Post,
-            "/roles/db/release",
-            rel.as_bytes()
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(release_db(&n, "a", t1).await.status, 409);
+    assert_eq!(release_db(&n, "b", t2).await.status, 200);
     assert_eq!(
         n.call("election", Method::Get, "/roles/db", b"")
             .await
@@ -127,14 +93,7 @@ async fn one_holder_per_role_and_tokens_only_grow() {
     );
 
     // A release does not reset the token sequence.
-    let c = n
-        .call(
-            "election",
-            Method::Post,
-            "/roles/db/acquire",
-            &acquire("c", 5000),
-        )
-        .await;
+    let c = acquire_db(&n, "c", 5000).await;
     assert!(body_json(&c)["token"].as_u64().unwrap() > t2);
 }
 
