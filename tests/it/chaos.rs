@@ -55,7 +55,10 @@ async fn infinite_loop_hits_the_cpu_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_keeps_serving_while_a_neighbour_loops() {
-    let n = node_with(limits(64, 1500), "{}").await;
+    // The loop's deadline is long enough that a loaded machine still
+    // finishes the writes inside it; the claim is that they finish while
+    // the loop runs, not how fast.
+    let n = node_with(limits(64, 6000), "{}").await;
     let node = n.node.clone();
     let looping = tokio::spawn(async move {
         let req = plexus::runtime::bindings::pattern::Request {
@@ -70,7 +73,6 @@ async fn kv_keeps_serving_while_a_neighbour_loops() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The looping guest yields at every epoch tick, so the kv plugin's
     // requests go through meanwhile.
-    let started = std::time::Instant::now();
     for i in 0..20 {
         assert_eq!(
             n.call("kv", Method::Put, &format!("/kv/k{i}"), b"v")
@@ -80,7 +82,6 @@ async fn kv_keeps_serving_while_a_neighbour_loops() {
         );
     }
     assert!(!looping.is_finished(), "the loop should still be running");
-    assert!(started.elapsed() < Duration::from_millis(1400));
     assert!(looping.await.unwrap().is_err());
 }
 
