@@ -6,12 +6,16 @@
 use std::time::Duration;
 
 use plexus::node::RequestError;
+use plexus::primitives::timers::ManualClock;
 use plexus::runtime::actor::{CallError, PluginLimits};
 use plexus::runtime::bindings::pattern::Method;
 use plexus_tests::{TestNode, all_caps, body_json, caps, limits};
 
 async fn node_with(chaos_limits: PluginLimits, config: &str) -> TestNode {
-    let n = TestNode::new();
+    node_on(TestNode::new(), chaos_limits, config).await
+}
+
+async fn node_on(n: TestNode, chaos_limits: PluginLimits, config: &str) -> TestNode {
     n.load(
         "kv",
         "replicated-kv",
@@ -58,7 +62,7 @@ async fn kv_keeps_serving_while_a_neighbour_loops() {
     // The loop's deadline is long enough that a loaded machine still
     // finishes the writes inside it; the claim is that they finish while
     // the loop runs, not how fast.
-    let n = node_with(limits(64, 6000), "{}").await;
+    let n = node_with(limits(64, 10_000), "{}").await;
     let node = n.node.clone();
     let looping = tokio::spawn(async move {
         let req = plexus::runtime::bindings::pattern::Request {
@@ -68,12 +72,12 @@ async fn kv_keeps_serving_while_a_neighbour_loops() {
             headers: vec![],
             body: vec![],
         };
-        node.request("chaos", req, Duration::from_secs(10)).await
+        node.request("chaos", req, Duration::from_secs(20)).await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The looping guest yields at every epoch tick, so the kv plugin's
     // requests go through meanwhile.
-    for i in 0..20 {
+    for i in 0..10 {
         assert_eq!(
             n.call("kv", Method::Put, &format!("/kv/k{i}"), b"v")
                 .await
@@ -158,10 +162,16 @@ async fn trap_in_on_timer_restarts_the_plugin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trap_in_apply_is_retried_until_the_entry_applies() {
-    let n = node_with(PluginLimits::default(), "{}").await;
-    // The entry makes apply trap for 300 ms of wall time: the proposing
-    // request traps (it applies its own entry), then redelivery through
-    // `apply` traps until the window passes, and finally succeeds.
+    let clock = ManualClock::new(1_700_000_000_000);
+    let n = node_on(
+        TestNode::with_clock(clock.clone()),
+        PluginLimits::default(),
+        "{}",
+    )
+    .await;
+    // The entry makes apply trap until the plugin's clock passes 300 ms
+    // from now: the proposing request traps (it applies its own entry),
+    // then redelivery through `apply` traps while the clock stands still.
     let r = n
         .try_call("chaos", Method::Post, "/trap-apply?ms=300", b"")
         .await;
@@ -169,9 +179,20 @@ async fn trap_in_apply_is_retried_until_the_entry_applies() {
         matches!(r, Err(RequestError::Call(CallError::Trap(_)))),
         "{r:?}"
     );
-    still_serving(&n).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    n.wait_ok("chaos", "/ping", Duration::from_secs(10)).await;
+    // The kv plugin beside it is not held up.
+    let r = n.call("kv", Method::Put, "/kv/alive", b"yes").await;
+    assert_eq!(r.status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while n.node.plugin("chaos").unwrap().traps < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "apply was not redelivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Once the window has passed, the next redelivery applies the entry.
+    clock.advance(Duration::from_millis(300));
+    n.wait_ok("chaos", "/ping", Duration::from_secs(20)).await;
     let status = n.node.plugin("chaos").unwrap();
     assert!(status.traps >= 2, "{status:?}");
     assert!(status.last_error.unwrap().contains("apply"));

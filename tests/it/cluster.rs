@@ -297,7 +297,7 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
     c.nodes[leader] = Some(p);
     for (key, value) in &acked {
         assert_eq!(
-            get(c.http[leader], key).await.as_deref(),
+            read(c.http[leader], key).await.as_deref(),
             Some(value.as_bytes()),
             "restarted node missing {key}"
         );
@@ -922,7 +922,8 @@ async fn a_write_without_quorum_is_answered_504_and_the_node_keeps_serving() {
 /// still lose none of them: each node applies them again from its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_every_node_right_after_writes_loses_no_acknowledged_write() {
-    let mut c = Cluster::start(3000).await;
+    // A long lease: no role renewals share the entries counted below.
+    let mut c = Cluster::start(600_000).await;
     let leader = c.leader().await;
     let metric = |name| counter(c.http[leader], name);
     let (proposals, log_writes) = (

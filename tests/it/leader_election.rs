@@ -101,7 +101,7 @@ async fn one_holder_per_role_and_tokens_only_grow() {
 async fn the_node_campaigns_and_renews_by_timer() {
     // The lease is long enough that a renewal delayed by a loaded machine
     // still lands in time; the test is about renewal, not its latency.
-    let n = election(r#"{"campaign": ["scheduler"], "ttl_ms": 1500}"#).await;
+    let n = election(r#"{"campaign": ["scheduler"], "ttl_ms": 3000}"#).await;
     let first = body_json(
         &n.wait_ok("election", "/roles/scheduler", Duration::from_secs(5))
             .await,
@@ -109,7 +109,7 @@ async fn the_node_campaigns_and_renews_by_timer() {
     assert_eq!(first["holder"], "node-1");
     // More than a lease length later the node still holds it, with the same
     // token (renewed, never lost) and a later expiry.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    tokio::time::sleep(Duration::from_millis(4000)).await;
     let later = body_json(
         &n.call("election", Method::Get, "/roles/scheduler", b"")
             .await,

@@ -110,12 +110,21 @@ async fn editing_the_config_reconciles_the_running_node() {
 
     // An invalid edit is rejected and changes nothing.
     std::fs::write(&path, "version = 1\n[[plugins]]\nname = 7\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = std::fs::read_to_string(&p.log).unwrap();
+        if log.contains("config change rejected") {
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the invalid edit was never rejected: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(log.contains("plugins[0].name"), "{log}");
     let list = plugins(addr).await;
     assert_eq!(list.as_array().unwrap().len(), 2);
-    let log = std::fs::read_to_string(&p.log).unwrap();
-    assert!(log.contains("config change rejected"), "{log}");
-    assert!(log.contains("plugins[0].name"), "{log}");
 
     // Remove kv: it unloads; its data stays for when it comes back.
     std::fs::write(&path, config(port, &election(5000))).unwrap();
