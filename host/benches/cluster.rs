@@ -13,6 +13,9 @@
 //! and what this load generator used.
 //! Then it measures leader failover: kill -9 the leader, time until a
 //! surviving node acknowledges a write.
+//!
+//! `PLEXUS_BIN=path` runs that `plexus` binary instead of this build's, to
+//! compare two builds under the same load generator.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,38 +45,119 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// One keep-alive HTTP/1.1 connection of the load: a request is written
+/// and its response read by the client's own task, so the load generator
+/// spends little CPU of the machine the servers share.
 struct Conn {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    stream: tokio::net::TcpStream,
     addr: SocketAddr,
+    out: Vec<u8>,
+    /// Bytes read and not yet consumed.
+    inp: Vec<u8>,
 }
 
 impl Conn {
     async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        Ok(Conn { sender, addr })
+        Ok(Conn {
+            stream,
+            addr,
+            out: Vec::with_capacity(512),
+            inp: Vec::with_capacity(4096),
+        })
     }
 
+    /// Sends one request and reads its whole response; returns the status.
     async fn send(&mut self, method: &str, path: &str, body: Vec<u8>) -> anyhow::Result<u16> {
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string())
-            .body(Full::new(Bytes::from(body)))?;
-        let resp = self.sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        resp.into_body().collect().await?;
+        use std::io::Write;
+        use tokio::io::AsyncWriteExt;
+        self.out.clear();
+        write!(
+            self.out,
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        )?;
+        self.out.extend_from_slice(&body);
+        self.stream.write_all(&self.out).await?;
+        // The head.
+        let (status, head_len, body_len) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(n) = resp.parse(&self.inp)? {
+                let status = resp.code.unwrap_or(0);
+                let header = |name: &str| {
+                    resp.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+                };
+                let body_len = match header("content-length") {
+                    Some(v) => Some(v.trim().parse::<usize>()?),
+                    None if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) => {
+                        None
+                    }
+                    None => Some(0),
+                };
+                break (status, n, body_len);
+            }
+            self.fill().await?;
+        };
+        self.inp.drain(..head_len);
+        match body_len {
+            Some(len) => {
+                while self.inp.len() < len {
+                    self.fill().await?;
+                }
+                self.inp.drain(..len);
+            }
+            None => self.skip_chunked().await?,
+        }
         Ok(status)
+    }
+
+    /// Consumes a chunked body.
+    async fn skip_chunked(&mut self) -> anyhow::Result<()> {
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.inp.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                self.fill().await?;
+            };
+            let line = std::str::from_utf8(&self.inp[..line_end])?;
+            let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)?;
+            // The chunk and its CRLF; the last chunk is followed by an
+            // empty trailer line.
+            let need = line_end + 2 + size + 2;
+            while self.inp.len() < need {
+                self.fill().await?;
+            }
+            self.inp.drain(..need);
+            if size == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let n = self.stream.read_buf(&mut self.inp).await?;
+        anyhow::ensure!(n > 0, "connection closed");
+        Ok(())
     }
 }
 
 async fn once(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let mut c = tokio::time::timeout(Duration::from_secs(2), Conn::open(addr))
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await
         .ok()?
         .ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
     let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
@@ -82,7 +166,7 @@ async fn once(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option
         req = req.header("authorization", "Bearer bench-token");
     }
     let req = req.body(Full::new(Bytes::copy_from_slice(body))).ok()?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), c.sender.send_request(req))
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
         .await
         .ok()?
         .ok()?;
@@ -288,7 +372,9 @@ fn plexus_config(dir: &Path, i: usize, http: &[SocketAddr], peer: &[SocketAddr])
 }
 
 fn spawn_plexus(dir: &Path, config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_plexus"))
+    // PLEXUS_BIN runs another build of the node under the same load.
+    let bin = std::env::var("PLEXUS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_plexus").into());
+    Command::new(bin)
         .arg("up")
         .arg(config)
         .current_dir(dir)

@@ -229,6 +229,45 @@ pub struct Node {
     plugins: RwLock<BTreeMap<String, Arc<PluginHandle>>>,
     /// The replicated log, in a cluster.
     raft: Option<Arc<RaftLog>>,
+    /// Where the replicated log and the peer connections run, in a cluster.
+    _consensus: Option<ConsensusThreads>,
+}
+
+/// The threads Raft and the peer transport run on, apart from those of the
+/// plugins and the HTTP ingress: a replication round trip or a heartbeat
+/// never waits in a run queue behind plugin work, so a busy node neither
+/// slows every commit nor misses its heartbeats and loses its leadership.
+struct ConsensusThreads(Option<tokio::runtime::Runtime>);
+
+impl ConsensusThreads {
+    fn start() -> anyhow::Result<ConsensusThreads> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            // Raft's log writes block their thread; the runtime hands its
+            // other tasks to a second one meanwhile.
+            .worker_threads(1)
+            .thread_name("plexus-consensus")
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("starting the consensus threads: {e}"))?;
+        Ok(ConsensusThreads(Some(rt)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("consensus runtime present until drop")
+            .handle()
+    }
+}
+
+impl Drop for ConsensusThreads {
+    fn drop(&mut self) {
+        // A node may be dropped inside async code, where a runtime may not
+        // block to join its threads.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Node {
@@ -242,7 +281,7 @@ impl Node {
         let log = LocalLog::open(&opts.data_dir.join("log.redb"), &opts.id)
             .with_context(|| format!("opening {}", opts.data_dir.join("log.redb").display()))?;
         let view = MembershipView::single(&opts.id, opts.metadata.clone());
-        Node::assemble(opts, Arc::new(log), view, None, None)
+        Node::assemble(opts, Arc::new(log), view, None, None, None)
     }
 
     /// Opens a member of a replicated cluster: starts the peer transport on
@@ -254,25 +293,40 @@ impl Node {
         use anyhow::Context;
         std::fs::create_dir_all(&opts.data_dir)
             .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
-        let transport = Transport::new(
-            &opts.id,
-            cluster.secret.as_bytes(),
-            cluster.peers.iter().cloned(),
-        );
-        transport.listen(cluster.listen).await?;
         let mut members: BTreeMap<String, SocketAddr> = cluster.peers.iter().cloned().collect();
         members.insert(opts.id.clone(), cluster.listen);
-        let raft = RaftLog::start(RaftOptions {
-            me: &opts.id,
-            members: members.clone(),
-            dir: &opts.data_dir,
-            transport: transport.clone(),
-            snapshot_every: cluster.snapshot_every,
-            timing: cluster.timing,
-            bootstrap: !cluster.join,
-        })
-        .await
-        .context("starting the replicated log")?;
+        let consensus = ConsensusThreads::start()?;
+        let (transport, raft) = {
+            let (id, dir, members, cluster) = (
+                opts.id.clone(),
+                opts.data_dir.clone(),
+                members.clone(),
+                cluster.clone(),
+            );
+            consensus
+                .handle()
+                .spawn(async move {
+                    let transport = Transport::new(
+                        &id,
+                        cluster.secret.as_bytes(),
+                        cluster.peers.iter().cloned(),
+                    );
+                    transport.listen(cluster.listen).await?;
+                    let raft = RaftLog::start(RaftOptions {
+                        me: &id,
+                        members,
+                        dir: &dir,
+                        transport: transport.clone(),
+                        snapshot_every: cluster.snapshot_every,
+                        timing: cluster.timing,
+                        bootstrap: !cluster.join,
+                    })
+                    .await
+                    .context("starting the replicated log")?;
+                    anyhow::Ok((transport, raft))
+                })
+                .await??
+        };
         let view =
             MembershipView::cluster(&opts.id, members.keys().cloned(), opts.metadata.clone());
         if cluster.join {
@@ -287,6 +341,7 @@ impl Node {
             view.clone(),
             Some(transport.clone()),
             Some(raft.clone()),
+            Some(consensus),
         )?;
         // Gossip runs on the peer port, over UDP.
         let generation = std::time::SystemTime::now()
@@ -353,6 +408,7 @@ impl Node {
         view: Arc<MembershipView>,
         transport: Option<Arc<Transport>>,
         raft: Option<Arc<RaftLog>>,
+        consensus: Option<ConsensusThreads>,
     ) -> anyhow::Result<Arc<Node>> {
         use anyhow::Context;
         let runtime = Runtime::new(Some(opts.data_dir.join("cache")))?;
@@ -373,6 +429,7 @@ impl Node {
             services,
             plugins: RwLock::new(BTreeMap::new()),
             raft,
+            _consensus: consensus,
         });
         node.services
             .log

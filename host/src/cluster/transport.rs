@@ -151,6 +151,9 @@ pub struct Transport {
     peers: RwLock<HashMap<String, Arc<Peer>>>,
     next_id: AtomicU64,
     handler: Mutex<Option<Arc<dyn Handler>>>,
+    /// Where the connections' tasks run: the runtime the transport was
+    /// made on, whichever task dials or accepts.
+    tasks: tokio::runtime::Handle,
 }
 
 /// HMAC-SHA256 keyed by the cluster secret over `parts`, in order. The
@@ -244,6 +247,7 @@ impl Transport {
             ),
             next_id: AtomicU64::new(1),
             handler: Mutex::new(None),
+            tasks: tokio::runtime::Handle::current(),
         })
     }
 
@@ -297,15 +301,15 @@ impl Transport {
             .await
             .map_err(|e| anyhow::anyhow!("binding peer listener on {addr}: {e}"))?;
         let this = self.clone();
-        Ok(tokio::spawn(async move {
+        Ok(self.tasks.spawn(async move {
             loop {
                 let Ok((stream, remote)) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let this = this.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = this.serve_incoming(stream).await {
+                let conn = this.clone();
+                this.tasks.spawn(async move {
+                    if let Err(e) = conn.serve_incoming(stream).await {
                         tracing::warn!(%remote, "peer connection closed: {e}");
                     }
                 });
@@ -354,7 +358,7 @@ impl Transport {
         let (rd, wr) = stream.into_split();
         let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
         let (tx, rx) = mpsc::channel::<Frame>(1024);
-        tokio::spawn(writer(wr, rx));
+        self.tasks.spawn(writer(wr, rx));
         loop {
             match read_frame(&mut rd).await? {
                 Frame::Request { id, kind, body } => {
@@ -363,7 +367,7 @@ impl Transport {
                     };
                     let tx = tx.clone();
                     let from = peer.clone();
-                    tokio::spawn(async move {
+                    self.tasks.spawn(async move {
                         let result = handler.request(from, kind, body).await;
                         let _ = tx.send(Frame::Reply { id, result }).await;
                     });
@@ -448,11 +452,11 @@ impl Transport {
         let (rd, wr) = stream.into_split();
         let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
         let (tx, rx) = mpsc::channel::<Frame>(1024);
-        tokio::spawn(writer(wr, rx));
+        self.tasks.spawn(writer(wr, rx));
         let pending = peer.pending.clone();
         let this_peer = peer.clone();
         let peer_id = id.to_string();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let reason = loop {
                 match read_frame(&mut rd).await {
                     Ok(Frame::Reply { id, result }) => {
