@@ -415,8 +415,16 @@ impl Transport {
             return Ok(tx.clone());
         }
         let unreachable = |e: String| TransportError::Unreachable(id.to_string(), e);
-        let mut stream = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(peer.addr))
+        // Dialled on the transport's runtime, whoever asks: a socket belongs
+        // to the runtime it was made on, and Raft's traffic reuses it.
+        let mut stream = self
+            .tasks
+            .spawn(tokio::time::timeout(
+                DIAL_TIMEOUT,
+                TcpStream::connect(peer.addr),
+            ))
             .await
+            .map_err(|e| unreachable(e.to_string()))?
             .map_err(|_| unreachable("connect timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = stream.set_nodelay(true);
