@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use plexus::node::RequestError;
 use plexus::primitives::timers::ManualClock;
-use plexus::runtime::actor::{CallError, PluginLimits};
+use plexus::runtime::actor::{CallError, PluginLimits, PluginStatus};
 use plexus::runtime::bindings::pattern::Method;
 use plexus_tests::{TestNode, all_caps, body_json, caps, limits};
 
@@ -106,13 +106,17 @@ async fn trap_in_on_request_restarts_the_plugin() {
     assert_eq!(n.node.plugin("chaos").unwrap().restarts, 1);
 }
 
-async fn wait_restarts(n: &TestNode, at_least: u64) {
+/// Waits until the chaos plugin's status shows `what`.
+async fn wait_chaos(n: &TestNode, what: &str, shown: impl Fn(&PluginStatus) -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while n.node.plugin("chaos").unwrap().restarts < at_least {
+    loop {
+        let status = n.node.plugin("chaos").unwrap();
+        if shown(&status) {
+            return;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "no restart: {:?}",
-            n.node.plugin("chaos")
+            "{what} not seen: {status:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -127,7 +131,7 @@ async fn trap_in_on_message_restarts_the_plugin() {
             .status,
         202
     );
-    wait_restarts(&n, 1).await;
+    wait_chaos(&n, "a restart", |s| s.restarts >= 1).await;
     still_serving(&n).await;
     assert!(
         n.node
@@ -148,7 +152,7 @@ async fn trap_in_on_timer_restarts_the_plugin() {
             .status,
         202
     );
-    wait_restarts(&n, 1).await;
+    wait_chaos(&n, "a restart", |s| s.restarts >= 1).await;
     still_serving(&n).await;
     assert!(
         n.node
@@ -182,14 +186,7 @@ async fn trap_in_apply_is_retried_until_the_entry_applies() {
     // The kv plugin beside it is not held up.
     let r = n.call("kv", Method::Put, "/kv/alive", b"yes").await;
     assert_eq!(r.status, 200);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while n.node.plugin("chaos").unwrap().traps < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "apply was not redelivered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_chaos(&n, "apply redelivered and trapping", |s| s.traps >= 2).await;
     // Once the window has passed, the next redelivery applies the entry.
     clock.advance(Duration::from_millis(300));
     n.wait_ok("chaos", "/ping", Duration::from_secs(20)).await;
