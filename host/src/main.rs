@@ -3,7 +3,9 @@ use tracing_subscriber::EnvFilter;
 
 // Every write allocates on many threads (HTTP, the plugin actor, Raft,
 // redb's page buffers); glibc's malloc spent about a tenth of the node's
-// CPU there (BENCHMARKS.md).
+// CPU there (BENCHMARKS.md). Built without transparent huge pages: the
+// kernel zeroing a fresh 2 MiB page on a first touch cost more than the
+// TLB saved (about 2 µs of CPU per replicated write).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

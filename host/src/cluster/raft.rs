@@ -168,7 +168,11 @@ fn io_err(e: impl std::fmt::Display) -> AnyError {
 /// encode, which keeps a large entry (a component in a cluster-wide swap)
 /// from holding up heartbeats.
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_allocvec(v).expect("raft types serialize")
+    // Sized first: a log entry of a few hundred writes would otherwise grow
+    // its buffer a dozen times, each a copy (a profile had that at 1.5% of
+    // the node's CPU).
+    let size = postcard::experimental::serialized_size(v).expect("raft types serialize");
+    postcard::to_extend(v, Vec::with_capacity(size)).expect("raft types serialize")
 }
 
 fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, postcard::Error> {
