@@ -1091,20 +1091,21 @@ impl RaftLog {
                     self.raft
                         .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
                         .await
-                        .map_err(fail)
-                        .map(|_| ())
+                        .map_err(fail)?
+                        .membership
+                        .ok_or_else(no_membership)
                 })
                 .await;
                 match joined {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(m)) => Ok(self.voter_names(&m)),
+                    Ok(Err(e)) => Err(e),
                     Err(_) => {
                         tracing::warn!(member = %name, "join timed out; removing the learner");
                         let _ = self
                             .raft
                             .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
                             .await;
-                        return Err(LogError::Timeout);
+                        Err(LogError::Timeout)
                     }
                 }
             }
@@ -1122,21 +1123,23 @@ impl RaftLog {
                 } else {
                     ChangeMembers::RemoveNodes([id].into())
                 };
-                tokio::time::timeout(CHANGE_TIMEOUT, self.raft.change_membership(change, false))
-                    .await
-                    .map_err(|_| LogError::Timeout)?
-                    .map_err(fail)?;
+                let done = tokio::time::timeout(
+                    CHANGE_TIMEOUT,
+                    self.raft.change_membership(change, false),
+                )
+                .await
+                .map_err(|_| LogError::Timeout)?
+                .map_err(fail)?;
+                // The metrics catch up with a committed change a moment
+                // later; the answer is the membership the change committed.
+                let m = done.membership.ok_or_else(no_membership)?;
+                Ok(self.voter_names(&m))
             }
         }
-        Ok(self.current_voters())
     }
 
-    fn current_voters(&self) -> BTreeSet<String> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
-        m.membership()
-            .voter_ids()
-            .filter_map(|id| self.name_of(id))
-            .collect()
+    fn voter_names(&self, m: &openraft::Membership<NodeId, BasicNode>) -> BTreeSet<String> {
+        m.voter_ids().filter_map(|id| self.name_of(id)).collect()
     }
 
     /// Handles a transport request addressed to consensus; `None` if `kind`
@@ -1697,6 +1700,13 @@ impl ConsensusBackend for Arc<RaftLog> {
             snapshots_installed: self.sm.installed.load(Ordering::Relaxed),
         }
     }
+}
+
+/// A membership change whose answer carries no membership: openraft
+/// always sets it for a change, so this is a broken invariant, reported
+/// instead of guessed at.
+fn no_membership() -> LogError {
+    LogError::Storage("the membership change committed without its membership".into())
 }
 
 #[cfg(test)]
