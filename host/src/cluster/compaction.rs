@@ -15,7 +15,7 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::log::{Capture, Entry, LogError, RestorePoint};
-use super::streams::{self, ENTRIES, err};
+use super::streams::{self, RUNS, err};
 
 /// Stream → its latest [`RestorePoint`] (postcard).
 pub const RESTORE: TableDefinition<&str, &[u8]> = TableDefinition::new("restore-points");
@@ -33,7 +33,8 @@ pub struct StreamState {
     pub floor: u64,
     /// Its restore point, if it has one.
     pub point: Option<RestorePoint>,
-    /// `(index, stored value)` of the entries kept.
+    /// The entries kept, as `(index, term ++ data)` (see
+    /// [`streams::encode`]).
     pub entries: Vec<(u64, Vec<u8>)>,
 }
 
@@ -140,7 +141,7 @@ pub fn last_control(
 /// Names of the streams that have entries or a restore point.
 fn stream_names(txn: &WriteTransaction) -> Result<BTreeSet<String>, LogError> {
     let mut names = BTreeSet::new();
-    let t = txn.open_table(ENTRIES).map_err(err)?;
+    let t = txn.open_table(RUNS).map_err(err)?;
     let first = |r: Option<Result<_, redb::StorageError>>| -> Result<Option<String>, LogError> {
         Ok(r.transpose()
             .map_err(err)?
@@ -156,21 +157,6 @@ fn stream_names(txn: &WriteTransaction) -> Result<BTreeSet<String>, LogError> {
         names.insert(item.map_err(err)?.0.value().to_string());
     }
     Ok(names)
-}
-
-/// The index of the last entry of `stream` at or below `through`.
-fn last_at_or_below(
-    entries: &redb::Table<(&str, u64), &[u8]>,
-    stream: &str,
-    through: u64,
-) -> Result<Option<u64>, LogError> {
-    Ok(entries
-        .range((stream, 0)..=(stream, through))
-        .map_err(err)?
-        .next_back()
-        .transpose()
-        .map_err(err)?
-        .map(|(k, _)| k.value().1))
 }
 
 /// What [`compact`] did: each stream's state (when collected), and the
@@ -191,7 +177,7 @@ pub fn compact(
     let names = stream_names(txn)?;
     let mut streams = Vec::with_capacity(names.len());
     let mut moved = Vec::new();
-    let mut entries = txn.open_table(ENTRIES).map_err(err)?;
+    let mut entries = txn.open_table(RUNS).map_err(err)?;
     let mut points = txn.open_table(RESTORE).map_err(err)?;
     let mut floors = txn.open_table(FLOORS).map_err(err)?;
     for name in names {
@@ -215,12 +201,10 @@ pub fn compact(
             points
                 .insert(name.as_str(), encoded.as_slice())
                 .map_err(err)?;
-            if let Some(keep) = last_at_or_below(&entries, &name, point.index)?
-                && let Some(deleted) = last_at_or_below(&entries, &name, keep - 1)?
+            if let Some(keep) = streams::last_at_or_below(&entries, &name, point.index)?
+                && let Some(deleted) = streams::last_at_or_below(&entries, &name, keep - 1)?
             {
-                entries
-                    .retain_in((name.as_str(), 0)..(name.as_str(), keep), |_, _| false)
-                    .map_err(err)?;
+                streams::delete_below(&mut entries, &name, keep)?;
                 floor = floor.max(deleted);
                 floors.insert(name.as_str(), floor).map_err(err)?;
                 moved.push((name.clone(), floor));
@@ -229,14 +213,7 @@ pub fn compact(
         if !collect {
             continue;
         }
-        let mut kept = Vec::new();
-        for item in entries
-            .range((name.as_str(), 0)..=(name.as_str(), u64::MAX))
-            .map_err(err)?
-        {
-            let (k, v) = item.map_err(err)?;
-            kept.push((k.value().1, v.value().to_vec()));
-        }
+        let kept = streams::all(&entries, &name)?;
         streams.push(StreamState {
             name,
             floor,
@@ -253,7 +230,7 @@ pub fn install(
     txn: &WriteTransaction,
     streams: &[StreamState],
 ) -> Result<HashMap<String, u64>, LogError> {
-    let mut t = txn.open_table(ENTRIES).map_err(err)?;
+    let mut t = txn.open_table(RUNS).map_err(err)?;
     t.retain(|_, _| false).map_err(err)?;
     let mut points = txn.open_table(RESTORE).map_err(err)?;
     points.retain(|_, _| false).map_err(err)?;
@@ -261,10 +238,7 @@ pub fn install(
     floors.retain(|_, _| false).map_err(err)?;
     let mut new_floors = HashMap::new();
     for stream in streams {
-        for (index, value) in &stream.entries {
-            t.insert((stream.name.as_str(), *index), value.as_slice())
-                .map_err(err)?;
-        }
+        streams::write_all(&mut t, &stream.name, &stream.entries)?;
         if let Some(point) = &stream.point {
             let encoded = postcard::to_allocvec(point).map_err(err)?;
             points

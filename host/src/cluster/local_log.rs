@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::compaction::{self, Compaction};
 use super::log::{BoxFuture, Capture, ConsensusBackend, Entry, LogError, LogStats, RestorePoint};
-use super::streams::{self, ENTRIES, Watches, err};
+use super::streams::{self, RUNS, Watches, err};
 
 /// "last-index" → the highest index written.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -68,7 +68,7 @@ impl LocalLog {
         let txn = db.begin_write().map_err(err)?;
         let compaction = Compaction::open(&txn)?;
         let last = {
-            txn.open_table(ENTRIES).map_err(err)?;
+            streams::open_tables(&txn)?;
             let meta = txn.open_table(META).map_err(err)?;
             meta.get("last-index")
                 .map_err(err)?
@@ -172,14 +172,11 @@ fn write_group(shared: &Shared, batch: &[(String, Vec<u8>)]) -> Result<u64, LogE
             .map_err(err)?
             .map(|v| v.value())
             .unwrap_or(0);
-        let mut table = txn.open_table(ENTRIES).map_err(err)?;
-        let mut buf = Vec::new();
-        for (i, (stream, data)) in batch.iter().enumerate() {
-            streams::encode(TERM, data, &mut buf);
-            table
-                .insert((stream.as_str(), last + 1 + i as u64), buf.as_slice())
-                .map_err(err)?;
+        let mut runs = streams::Runs::default();
+        for ((stream, data), index) in batch.iter().zip(last + 1..) {
+            runs.push(stream, index, TERM, data)?;
         }
+        runs.write(&mut txn.open_table(RUNS).map_err(err)?)?;
         meta.insert("last-index", last + batch.len() as u64)
             .map_err(err)?;
         last + 1

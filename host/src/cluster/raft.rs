@@ -53,7 +53,7 @@ use super::log::{
     BoxFuture, Capture, ConsensusBackend, LogError, LogStats, RestorePoint, Submitted,
 };
 use super::state_store::{Checkpoints, Persist};
-use super::streams::{self, ENTRIES, Watches};
+use super::streams::{self, RUNS, Watches};
 use super::transport::{Transport, TransportError};
 
 /// Proposals after which a queue is full: it goes out even while another
@@ -486,7 +486,7 @@ impl StateMachine {
     pub fn open(path: &Path) -> anyhow::Result<StateMachine> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
-        txn.open_table(ENTRIES)?;
+        streams::open_tables(&txn)?;
         txn.open_table(SNAPSHOT)?;
         let compaction = Compaction::open(&txn)?;
         check_format(&txn, SM_META, path)?;
@@ -595,47 +595,45 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut meta = self.shared.meta.lock().expect("sm poisoned").clone();
         let mut responses = Vec::new();
-        let mut per_stream: HashMap<String, u64> = HashMap::new();
         let shared = &self.shared;
         // Without an fsync (but once a second) this is short enough to run
-        // on the async worker.
-        let write = || -> Result<(), AnyError> {
+        // on the async worker. Returns each stream's last index.
+        let write = || -> Result<HashMap<String, u64>, AnyError> {
             let mut txn = shared.db.begin_write().map_err(io_err)?;
             // The Raft log holds these entries: after a crash, Raft applies
             // them again from the applied index that reached the disk.
             txn.set_durability(shared.checkpoints.durability(Persist::Replayable))
                 .map_err(io_err)?;
-            {
-                let mut t = txn.open_table(ENTRIES).map_err(io_err)?;
-                let mut buf = Vec::new();
-                for entry in entries {
-                    meta.applied = Some(entry.log_id);
-                    match entry.payload {
-                        EntryPayload::Blank => responses.push(0),
-                        EntryPayload::Normal(Batch(ops)) => {
-                            responses.push(meta.last_index + 1);
-                            for (stream, data) in ops {
-                                meta.last_index += 1;
-                                streams::encode(entry.log_id.leader_id.term, &data, &mut buf);
-                                t.insert((stream.as_str(), meta.last_index), buf.as_slice())
-                                    .map_err(io_err)?;
-                                per_stream.insert(stream, meta.last_index);
-                            }
+            let mut runs = streams::Runs::default();
+            for entry in entries {
+                meta.applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => responses.push(0),
+                    EntryPayload::Normal(Batch(ops)) => {
+                        responses.push(meta.last_index + 1);
+                        for (stream, data) in ops {
+                            meta.last_index += 1;
+                            runs.push(&stream, meta.last_index, entry.log_id.leader_id.term, &data)
+                                .map_err(io_err)?;
                         }
-                        EntryPayload::Membership(m) => {
-                            meta.membership = StoredMembership::new(Some(entry.log_id), m);
-                            responses.push(0);
-                        }
+                    }
+                    EntryPayload::Membership(m) => {
+                        meta.membership = StoredMembership::new(Some(entry.log_id), m);
+                        responses.push(0);
                     }
                 }
             }
+            let per_stream = runs
+                .write(&mut txn.open_table(RUNS).map_err(io_err)?)
+                .map_err(io_err)?;
             txn.open_table(SM_META)
                 .map_err(io_err)?
                 .insert("meta", enc(&meta).as_slice())
                 .map_err(io_err)?;
-            txn.commit().map_err(io_err)
+            txn.commit().map_err(io_err)?;
+            Ok(per_stream)
         };
-        write().map_err(StorageIOError::write_state_machine)?;
+        let per_stream = write().map_err(StorageIOError::write_state_machine)?;
         let last = meta.last_index;
         *self.shared.meta.lock().expect("sm poisoned") = meta;
         self.shared.watches.publish(last, per_stream);
