@@ -202,7 +202,8 @@ pub fn compact(
                 .insert(name.as_str(), encoded.as_slice())
                 .map_err(err)?;
             if let Some(keep) = streams::last_at_or_below(&entries, &name, point.index)?
-                && let Some(deleted) = streams::last_at_or_below(&entries, &name, keep - 1)?
+                && let Some(below) = keep.checked_sub(1)
+                && let Some(deleted) = streams::last_at_or_below(&entries, &name, below)?
             {
                 streams::delete_below(&mut entries, &name, keep)?;
                 floor = floor.max(deleted);

@@ -22,6 +22,9 @@ use super::streams::{self, RUNS, Watches, err};
 
 /// "last-index" → the highest index written.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The layout of the file, recorded in `meta` as "format": 1 keeps the
+/// streams in runs.
+const FORMAT: u64 = 1;
 
 const TERM: u64 = 1;
 /// Most proposals written in one transaction.
@@ -69,7 +72,21 @@ impl LocalLog {
         let compaction = Compaction::open(&txn)?;
         let last = {
             streams::open_tables(&txn)?;
-            let meta = txn.open_table(META).map_err(err)?;
+            let mut meta = txn.open_table(META).map_err(err)?;
+            let format = meta.get("format").map_err(err)?.map(|v| v.value());
+            match format {
+                Some(FORMAT) => {}
+                Some(newer) if newer > FORMAT => {
+                    return Err(LogError::Storage(format!(
+                        "{} was written by a newer version (format {newer}; this one reads {FORMAT})",
+                        path.display()
+                    )));
+                }
+                // New, or written before runs: `open_tables` converted it.
+                _ => {
+                    meta.insert("format", FORMAT).map_err(err)?;
+                }
+            }
             meta.get("last-index")
                 .map_err(err)?
                 .map(|v| v.value())
@@ -263,7 +280,28 @@ impl ConsensusBackend for LocalLog {
 mod tests {
     use super::*;
     use crate::cluster::compaction::AppliedThrough;
+    use redb::ReadableDatabase;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_file_of_a_newer_format_is_refused_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("format", 99).unwrap();
+            txn.commit().unwrap();
+        }
+        let Err(e) = LocalLog::open(&path, "n") else {
+            panic!("a newer file was opened");
+        };
+        assert!(e.to_string().contains("newer version (format 99"), "{e}");
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get("format").unwrap().unwrap().value(), 99);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_streams_are_compacted_behind_the_plugins_state() {

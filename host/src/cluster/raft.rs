@@ -185,9 +185,13 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const LOG_META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// How everything in the two Raft files is encoded, recorded in each.
-const FORMAT: &[u8] = b"plexus-raft/postcard-1";
+const FORMAT: &[u8] = b"plexus-raft/postcard-2";
+/// The format before streams were kept in runs: `streams::open_tables`
+/// converts it.
+const FORMAT_1: &[u8] = b"plexus-raft/postcard-1";
 
-/// Records [`FORMAT`] in a new file's `meta` table, and refuses a file
+/// Records [`FORMAT`] in a new file's `meta` table (and in one of
+/// [`FORMAT_1`], which the caller converted in `txn`), and refuses a file
 /// written in another encoding rather than misreading it.
 fn check_format(
     txn: &redb::WriteTransaction,
@@ -199,6 +203,10 @@ fn check_format(
     let found = t.get("format")?.map(|v| v.value().to_vec());
     match found {
         Some(f) if f == FORMAT => Ok(()),
+        Some(f) if f == FORMAT_1 => {
+            t.insert("format", FORMAT)?;
+            Ok(())
+        }
         None if t.is_empty()? => {
             t.insert("format", FORMAT)?;
             Ok(())

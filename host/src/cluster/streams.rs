@@ -29,8 +29,7 @@ const ENTRIES_V0: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("en
 /// Bytes in front of each entry's data in a run.
 const HEAD: usize = 20;
 
-/// Most entries in a run written from a list (a snapshot, a conversion),
-/// so no row grows without bound.
+/// Most entries in a run, so no row grows without bound.
 const RUN_MAX: usize = 1024;
 
 pub(crate) fn err(e: impl std::fmt::Display) -> LogError {
@@ -72,9 +71,6 @@ pub fn open_tables(txn: &WriteTransaction) -> Result<(), LogError> {
         let (k, v) = item.map_err(err)?;
         let (stream, index) = k.value();
         let (term, data) = decode(v.value())?;
-        if builder.len(stream) >= RUN_MAX {
-            std::mem::take(&mut builder).write(&mut runs)?;
-        }
         builder.push(stream, index, term, data)?;
     }
     builder.write(&mut runs)?;
@@ -130,7 +126,9 @@ pub fn records(run: &[u8]) -> Records<'_> {
 }
 
 /// Runs being built for one commit. Entries are pushed in index order;
-/// each stream's go into one row.
+/// each stream's go into one row, or one per `RUN_MAX` entries (a node
+/// catching up applies thousands of entries at once, and a reader walks a
+/// whole run to find where it starts).
 #[derive(Default)]
 pub struct Runs {
     /// `(stream, index of its last entry, encoded run, entries)`.
@@ -149,9 +147,9 @@ impl Runs {
         let len = u32::try_from(data.len())
             .map_err(|_| LogError::Storage(format!("an entry of {} bytes", data.len())))?;
         // A node runs a handful of plugins: a scan beats hashing here.
-        let at = match self.runs.iter().position(|r| r.0 == stream) {
-            Some(at) => at,
-            None => {
+        let at = match self.runs.iter().rposition(|r| r.0 == stream) {
+            Some(at) if self.runs[at].3 < RUN_MAX => at,
+            _ => {
                 self.runs.push((stream.to_string(), 0, Vec::new(), 0));
                 self.runs.len() - 1
             }
@@ -165,11 +163,6 @@ impl Runs {
         run.2.extend_from_slice(data);
         run.3 += 1;
         Ok(())
-    }
-
-    /// Entries pushed for `stream` so far.
-    fn len(&self, stream: &str) -> usize {
-        self.runs.iter().find(|r| r.0 == stream).map_or(0, |r| r.3)
     }
 
     /// Writes the runs into `table`. Returns each stream's last index.
@@ -362,22 +355,18 @@ pub fn all(
     Ok(out)
 }
 
-/// Writes `entries` of `stream`, `(index, term ++ data)` in index order,
-/// as runs of at most `RUN_MAX` entries.
+/// Writes `entries` of `stream`, `(index, term ++ data)` in index order.
 pub fn write_all(
     table: &mut Table<(&'static str, u64), &'static [u8]>,
     stream: &str,
     entries: &[(u64, Vec<u8>)],
 ) -> Result<(), LogError> {
-    for chunk in entries.chunks(RUN_MAX) {
-        let mut runs = Runs::default();
-        for (index, raw) in chunk {
-            let (term, data) = decode(raw)?;
-            runs.push(stream, *index, term, data)?;
-        }
-        runs.write(table)?;
+    let mut runs = Runs::default();
+    for (index, raw) in entries {
+        let (term, data) = decode(raw)?;
+        runs.push(stream, *index, term, data)?;
     }
-    Ok(())
+    runs.write(table).map(drop)
 }
 
 /// The last index of `stream` (0 when empty).
