@@ -1494,8 +1494,19 @@ async fn follow_membership(
     voters: watch::Sender<BTreeSet<String>>,
 ) {
     let mut metrics = raft.metrics();
+    let mut seen = None;
     loop {
         let membership = metrics.borrow_and_update().membership_config.clone();
+        // The metrics change with every append and apply; the membership
+        // seldom does, and taking the peers' write lock for nothing slows
+        // every send.
+        if seen.as_ref() == Some(&membership) {
+            if metrics.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        seen = Some(membership.clone());
         for (id, node) in membership.nodes() {
             if let Some((name, addr)) = parse_member(node) {
                 transport.add_peer(&name, addr);
