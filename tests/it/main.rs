@@ -5,6 +5,7 @@ mod bad_input;
 mod chaos;
 mod cluster;
 mod config_golden;
+mod gossip_crdt;
 mod leader_election;
 mod operate;
 mod process;

@@ -1,0 +1,245 @@
+//! gossip-crdt on three real `plexus` processes: replicas changed on
+//! different nodes converge through gossip, a node asks another for its
+//! replica with a request, and a node killed and restarted catches up.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use plexus_tests::{Process, free_port, http};
+
+fn config(i: usize, http: &[SocketAddr], peer: &[SocketAddr]) -> String {
+    let peers: Vec<String> = (0..3)
+        .filter(|j| *j != i)
+        .map(|j| format!("\"node-{}@{}\"", j + 1, peer[j]))
+        .collect();
+    format!(
+        r#"version = 1
+[node]
+id = "node-{n}"
+data_dir = "data-{n}"
+http = "{http}"
+
+[cluster]
+listen = "{listen}"
+peers = [{peers}]
+secret = "a-cluster-secret-for-tests"
+heartbeat_ms = 100
+election_timeout_ms = [600, 1200]
+
+[[plugins]]
+name = "crdt"
+component = "bundled:gossip-crdt"
+capabilities = ["messaging", "membership", "storage", "timers", "log"]
+config = {{ gossip_ms = 100 }}
+"#,
+        n = i + 1,
+        http = http[i],
+        listen = peer[i],
+        peers = peers.join(", ")
+    )
+}
+
+struct Nodes {
+    dir: tempfile::TempDir,
+    http: Vec<SocketAddr>,
+    procs: Vec<Option<Process>>,
+}
+
+impl Nodes {
+    async fn start() -> Nodes {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
+        let http: Vec<SocketAddr> = (0..3).map(|_| addr(free_port())).collect();
+        let peer: Vec<SocketAddr> = (0..3).map(|_| addr(free_port())).collect();
+        for i in 0..3 {
+            std::fs::write(path(dir.path(), i), config(i, &http, &peer)).unwrap();
+        }
+        let mut nodes = Nodes {
+            dir,
+            http,
+            procs: Vec::new(),
+        };
+        for i in 0..3 {
+            let p = nodes.spawn(i).await;
+            nodes.procs.push(Some(p));
+        }
+        nodes
+    }
+
+    async fn spawn(&self, i: usize) -> Process {
+        Process::up(self.dir.path(), &path(self.dir.path(), i), self.http[i]).await
+    }
+
+    /// Calls the plugin on node `i`; the status and JSON body.
+    async fn call(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let (status, body) = http(
+            self.http[i],
+            method,
+            &format!("/v1/plugins/crdt{path}"),
+            &[],
+            body.as_bytes(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path} on node-{}: {e:#}", i + 1));
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    /// Waits until `path` reads `expected` (at `field`) on every running node.
+    async fn converge(&self, path: &str, field: &str, expected: serde_json::Value) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for i in 0..3 {
+            if self.procs[i].is_none() {
+                continue;
+            }
+            loop {
+                let (status, body) = self.call(i, "GET", path, "").await;
+                if status == 200 && body[field] == expected {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node-{} never converged on {path}: {status} {body}, expected {expected}",
+                    i + 1
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Waits until register `key` reads `expected` (`None`: absent) on
+    /// every node.
+    async fn register_everywhere(&self, key: &str, expected: Option<&str>) {
+        let want = match expected {
+            Some(v) => (200, v.as_bytes().to_vec()),
+            None => (404, Vec::new()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for i in 0..3 {
+            loop {
+                let (status, body) = http(
+                    self.http[i],
+                    "GET",
+                    &format!("/v1/plugins/crdt/registers/{key}"),
+                    &[],
+                    b"",
+                )
+                .await
+                .unwrap();
+                if status == want.0 && (status == 404 || body == want.1) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node-{} reads {key} as {status} {}, expected {expected:?}",
+                    i + 1,
+                    String::from_utf8_lossy(&body)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn path(dir: &Path, i: usize) -> std::path::PathBuf {
+    dir.join(format!("node-{}.toml", i + 1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_changed_on_every_node_converge() {
+    let n = Nodes::start().await;
+
+    // Counters: each node changes its own share, all at once.
+    let (a, b, c) = tokio::join!(
+        n.call(0, "POST", "/counters/hits/incr", r#"{"by": 3}"#),
+        n.call(1, "POST", "/counters/hits/incr", r#"{"by": 5}"#),
+        n.call(2, "POST", "/counters/hits/decr", r#"{"by": 2}"#),
+    );
+    assert_eq!((a.0, b.0, c.0), (200, 200, 200), "{a:?} {b:?} {c:?}");
+    assert_eq!(
+        a.1["by_node"]["node-1"], 3,
+        "a node's own change shows at once: {}",
+        a.1
+    );
+    n.converge("/counters/hits", "value", serde_json::json!(6))
+        .await;
+    let (_, hits) = n.call(2, "GET", "/counters/hits", "").await;
+    assert_eq!(
+        hits["by_node"],
+        serde_json::json!({ "node-1": 3, "node-2": 5, "node-3": -2 })
+    );
+
+    // Sets: an add that a remove has not seen survives it.
+    assert_eq!(n.call(0, "POST", "/sets/s/add", "x").await.0, 200);
+    n.converge("/sets/s", "elements", serde_json::json!(["x"]))
+        .await;
+    let (removed, added) = tokio::join!(
+        n.call(1, "POST", "/sets/s/remove", "x"),
+        n.call(2, "POST", "/sets/s/add", "x"),
+    );
+    assert_eq!(removed.1["elements"], serde_json::json!([]));
+    assert_eq!(added.0, 200);
+    n.converge("/sets/s", "elements", serde_json::json!(["x"]))
+        .await;
+    assert_eq!(n.call(0, "POST", "/sets/s/remove", "x").await.0, 200);
+    n.converge("/sets/s", "elements", serde_json::json!([]))
+        .await;
+
+    // Registers: the later write wins everywhere, a delete included.
+    assert_eq!(n.call(0, "PUT", "/registers/k", "first").await.0, 200);
+    n.register_everywhere("k", Some("first")).await;
+    assert_eq!(n.call(1, "PUT", "/registers/k", "second").await.0, 200);
+    n.register_everywhere("k", Some("second")).await;
+    assert_eq!(n.call(2, "DELETE", "/registers/k", "").await.0, 200);
+    n.register_everywhere("k", None).await;
+
+    // A request to another node's instance answers with its replica.
+    let (status, peer) = n.call(0, "GET", "/peers/node-3/counters/hits", "").await;
+    assert_eq!(
+        (status, &peer["value"]),
+        (200, &serde_json::json!(6)),
+        "{peer}"
+    );
+    let (status, _) = n.call(0, "GET", "/peers/node-9/counters/hits", "").await;
+    assert_eq!(status, 404, "a request to a node that is not a member");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_and_restarted_catches_up_and_keeps_its_own_changes() {
+    let mut n = Nodes::start().await;
+    assert_eq!(
+        n.call(2, "POST", "/counters/c/incr", r#"{"by": 7}"#)
+            .await
+            .0,
+        200
+    );
+    n.converge("/counters/c", "value", serde_json::json!(7))
+        .await;
+
+    n.procs[2].take().unwrap().kill();
+    assert_eq!(
+        n.call(0, "POST", "/counters/c/incr", r#"{"by": 10}"#)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(n.call(1, "POST", "/sets/while-away/add", "y").await.0, 200);
+    n.converge("/counters/c", "value", serde_json::json!(17))
+        .await;
+
+    // Its replica is in storage, and the others' gossip brings the rest.
+    let p = n.spawn(2).await;
+    n.procs[2] = Some(p);
+    n.converge("/counters/c", "value", serde_json::json!(17))
+        .await;
+    n.converge("/sets/while-away", "elements", serde_json::json!(["y"]))
+        .await;
+    let (_, c) = n.call(2, "GET", "/counters/c", "").await;
+    assert_eq!(c["by_node"]["node-3"], 7, "{c}");
+}
