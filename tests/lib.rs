@@ -212,6 +212,52 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// `n` free addresses on 127.0.0.1.
+pub fn loopback_addrs(n: usize) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect()
+}
+
+/// The config of `node-{i+1}` of a cluster on 127.0.0.1, whose nodes listen
+/// for HTTP on `http` and for peers on `peer`: `cluster` is added to its
+/// `[cluster]` section, `rest` (its plugins, say) follows it.
+pub fn cluster_node_config(
+    i: usize,
+    http: &[SocketAddr],
+    peer: &[SocketAddr],
+    cluster: &str,
+    rest: &str,
+) -> String {
+    let peers: Vec<String> = (0..peer.len())
+        .filter(|j| *j != i)
+        .map(|j| format!("\"node-{}@{}\"", j + 1, peer[j]))
+        .collect();
+    format!(
+        r#"version = 1
+[node]
+id = "node-{n}"
+data_dir = "data-{n}"
+http = "{http}"
+
+[cluster]
+listen = "{listen}"
+peers = [{peers}]
+secret = "a-cluster-secret-for-tests"
+# Debug builds sharing two cores with other tests (and with cranelift
+# compiling a swapped-in component) can stall a node for a few hundred
+# milliseconds; slower timers keep elections to real failures.
+heartbeat_ms = 100
+election_timeout_ms = [600, 1200]
+{cluster}
+{rest}"#,
+        n = i + 1,
+        http = http[i],
+        listen = peer[i],
+        peers = peers.join(", ")
+    )
+}
+
 /// A `plexus up` process; killed when dropped.
 pub struct Process {
     /// The child.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use plexus_tests::{Process, free_port, http};
+use plexus_tests::{Process, cluster_node_config, free_port, http, loopback_addrs};
 
 const TOKEN: &str = "cluster-token";
 
@@ -23,28 +23,13 @@ fn node_config(
     ttl_ms: u64,
     snapshot_every: u64,
 ) -> String {
-    let peers: Vec<String> = (0..peer.len())
-        .filter(|j| *j != i)
-        .map(|j| format!("\"node-{}@{}\"", j + 1, peer[j]))
-        .collect();
-    format!(
-        r#"version = 1
-[node]
-id = "node-{n}"
-data_dir = "data-{n}"
-http = "{http}"
-
-[cluster]
-listen = "{listen}"
-peers = [{peers}]
-secret = "a-cluster-secret-for-tests"
-snapshot_every = {snapshot_every}
-# Debug builds sharing two cores with other tests (and with cranelift
-# compiling a swapped-in component) can stall a node for a few hundred
-# milliseconds; slower timers keep elections to real failures.
-heartbeat_ms = 100
-election_timeout_ms = [600, 1200]
-
+    cluster_node_config(
+        i,
+        http,
+        peer,
+        &format!("snapshot_every = {snapshot_every}"),
+        &format!(
+            r#"
 [admin]
 token = "{TOKEN}"
 
@@ -58,11 +43,8 @@ name = "election"
 component = "bundled:leader-election"
 capabilities = ["consensus", "storage", "timers", "log"]
 config = {{ campaign = ["primary"], ttl_ms = {ttl_ms} }}
-"#,
-        n = i + 1,
-        http = http[i],
-        listen = peer[i],
-        peers = peers.join(", ")
+"#
+        ),
     )
 }
 
@@ -73,9 +55,7 @@ impl Cluster {
 
     async fn start_with(ttl_ms: u64, snapshot_every: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
-        let http: Vec<SocketAddr> = (0..3).map(|_| addr(free_port())).collect();
-        let peer: Vec<SocketAddr> = (0..3).map(|_| addr(free_port())).collect();
+        let (http, peer) = (loopback_addrs(3), loopback_addrs(3));
         for i in 0..3 {
             std::fs::write(
                 dir.path().join(format!("node-{}.toml", i + 1)),

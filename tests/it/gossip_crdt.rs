@@ -6,38 +6,17 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use plexus_tests::{Process, free_port, http};
+use plexus_tests::{Process, cluster_node_config, http, loopback_addrs};
 
 fn config(i: usize, http: &[SocketAddr], peer: &[SocketAddr]) -> String {
-    let peers: Vec<String> = (0..3)
-        .filter(|j| *j != i)
-        .map(|j| format!("\"node-{}@{}\"", j + 1, peer[j]))
-        .collect();
-    format!(
-        r#"version = 1
-[node]
-id = "node-{n}"
-data_dir = "data-{n}"
-http = "{http}"
-
-[cluster]
-listen = "{listen}"
-peers = [{peers}]
-secret = "a-cluster-secret-for-tests"
-heartbeat_ms = 100
-election_timeout_ms = [600, 1200]
-
+    let plugin = r#"
 [[plugins]]
 name = "crdt"
 component = "bundled:gossip-crdt"
 capabilities = ["messaging", "membership", "storage", "timers", "log"]
-config = {{ gossip_ms = 100 }}
-"#,
-        n = i + 1,
-        http = http[i],
-        listen = peer[i],
-        peers = peers.join(", ")
-    )
+config = { gossip_ms = 100 }
+"#;
+    cluster_node_config(i, http, peer, "", plugin)
 }
 
 struct Nodes {
@@ -49,9 +28,7 @@ struct Nodes {
 impl Nodes {
     async fn start() -> Nodes {
         let dir = tempfile::tempdir().unwrap();
-        let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
-        let http: Vec<SocketAddr> = (0..3).map(|_| addr(free_port())).collect();
-        let peer: Vec<SocketAddr> = (0..3).map(|_| addr(free_port())).collect();
+        let (http, peer) = (loopback_addrs(3), loopback_addrs(3));
         for i in 0..3 {
             std::fs::write(path(dir.path(), i), config(i, &http, &peer)).unwrap();
         }
