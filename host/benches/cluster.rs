@@ -16,6 +16,8 @@
 //!
 //! `PLEXUS_BIN=path` runs that `plexus` binary instead of this build's, to
 //! compare two builds under the same load generator.
+//! `host/benches/cluster-vs-etcd.sh [ARGS]` installs etcd when it is
+//! missing and runs this with `--etcd`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -504,6 +506,13 @@ async fn main() -> anyhow::Result<()> {
         .skip_while(|a| a != "--etcd")
         .nth(1)
         .map(PathBuf::from);
+    if let Some(etcd) = &etcd {
+        anyhow::ensure!(
+            etcd.is_file(),
+            "no etcd at {}: install Debian's etcd-server, or run host/benches/cluster-vs-etcd.sh, which does",
+            etcd.display()
+        );
+    }
     let dir = tempfile::tempdir()?;
     let http: Vec<SocketAddr> = (0..3)
         .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
