@@ -69,6 +69,19 @@ impl Nodes {
         (status, serde_json::from_slice(&body).unwrap_or_default())
     }
 
+    /// Adds `by` to counter `name` on node `i`.
+    async fn incr(&self, i: usize, name: &str, by: u64) {
+        let (status, body) = self
+            .call(
+                i,
+                "POST",
+                &format!("/counters/{name}/incr"),
+                &format!(r#"{{"by": {by}}}"#),
+            )
+            .await;
+        assert_eq!(status, 200, "incr on node-{}: {body}", i + 1);
+    }
+
     /// Waits until `path` reads `expected` (at `field`) on every running node.
     async fn converge(&self, path: &str, field: &str, expected: serde_json::Value) {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -194,22 +207,12 @@ async fn replicas_changed_on_every_node_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_survive_restarts_and_a_node_that_was_away_catches_up() {
     let mut n = Nodes::start().await;
-    assert_eq!(
-        n.call(2, "POST", "/counters/c/incr", r#"{"by": 7}"#)
-            .await
-            .0,
-        200
-    );
+    n.incr(2, "c", 7).await;
     n.converge("/counters/c", "value", serde_json::json!(7))
         .await;
 
     n.procs[2].take().unwrap().kill();
-    assert_eq!(
-        n.call(0, "POST", "/counters/c/incr", r#"{"by": 10}"#)
-            .await
-            .0,
-        200
-    );
+    n.incr(0, "c", 10).await;
     assert_eq!(n.call(1, "POST", "/sets/while-away/add", "y").await.0, 200);
     n.converge("/counters/c", "value", serde_json::json!(17))
         .await;
@@ -242,12 +245,7 @@ async fn replicas_survive_restarts_and_a_node_that_was_away_catches_up() {
     n.procs[2] = Some(n.spawn(2).await);
     n.converge("/counters/c", "value", serde_json::json!(17))
         .await;
-    assert_eq!(
-        n.call(2, "POST", "/counters/c/incr", r#"{"by": 1}"#)
-            .await
-            .0,
-        200
-    );
+    n.incr(2, "c", 1).await;
     n.converge("/counters/c", "value", serde_json::json!(18))
         .await;
 }
