@@ -1500,32 +1500,28 @@ async fn follow_membership(
         // The metrics change with every append and apply; the membership
         // seldom does, and taking the peers' write lock for nothing slows
         // every send.
-        if seen.as_ref() == Some(&membership) {
-            if metrics.changed().await.is_err() {
-                return;
+        if seen.as_ref() != Some(&membership) {
+            for (id, node) in membership.nodes() {
+                if let Some((name, addr)) = parse_member(node) {
+                    transport.add_peer(&name, addr);
+                    names.write().expect("names poisoned").insert(*id, name);
+                }
             }
-            continue;
+            let now: BTreeSet<String> = {
+                let names = names.read().expect("names poisoned");
+                membership
+                    .membership()
+                    .voter_ids()
+                    .filter_map(|id| names.get(&id).cloned())
+                    .collect()
+            };
+            voters.send_if_modified(|v| {
+                let changed = *v != now;
+                *v = now;
+                changed
+            });
+            seen = Some(membership);
         }
-        seen = Some(membership.clone());
-        for (id, node) in membership.nodes() {
-            if let Some((name, addr)) = parse_member(node) {
-                transport.add_peer(&name, addr);
-                names.write().expect("names poisoned").insert(*id, name);
-            }
-        }
-        let now: BTreeSet<String> = {
-            let names = names.read().expect("names poisoned");
-            membership
-                .membership()
-                .voter_ids()
-                .filter_map(|id| names.get(&id).cloned())
-                .collect()
-        };
-        voters.send_if_modified(|v| {
-            let changed = *v != now;
-            *v = now;
-            changed
-        });
         if metrics.changed().await.is_err() {
             return;
         }

@@ -131,8 +131,17 @@ pub fn records(run: &[u8]) -> Records<'_> {
 /// whole run to find where it starts).
 #[derive(Default)]
 pub struct Runs {
-    /// `(stream, index of its last entry, encoded run, entries)`.
-    runs: Vec<(String, u64, Vec<u8>, usize)>,
+    runs: Vec<Run>,
+}
+
+/// One run being built.
+struct Run {
+    stream: String,
+    /// Index of its last entry: the run's key.
+    last: u64,
+    /// The encoded entries.
+    bytes: Vec<u8>,
+    entries: usize,
 }
 
 impl Runs {
@@ -147,21 +156,26 @@ impl Runs {
         let len = u32::try_from(data.len())
             .map_err(|_| LogError::Storage(format!("an entry of {} bytes", data.len())))?;
         // A node runs a handful of plugins: a scan beats hashing here.
-        let at = match self.runs.iter().rposition(|r| r.0 == stream) {
-            Some(at) if self.runs[at].3 < RUN_MAX => at,
+        let at = match self.runs.iter().rposition(|r| r.stream == stream) {
+            Some(at) if self.runs[at].entries < RUN_MAX => at,
             _ => {
-                self.runs.push((stream.to_string(), 0, Vec::new(), 0));
+                self.runs.push(Run {
+                    stream: stream.to_string(),
+                    last: 0,
+                    bytes: Vec::new(),
+                    entries: 0,
+                });
                 self.runs.len() - 1
             }
         };
         let run = &mut self.runs[at];
-        run.1 = index;
-        run.2.reserve(HEAD + data.len());
-        run.2.extend_from_slice(&index.to_le_bytes());
-        run.2.extend_from_slice(&term.to_le_bytes());
-        run.2.extend_from_slice(&len.to_le_bytes());
-        run.2.extend_from_slice(data);
-        run.3 += 1;
+        run.last = index;
+        run.bytes.reserve(HEAD + data.len());
+        run.bytes.extend_from_slice(&index.to_le_bytes());
+        run.bytes.extend_from_slice(&term.to_le_bytes());
+        run.bytes.extend_from_slice(&len.to_le_bytes());
+        run.bytes.extend_from_slice(data);
+        run.entries += 1;
         Ok(())
     }
 
@@ -171,11 +185,11 @@ impl Runs {
         table: &mut Table<(&'static str, u64), &'static [u8]>,
     ) -> Result<HashMap<String, u64>, LogError> {
         let mut last = HashMap::with_capacity(self.runs.len());
-        for (stream, index, run, _) in self.runs {
+        for run in self.runs {
             table
-                .insert((stream.as_str(), index), run.as_slice())
+                .insert((run.stream.as_str(), run.last), run.bytes.as_slice())
                 .map_err(err)?;
-            last.insert(stream, index);
+            last.insert(run.stream, run.last);
         }
         Ok(last)
     }
