@@ -90,11 +90,17 @@ impl Cluster {
                 if self.nodes[i].is_none() {
                     continue;
                 }
-                if let Some(status) = status(self.http[i]).await
-                    && let Some(l) = status["leader"].as_str()
+                if let Some(view) = status(self.http[i]).await
+                    && let Some(l) = view["leader"].as_str()
                 {
                     let l: usize = l.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
-                    if self.nodes[l].is_some() {
+                    // Another node's view may lag behind an election: the
+                    // leader is the one that says so itself.
+                    let claimed = format!("node-{}", l + 1);
+                    if self.nodes[l].is_some()
+                        && let Some(own) = status(self.http[l]).await
+                        && own["leader"].as_str() == Some(claimed.as_str())
+                    {
                         return l;
                     }
                 }
