@@ -1,16 +1,20 @@
 //! Cluster benchmark: a program that prints figures.
 //!
 //!     cargo bench -p plexus --bench cluster [-- --seconds 10 --clients 256 --trials 20
-//!         --heartbeat-ms 50 --election-min-ms 150 --election-max-ms 300]
+//!         --rounds 4 --heartbeat-ms 50 --election-min-ms 150 --election-max-ms 300]
 //!
 //! Starts three `plexus` processes on 127.0.0.1 and drives `replicated-kv`
 //! through the real HTTP path: 64 B values from concurrent clients, each
 //! with its own keep-alive connection, spread over the three nodes. With
 //! `--etcd PATH` (an `etcd` 3.4+ binary, e.g. from Debian's `etcd-server`)
 //! it runs the same load against a 3-member etcd on loopback through its
-//! HTTP gateway, in the same run. Each run also prints the CPU time (user
-//! and system, from `/proc`) the three servers used per acknowledged write,
-//! and what this load generator used.
+//! HTTP gateway, in the same run. Both clusters stay up, and the load
+//! alternates between them in `--rounds` pairs of phases (plexus first,
+//! then etcd first, and so on; `--seconds` in all for each), so that the
+//! machine speeding up or slowing down during the run falls on both alike.
+//! Each run also prints the CPU time (user and system, from `/proc`) the
+//! three servers used per acknowledged write, and what this load
+//! generator used.
 //! Then it measures leader failover: kill -9 the leader, time until a
 //! surviving node acknowledges a write.
 //!
@@ -204,35 +208,63 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// What one load run measured.
-struct Figures {
-    ops: f64,
-    p50: f64,
-    p99: f64,
+/// What one load phase measured, kept raw so that phases of one system
+/// can be added up.
+#[derive(Default)]
+struct Sample {
+    /// Latencies of acknowledged writes, in ms, by server.
+    by_target: Vec<Vec<f64>>,
     errors: u64,
-    /// CPU the servers used per acknowledged write, in µs.
-    cpu_per_write: f64,
-    /// CPU this load generator used per acknowledged write, in µs.
-    client_cpu_per_write: f64,
-    /// Median latency of the writes sent to each server, in ms.
-    p50_by_target: Vec<f64>,
+    elapsed: Duration,
+    /// CPU the servers used.
+    cpu: Duration,
+    /// CPU this load generator used.
+    client_cpu: Duration,
 }
 
-impl Figures {
+impl Sample {
+    fn writes(&self) -> usize {
+        self.by_target.iter().map(Vec::len).sum()
+    }
+
+    fn ops(&self) -> f64 {
+        self.writes() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn add(&mut self, other: Sample) {
+        if self.by_target.len() < other.by_target.len() {
+            self.by_target.resize(other.by_target.len(), Vec::new());
+        }
+        for (mine, theirs) in self.by_target.iter_mut().zip(other.by_target) {
+            mine.extend(theirs);
+        }
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.cpu += other.cpu;
+        self.client_cpu += other.client_cpu;
+    }
+
     fn print(&self, label: &str) {
+        let mut all: Vec<f64> = self.by_target.iter().flatten().copied().collect();
+        all.sort_by(|a, b| a.total_cmp(b));
+        let per_write = |cpu: Duration| cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64;
         println!(
             "{label:<40} {:>10.0} {:>9.1} {:>9.1} {:>8} {:>12.0} {:>12.0}",
-            self.ops,
-            self.p50,
-            self.p99,
+            self.ops(),
+            percentile(&all, 0.5),
+            percentile(&all, 0.99),
             self.errors,
-            self.cpu_per_write,
-            self.client_cpu_per_write
+            per_write(self.cpu),
+            per_write(self.client_cpu)
         );
         let by: Vec<String> = self
-            .p50_by_target
+            .by_target
             .iter()
-            .map(|p| format!("{p:.1}"))
+            .map(|l| {
+                let mut l = l.clone();
+                l.sort_by(|a, b| a.total_cmp(b));
+                format!("{:.1}", percentile(&l, 0.5))
+            })
             .collect();
         println!("{:<40} p50 by server: {} ms", "", by.join(" / "));
     }
@@ -241,12 +273,12 @@ impl Figures {
 /// Sends `PUT`s of 64 B from `clients` connections for `seconds` to the
 /// servers `pids` listening on `targets`.
 async fn load(
-    targets: Vec<SocketAddr>,
+    targets: &[SocketAddr],
     pids: &[u32],
     clients: usize,
-    seconds: u64,
+    seconds: f64,
     request: fn(u64) -> (String, Vec<u8>),
-) -> Figures {
+) -> Sample {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -281,35 +313,20 @@ async fn load(
     let started = Instant::now();
     let me = [std::process::id()];
     let (cpu_before, client_before) = (cpu_time(pids), cpu_time(&me));
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let cpu = cpu_time(pids) - cpu_before;
     let client_cpu = cpu_time(&me) - client_before;
-    let mut all = Vec::new();
     let mut by_target: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for (c, t) in tasks.into_iter().enumerate() {
-        let lat = t.await.unwrap_or_default();
-        by_target[c % targets.len()].extend(&lat);
-        all.extend(lat);
+        by_target[c % targets.len()].extend(t.await.unwrap_or_default());
     }
-    let p50_by_target = by_target
-        .into_iter()
-        .map(|mut l| {
-            l.sort_by(|a, b| a.total_cmp(b));
-            percentile(&l, 0.5)
-        })
-        .collect();
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_by(|a, b| a.total_cmp(b));
-    let per_write = |cpu: Duration| cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64;
-    Figures {
-        ops: all.len() as f64 / elapsed,
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
+    Sample {
+        by_target,
         errors: errors.load(Ordering::Relaxed),
-        cpu_per_write: per_write(cpu),
-        client_cpu_per_write: per_write(client_cpu),
-        p50_by_target,
+        elapsed: started.elapsed(),
+        cpu,
+        client_cpu,
     }
 }
 
@@ -438,12 +455,9 @@ async fn raft_counters(http: &[SocketAddr]) -> (u64, u64) {
     sums
 }
 
-async fn run_etcd(
-    etcd: &Path,
-    dir: &Path,
-    clients: usize,
-    seconds: u64,
-) -> anyhow::Result<Figures> {
+/// Starts a 3-member etcd on loopback; returns it with its client
+/// addresses once it answers a put.
+async fn start_etcd(etcd: &Path, dir: &Path) -> anyhow::Result<(Procs, Vec<SocketAddr>)> {
     let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let initial: Vec<String> = (0..3)
@@ -494,7 +508,7 @@ async fn run_etcd(
         anyhow::ensure!(Instant::now() < deadline, "etcd did not come up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(load(targets, &procs.pids(), clients, seconds, etcd_put).await)
+    Ok((procs, targets))
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -548,25 +562,60 @@ async fn main() -> anyhow::Result<()> {
         "{:<40} {:>10} {:>9} {:>9} {:>8} {:>12} {:>12}",
         "", "writes/s", "p50 ms", "p99 ms", "errors", "CPU µs/write", "client µs/w"
     );
+    // Both clusters stay up, and their load phases alternate (ABBA), so
+    // that the machine's drift over the run falls on both alike.
+    let etcd = match &etcd {
+        Some(etcd) => match start_etcd(etcd, dir.path()).await {
+            Ok(started) => Some(started),
+            Err(e) => {
+                println!("etcd: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let rounds = arg("--rounds", 4).max(1);
+    let phase = seconds as f64 / rounds as f64;
+    let (mut ours, mut theirs) = (Sample::default(), Sample::default());
+    let mut by_round = Vec::new();
     let before = raft_counters(&http).await;
-    load(http.clone(), &procs.pids(), clients, seconds, kv_put)
-        .await
-        .print("plexus replicated-kv (HTTP PUT)");
+    for round in 0..rounds {
+        let mut line = format!("round {}:", round + 1);
+        for first in [round % 2 == 0, round % 2 == 1] {
+            if first {
+                let s = load(&http, &procs.pids(), clients, phase, kv_put).await;
+                line += &format!(" plexus {:.0}/s", s.ops());
+                ours.add(s);
+            } else if let Some((etcd, targets)) = &etcd {
+                let s = load(targets, &etcd.pids(), clients, phase, etcd_put).await;
+                line += &format!(" etcd {:.0}/s", s.ops());
+                theirs.add(s);
+            }
+        }
+        by_round.push(line);
+    }
     let (proposals, entries) = raft_counters(&http).await;
     let (proposals, entries) = (
         proposals.saturating_sub(before.0),
         entries.saturating_sub(before.1),
     );
+    ours.print("plexus replicated-kv (HTTP PUT)");
     println!(
         "{:<40} {proposals} writes in {entries} Raft entries ({:.1} per entry)",
         "",
         proposals as f64 / entries.max(1) as f64
     );
-    if let Some(etcd) = &etcd {
-        match run_etcd(etcd, dir.path(), clients, seconds).await {
-            Ok(figures) => figures.print("etcd (v3 HTTP gateway put)"),
-            Err(e) => println!("etcd: {e}"),
+    if let Some((etcd, _)) = etcd {
+        theirs.print("etcd (v3 HTTP gateway put)");
+        println!(
+            "{:<40} plexus/etcd writes/s: {:.2}x",
+            "",
+            ours.ops() / theirs.ops().max(f64::MIN_POSITIVE)
+        );
+        for line in by_round {
+            println!("{:<40} {line}", "");
         }
+        drop(etcd);
     }
     println!();
 
