@@ -8,7 +8,7 @@
 //! with its own keep-alive connection, spread over the three nodes. With
 //! `--etcd PATH` (an `etcd` 3.4+ binary, e.g. from Debian's `etcd-server`)
 //! it runs the same load against a 3-member etcd on loopback through its
-//! HTTP gateway, in the same run. Both clusters stay up, and the load
+//! HTTP gateway, in the same run. Both clusters then stay up, and the load
 //! alternates between them in `--rounds` pairs of phases (plexus first,
 //! then etcd first, and so on; `--seconds` in all for each), so that the
 //! machine speeding up or slowing down during the run falls on both alike.
@@ -574,15 +574,20 @@ async fn main() -> anyhow::Result<()> {
         },
         None => None,
     };
-    let rounds = arg("--rounds", 4).max(1);
+    // Alone, plexus gets one phase: there is nothing to alternate with.
+    let rounds = if etcd.is_some() {
+        arg("--rounds", 4).max(1)
+    } else {
+        1
+    };
     let phase = seconds as f64 / rounds as f64;
     let (mut ours, mut theirs) = (Sample::default(), Sample::default());
     let mut by_round = Vec::new();
     let before = raft_counters(&http).await;
     for round in 0..rounds {
         let mut line = format!("round {}:", round + 1);
-        for first in [round % 2 == 0, round % 2 == 1] {
-            if first {
+        for plexus_turn in [round % 2 == 0, round % 2 == 1] {
+            if plexus_turn {
                 let s = load(&http, &procs.pids(), clients, phase, kv_put).await;
                 line += &format!(" plexus {:.0}/s", s.ops());
                 ours.add(s);
