@@ -204,8 +204,38 @@ pub fn plexus_bin() -> PathBuf {
         .clone()
 }
 
-/// A free port on 127.0.0.1.
+/// A free port on 127.0.0.1, below the kernel's ephemeral range where it
+/// can tell: a port from that range may be taken, between this check and
+/// the node's bind (or while a node is down for a restart), as the local
+/// port of any outgoing connection on the machine.
 pub fn free_port() -> u16 {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    // Test processes run side by side: each walks the range from its own
+    // place, and never hands out one port twice.
+    static START: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok());
+    if let Some(top) = ephemeral_from.filter(|&top| top > LOWEST + 1_000) {
+        let span = top - LOWEST;
+        let start = *START.get_or_init(|| {
+            std::process::id().wrapping_mul(2_654_435_761).wrapping_add(
+                std::time::UNIX_EPOCH
+                    .elapsed()
+                    .map_or(0, |d| d.subsec_nanos()),
+            )
+        });
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = LOWEST + start.wrapping_add(n) % span;
+            if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
