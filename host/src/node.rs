@@ -242,8 +242,10 @@ struct ConsensusThreads(Option<tokio::runtime::Runtime>);
 impl ConsensusThreads {
     fn start() -> anyhow::Result<ConsensusThreads> {
         let rt = tokio::runtime::Builder::new_multi_thread()
-            // Raft's log writes block their thread; the runtime hands its
-            // other tasks to a second one meanwhile.
+            // Raft's log appends block this thread: Raft waits for each
+            // one before it goes on anyway. Its rarer writes (votes,
+            // snapshots, compaction) hand the other tasks to a second
+            // thread meanwhile.
             .worker_threads(1)
             .thread_name("plexus-consensus")
             .enable_all()

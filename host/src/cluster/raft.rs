@@ -63,6 +63,18 @@ pub const MAX_BATCH: usize = 256;
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Most batches a node has in flight at once.
 pub const IN_FLIGHT: usize = 8;
+/// A leader's batch at least this large means the node is under load:
+/// the next one then waits a little for more proposals ([`FILL_TO`],
+/// [`FILL_WAIT`]).
+const BUSY_BATCH: usize = 32;
+/// Proposals a batch waits for under load...
+const FILL_TO: usize = 192;
+/// ...for at most this long after the previous batch is done. Each Raft
+/// entry costs every node a durable log commit and a storage commit
+/// whatever it carries, so while the node is busy fuller entries leave
+/// more of the machine to the writes themselves; the wait is short next
+/// to a round of the log, and a light load never waits.
+const FILL_WAIT: Duration = Duration::from_millis(2);
 /// How long a proposal may wait for a leader and a commit.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long a request forwarded to the leader may take before its outcome
@@ -351,7 +363,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let committed = self.committed.lock().expect("log store poisoned").take();
-        let result = tokio::task::block_in_place(|| -> Result<(), AnyError> {
+        // Blocks the consensus thread for the commit and its fsync: Raft
+        // waits for each append before it goes on anyway, and handing the
+        // thread's other tasks to a second one (`block_in_place`) costs a
+        // thread switch per entry on every node.
+        let result = (|| -> Result<(), AnyError> {
             let txn = self.db.begin_write().map_err(io_err)?;
             {
                 let mut t = txn.open_table(LOG).map_err(io_err)?;
@@ -368,7 +384,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             // Durable (fsync) before the callback acknowledges the append.
             txn.commit().map_err(io_err)
-        });
+        })();
         match result {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
@@ -1579,12 +1595,17 @@ fn transport_error(e: TransportError) -> LogError {
 /// to [`IN_FLIGHT`] batches go at once. Under load each Raft entry thus
 /// takes all that arrived during the previous round, and the per-entry
 /// costs (fsyncs, storage commits, round trips) are shared by more writes;
-/// at light load a proposal goes out at once.
+/// at light load a proposal goes out at once. On the leader, after a batch
+/// of [`BUSY_BATCH`] or more, the next one also waits for [`FILL_TO`]
+/// proposals, or [`FILL_WAIT`] after the previous one is done. A follower
+/// forwards at once: the leader's batching covers its proposals too.
 async fn proposer(log: std::sync::Weak<RaftLog>, mut queued: mpsc::Receiver<Group>) {
     let mut flights = tokio::task::JoinSet::new();
     let mut waiting: Vec<Group> = Vec::new();
     let (mut ops, mut bytes) = (0, 0);
     let mut open = true;
+    // The size of the last batch, and when the last flight ended.
+    let (mut last_ops, mut last_done) = (0, Instant::now());
     loop {
         while open && ops < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match queued.try_recv() {
@@ -1597,17 +1618,27 @@ async fn proposer(log: std::sync::Weak<RaftLog>, mut queued: mpsc::Receiver<Grou
             }
         }
         let full = ops >= MAX_BATCH || bytes >= MAX_BATCH_BYTES;
+        let mut fill_until = None;
         if !waiting.is_empty() && flights.len() < IN_FLIGHT {
             let Some(log) = log.upgrade() else { return };
             let leads = log.leader_name().as_ref() == Some(&log.me);
-            if flights.is_empty() || full || !leads {
+            let until = last_done + FILL_WAIT;
+            let filled = last_ops < BUSY_BATCH || ops >= FILL_TO || Instant::now() >= until;
+            if (flights.is_empty() && filled) || full || !leads {
+                last_ops = ops;
                 flights.spawn(log.place(std::mem::take(&mut waiting)));
                 (ops, bytes) = (0, 0);
                 continue;
             }
+            if flights.is_empty() {
+                fill_until = Some(until);
+            }
         }
+        let filling = fill_until.is_some();
+        let fill_until = fill_until.unwrap_or_else(Instant::now);
         tokio::select! {
-            Some(_) = flights.join_next(), if !flights.is_empty() => {}
+            () = tokio::time::sleep_until(fill_until.into()), if filling => {}
+            Some(_) = flights.join_next(), if !flights.is_empty() => last_done = Instant::now(),
             g = queued.recv(), if open && !full => match g {
                 Some(g) => {
                     (ops, bytes) = (ops + g.ops.len(), bytes + g.bytes());
