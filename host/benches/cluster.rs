@@ -14,7 +14,8 @@
 //! machine speeding up or slowing down during the run falls on both alike.
 //! Each run also prints the CPU time (user and system, from `/proc`) the
 //! three servers used per acknowledged write, and what this load
-//! generator used.
+//! generator used, and how much of the machine's CPU time was idle,
+//! waiting for I/O, or taken by the hypervisor (steal).
 //! Then it measures leader failover: kill -9 the leader, time until a
 //! surviving node acknowledges a write.
 //!
@@ -200,6 +201,55 @@ fn cpu_time(pids: &[u32]) -> Duration {
     Duration::from_millis(ticks * 1000 / TICKS)
 }
 
+/// The machine's CPU time so far, in clock ticks, from `/proc/stat`.
+#[derive(Debug, Default, Clone, Copy)]
+struct MachineTicks {
+    idle: u64,
+    iowait: u64,
+    /// Taken by the hypervisor for other guests while this one was ready.
+    steal: u64,
+    total: u64,
+}
+
+impl MachineTicks {
+    fn now() -> MachineTicks {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal; guest time is
+        // counted in user already.
+        MachineTicks {
+            idle: field(3),
+            iowait: field(4),
+            steal: field(7),
+            total: (0..8).map(field).sum(),
+        }
+    }
+
+    fn since(self, before: MachineTicks) -> MachineTicks {
+        MachineTicks {
+            idle: self.idle.saturating_sub(before.idle),
+            iowait: self.iowait.saturating_sub(before.iowait),
+            steal: self.steal.saturating_sub(before.steal),
+            total: self.total.saturating_sub(before.total),
+        }
+    }
+
+    fn add(&mut self, other: MachineTicks) {
+        self.idle += other.idle;
+        self.iowait += other.iowait;
+        self.steal += other.steal;
+        self.total += other.total;
+    }
+}
+
 /// The `p` quantile of `sorted` (NaN when empty).
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted
@@ -220,6 +270,8 @@ struct Sample {
     cpu: Duration,
     /// CPU this load generator used.
     client_cpu: Duration,
+    /// How the whole machine's CPU time went.
+    machine: MachineTicks,
 }
 
 impl Sample {
@@ -242,6 +294,7 @@ impl Sample {
         self.elapsed += other.elapsed;
         self.cpu += other.cpu;
         self.client_cpu += other.client_cpu;
+        self.machine.add(other.machine);
     }
 
     fn print(&self, label: &str) {
@@ -267,6 +320,15 @@ impl Sample {
             })
             .collect();
         println!("{:<40} p50 by server: {} ms", "", by.join(" / "));
+        let m = &self.machine;
+        let share = |t: u64| 100.0 * t as f64 / m.total.max(1) as f64;
+        println!(
+            "{:<40} machine: {:.0}% idle, {:.0}% I/O wait, {:.0}% stolen by the hypervisor",
+            "",
+            share(m.idle),
+            share(m.iowait),
+            share(m.steal)
+        );
     }
 }
 
@@ -313,10 +375,12 @@ async fn load(
     let started = Instant::now();
     let me = [std::process::id()];
     let (cpu_before, client_before) = (cpu_time(pids), cpu_time(&me));
+    let machine_before = MachineTicks::now();
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let cpu = cpu_time(pids) - cpu_before;
     let client_cpu = cpu_time(&me) - client_before;
+    let machine = MachineTicks::now().since(machine_before);
     let mut by_target: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for (c, t) in tasks.into_iter().enumerate() {
         by_target[c % targets.len()].extend(t.await.unwrap_or_default());
@@ -327,6 +391,7 @@ async fn load(
         elapsed: started.elapsed(),
         cpu,
         client_cpu,
+        machine,
     }
 }
 
