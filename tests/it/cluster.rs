@@ -912,9 +912,13 @@ async fn killing_every_node_right_after_writes_loses_no_acknowledged_write() {
     let mut c = Cluster::start(600_000).await;
     let leader = c.leader().await;
     let metric = |name| counter(c.http[leader], name);
-    let (proposals, log_writes) = (
+    let follower = (leader + 1) % 3;
+    const APPENDS: &str = "plexus_consensus_log_write_duration_seconds_count";
+    let (proposals, log_writes, appends, follower_appends) = (
         metric("plexus_consensus_proposals_total").await,
         metric("plexus_consensus_log_writes_total").await,
+        metric(APPENDS).await,
+        counter(c.http[follower], APPENDS).await,
     );
     let writes = (0..60).map(|i| {
         let addr = c.http[i % 3];
@@ -937,6 +941,14 @@ async fn killing_every_node_right_after_writes_loses_no_acknowledged_write() {
     assert!(
         proposals >= 60 && proposals >= 3 * log_writes,
         "{proposals} proposals in {log_writes} Raft entries"
+    );
+    // Every node times its durable log appends: the leader one per entry
+    // it proposed, a follower at least one for what it received.
+    let appends = metric(APPENDS).await - appends;
+    let follower_appends = counter(c.http[follower], APPENDS).await - follower_appends;
+    assert!(
+        appends >= log_writes && follower_appends >= 1,
+        "{appends} appends timed on the leader for {log_writes} entries, {follower_appends} on a follower"
     );
     for i in 0..3 {
         c.kill(i);

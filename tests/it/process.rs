@@ -210,6 +210,7 @@ async fn admin_api_needs_the_token_and_swaps_over_http() {
         "plexus_plugin_swap_pause_seconds_count{plugin=\"kv\"} 1\n",
         "plexus_consensus_proposals_total 1\n",
         "plexus_consensus_is_leader 1\n",
+        "plexus_consensus_log_write_duration_seconds_count 1\n",
     ] {
         assert!(
             metrics.contains(expected),

@@ -10,8 +10,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -19,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::compaction::{self, Compaction};
 use super::log::{BoxFuture, Capture, ConsensusBackend, Entry, LogError, LogStats, RestorePoint};
 use super::streams::{self, RUNS, Watches, err};
+use crate::runtime::metrics::Histogram;
 
 /// "last-index" → the highest index written.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -50,6 +52,8 @@ struct Shared {
     compact_every: u64,
     compacting: AtomicBool,
     compactions: AtomicU64,
+    /// How long each durable write took, commit and fsync.
+    write_time: Mutex<Histogram>,
 }
 
 /// The single-node [`ConsensusBackend`].
@@ -104,6 +108,7 @@ impl LocalLog {
             compact_every,
             compacting: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
+            write_time: Mutex::default(),
         });
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
         tokio::spawn(writer(shared.clone(), rx));
@@ -119,9 +124,17 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
             .map(|p| (p.stream.clone(), std::mem::take(&mut p.data)))
             .collect();
         let s = shared.clone();
-        let result = tokio::task::spawn_blocking(move || write_group(&s, &batch))
-            .await
-            .unwrap_or_else(|e| Err(err(e)));
+        let result = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let written = write_group(&s, &batch);
+            s.write_time
+                .lock()
+                .expect("write times poisoned")
+                .observe(started.elapsed().as_secs_f64());
+            written
+        })
+        .await
+        .unwrap_or_else(|e| Err(err(e)));
         match result {
             Ok(first) => {
                 shared.writes.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +284,12 @@ impl ConsensusBackend for LocalLog {
             proposals: self.shared.proposals.load(Ordering::Relaxed),
             writes: self.shared.writes.load(Ordering::Relaxed),
             snapshots_built: self.shared.compactions.load(Ordering::Relaxed),
+            log_writes: self
+                .shared
+                .write_time
+                .lock()
+                .expect("write times poisoned")
+                .clone(),
             ..LogStats::default()
         }
     }

@@ -7,6 +7,8 @@ use std::pin::Pin;
 
 use tokio::sync::watch;
 
+use crate::runtime::metrics::Histogram;
+
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -71,7 +73,7 @@ pub trait Capture: Send + Sync + 'static {
 }
 
 /// Counters a log keeps about itself.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LogStats {
     /// Entries proposed and committed.
     pub proposals: u64,
@@ -82,6 +84,9 @@ pub struct LogStats {
     pub snapshots_built: u64,
     /// Snapshots this node installed from the leader.
     pub snapshots_installed: u64,
+    /// How long this node's durable log writes took (commit and fsync),
+    /// in seconds.
+    pub log_writes: Histogram,
 }
 
 /// Receives the outcome of [`ConsensusBackend::submit`].

@@ -55,6 +55,7 @@ use super::log::{
 use super::state_store::{Checkpoints, Persist};
 use super::streams::{self, RUNS, Watches};
 use super::transport::{Transport, TransportError};
+use crate::runtime::metrics::Histogram;
 
 /// Proposals after which a queue is full: it goes out even while another
 /// is in flight.
@@ -242,6 +243,8 @@ pub struct LogStore {
     /// The commit index Raft last reported, not yet written: the next
     /// append writes it in its own transaction.
     committed: Arc<Mutex<Option<Option<LogId<NodeId>>>>>,
+    /// How long each append took, commit and fsync.
+    append_time: Arc<Mutex<Histogram>>,
 }
 
 impl LogStore {
@@ -255,6 +258,7 @@ impl LogStore {
         Ok(LogStore {
             db: Arc::new(db),
             committed: Arc::default(),
+            append_time: Arc::default(),
         })
     }
 
@@ -367,6 +371,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // waits for each append before it goes on anyway, and handing the
         // thread's other tasks to a second one (`block_in_place`) costs a
         // thread switch per entry on every node.
+        let started = Instant::now();
         let result = (|| -> Result<(), AnyError> {
             let txn = self.db.begin_write().map_err(io_err)?;
             {
@@ -385,6 +390,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // Durable (fsync) before the callback acknowledges the append.
             txn.commit().map_err(io_err)
         })();
+        self.append_time
+            .lock()
+            .expect("log store poisoned")
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
@@ -896,6 +905,8 @@ pub struct RaftLog {
     heard: Arc<Mutex<Option<Heard>>>,
     proposals: Arc<AtomicU64>,
     writes: Arc<AtomicU64>,
+    /// The log store's append durations.
+    append_time: Arc<Mutex<Histogram>>,
 }
 
 /// Raft ids to node names, learned from the config and the membership.
@@ -956,6 +967,7 @@ impl RaftLog {
     /// id of a fresh cluster, initialises the membership.
     pub async fn start(opts: RaftOptions<'_>) -> anyhow::Result<Arc<RaftLog>> {
         let log = LogStore::open(&opts.dir.join("raft-log.redb"))?;
+        let append_time = log.append_time.clone();
         let sm = StateMachine::open(&opts.dir.join("raft-sm.redb"))?;
         let shared = sm.shared.clone();
         let names: Names = Arc::new(RwLock::new(
@@ -1020,6 +1032,7 @@ impl RaftLog {
             heard,
             proposals: Arc::default(),
             writes: Arc::default(),
+            append_time,
         });
         tokio::spawn(proposer(Arc::downgrade(&log), queued));
         Ok(log)
@@ -1742,6 +1755,7 @@ impl ConsensusBackend for Arc<RaftLog> {
             writes: self.writes.load(Ordering::Relaxed),
             snapshots_built: self.sm.built.load(Ordering::Relaxed),
             snapshots_installed: self.sm.installed.load(Ordering::Relaxed),
+            log_writes: self.append_time.lock().expect("log store poisoned").clone(),
         }
     }
 }

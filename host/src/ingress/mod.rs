@@ -604,6 +604,13 @@ fn metrics(node: &Arc<Node>) -> Resp {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP plexus_consensus_log_write_duration_seconds Durable log writes on this node, commit and fsync.\n# TYPE plexus_consensus_log_write_duration_seconds histogram"
+    );
+    stats
+        .log_writes
+        .render(&mut out, "plexus_consensus_log_write_duration_seconds", "");
     hyper::Response::builder()
         .header("content-type", "text/plain; version=0.0.4")
         .body(Full::new(Bytes::from(out)))

@@ -32,16 +32,29 @@ impl Histogram {
         self.count
     }
 
-    /// Appends the series of this histogram, with `labels` (`a="b",...`).
+    /// Appends the series of this histogram, with `labels` (`a="b",...`,
+    /// or none when empty).
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let (sep, set) = if labels.is_empty() {
+            ("", String::new())
+        } else {
+            (",", format!("{{{labels}}}"))
+        };
         let mut cumulative = 0;
         for (bound, n) in BUCKETS.iter().zip(self.counts) {
             cumulative += n;
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let _ = writeln!(out, "{name}_sum{set} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{set} {}", self.count);
     }
 }
 
@@ -75,5 +88,17 @@ mod tests {
         assert!(out.contains("x_bucket{p=\"a\",le=\"10\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{p=\"a\",le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count{p=\"a\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn a_histogram_without_labels_renders_bare_series() {
+        let mut h = Histogram::default();
+        h.observe(0.000_7);
+        let mut out = String::new();
+        h.render(&mut out, "y", "");
+        assert!(out.contains("y_bucket{le=\"0.0005\"} 0\n"), "{out}");
+        assert!(out.contains("y_bucket{le=\"0.001\"} 1\n"), "{out}");
+        assert!(out.contains("y_sum 0.0007\n"), "{out}");
+        assert!(out.contains("y_count 1\n"), "{out}");
     }
 }
