@@ -212,22 +212,24 @@ pub fn free_port() -> u16 {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU32, Ordering};
     const LOWEST: u32 = 10_000;
-    // Test processes run side by side: each walks the range from its own
-    // place, and never hands out one port twice.
-    static START: OnceLock<u32> = OnceLock::new();
+    // Where this process starts walking the range, and the range's span,
+    // learned once. Test processes run side by side: each walks the range
+    // from its own place, and never hands out one port twice.
+    static RANGE: OnceLock<Option<(u32, u32)>> = OnceLock::new();
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok());
-    if let Some(top) = ephemeral_from.filter(|&top| top > LOWEST + 1_000) {
-        let span = top - LOWEST;
-        let start = *START.get_or_init(|| {
-            std::process::id().wrapping_mul(2_654_435_761).wrapping_add(
-                std::time::UNIX_EPOCH
-                    .elapsed()
-                    .map_or(0, |d| d.subsec_nanos()),
-            )
-        });
+    let range = *RANGE.get_or_init(|| {
+        let top = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+            .filter(|&top| top > LOWEST + 1_000)?;
+        let start = std::process::id().wrapping_mul(2_654_435_761).wrapping_add(
+            std::time::UNIX_EPOCH
+                .elapsed()
+                .map_or(0, |d| d.subsec_nanos()),
+        );
+        Some((start, top - LOWEST))
+    });
+    if let Some((start, span)) = range {
         for _ in 0..span {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let port = LOWEST + start.wrapping_add(n) % span;
