@@ -473,6 +473,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Appends the `# HELP` and `# TYPE` lines that open a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 fn metrics(node: &Arc<Node>) -> Resp {
     use std::fmt::Write;
     let mut out = String::new();
@@ -516,7 +522,7 @@ fn metrics(node: &Arc<Node>) -> Resp {
         } else {
             "gauge"
         };
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        family(&mut out, name, kind, help);
         for s in &plugins {
             let _ = writeln!(
                 out,
@@ -528,9 +534,11 @@ fn metrics(node: &Arc<Node>) -> Resp {
         }
     }
     let all = node.plugin_metrics();
-    let _ = writeln!(
-        out,
-        "# HELP plexus_plugin_call_duration_seconds Hook call duration, including its storage commit.\n# TYPE plexus_plugin_call_duration_seconds histogram"
+    family(
+        &mut out,
+        "plexus_plugin_call_duration_seconds",
+        "histogram",
+        "Hook call duration, including its storage commit.",
     );
     for (s, m) in &all {
         for (hook, h) in &m.calls {
@@ -541,9 +549,11 @@ fn metrics(node: &Arc<Node>) -> Resp {
             h.render(&mut out, "plexus_plugin_call_duration_seconds", &labels);
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP plexus_plugin_swap_pause_seconds Mailbox pause of hot swaps.\n# TYPE plexus_plugin_swap_pause_seconds histogram"
+    family(
+        &mut out,
+        "plexus_plugin_swap_pause_seconds",
+        "histogram",
+        "Mailbox pause of hot swaps.",
     );
     for (s, m) in &all {
         m.swap_pause.render(
@@ -599,18 +609,17 @@ fn metrics(node: &Arc<Node>) -> Resp {
         ),
     ];
     for (name, kind, help, value) in gauges {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
+        family(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
     }
-    let _ = writeln!(
-        out,
-        "# HELP plexus_consensus_log_write_duration_seconds Durable log writes on this node, commit and fsync.\n# TYPE plexus_consensus_log_write_duration_seconds histogram"
+    let name = "plexus_consensus_log_write_duration_seconds";
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "Durable log writes on this node, commit and fsync.",
     );
-    stats
-        .log_writes
-        .render(&mut out, "plexus_consensus_log_write_duration_seconds", "");
+    stats.log_writes.render(&mut out, name, "");
     hyper::Response::builder()
         .header("content-type", "text/plain; version=0.0.4")
         .body(Full::new(Bytes::from(out)))
