@@ -303,10 +303,30 @@ pub struct Process {
 impl Process {
     /// Starts `plexus up config` in `dir` and waits for `/healthz`.
     pub async fn up(dir: &Path, config: &Path, addr: SocketAddr) -> Process {
+        let mut cmd = Command::new(plexus_bin());
+        cmd.arg("up").arg(config);
+        Process::start(cmd, dir, addr).await
+    }
+
+    /// As [`Process::up`], with the process's open-file limit set to
+    /// `open_files` (`ulimit -n`).
+    pub async fn up_with_open_files(
+        dir: &Path,
+        config: &Path,
+        addr: SocketAddr,
+        open_files: u32,
+    ) -> Process {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {open_files} && exec \"$0\" up \"$1\""))
+            .arg(plexus_bin())
+            .arg(config);
+        Process::start(cmd, dir, addr).await
+    }
+
+    async fn start(mut cmd: Command, dir: &Path, addr: SocketAddr) -> Process {
         let log = dir.join(format!("node-{}.log", addr.port()));
-        let child = Command::new(plexus_bin())
-            .arg("up")
-            .arg(config)
+        let child = cmd
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -48,8 +48,9 @@ pub struct ClusterOptions {
     pub listen: SocketAddr,
     /// The other voters: name and peer address.
     pub peers: Vec<(String, SocketAddr)>,
-    /// The shared secret peers authenticate with.
-    pub secret: String,
+    /// The shared secrets peers authenticate with: the first seals new
+    /// connections, every one is accepted (rotation).
+    pub secrets: Vec<String>,
     /// Raft entries between snapshots.
     pub snapshot_every: u64,
     /// Heartbeat and election timeouts.
@@ -310,7 +311,7 @@ impl Node {
                 .spawn(async move {
                     let transport = Transport::new(
                         &id,
-                        cluster.secret.as_bytes(),
+                        crate::cluster::secure::Keys::new(&cluster.secrets),
                         cluster.peers.iter().cloned(),
                     );
                     transport.listen(cluster.listen).await?;
@@ -359,24 +360,35 @@ impl Node {
         swim::start(
             id(&me, cluster.listen, generation),
             peers,
-            Arc::from(cluster.secret.as_bytes()),
+            cluster
+                .secrets
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect::<Vec<_>>()
+                .into(),
             view.clone(),
             events_tx.clone(),
         )
         .await?;
         // Voters come from the Raft membership: from the config at first,
         // then from every `cluster join` / `cluster leave`.
-        let mut voters = raft.voters();
+        // A member the membership drops leaves the view at once.
+        let (mut voters, mut all) = (raft.voters(), raft.members());
         tokio::spawn(async move {
             loop {
                 let now = voters.borrow_and_update().clone();
+                let everyone = all.borrow_and_update().clone();
                 if !now.is_empty() {
-                    let events = view.set_voters(&now);
+                    let events = view.set_members(&now, &everyone);
                     if !events.is_empty() && events_tx.send(events).is_err() {
                         return;
                     }
                 }
-                if voters.changed().await.is_err() {
+                let changed = tokio::select! {
+                    r = voters.changed() => r,
+                    r = all.changed() => r,
+                };
+                if changed.is_err() {
                     return;
                 }
             }
@@ -452,6 +464,13 @@ impl Node {
     /// The services plugins are wired to.
     pub fn services(&self) -> &Services {
         &self.services
+    }
+
+    /// The membership index by which this node learned it was removed
+    /// from the cluster (it no longer campaigns); `None` while a member
+    /// or on a single node.
+    pub fn removed_at(&self) -> Option<u64> {
+        self.raft.as_ref().and_then(|r| r.removed_at())
     }
 
     /// Adds or removes a voter of the cluster (`plexus cluster join` /

@@ -85,6 +85,10 @@ pub async fn start_with_progress(
         IngressOptions {
             max_body_bytes: config.node.max_body_bytes,
             request_timeout: Duration::from_millis(config.node.request_timeout_ms),
+            header_read_timeout: Duration::from_millis(config.node.header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(config.node.body_read_timeout_ms),
+            max_connections: config.node.max_connections,
+            max_connections_per_client: config.node.max_connections_per_client,
             admin_token: config.admin.token.clone(),
         },
     )

@@ -10,10 +10,11 @@ use plexus_tests::{Process, cluster_node_config, free_port, http, loopback_addrs
 
 const TOKEN: &str = "cluster-token";
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    http: Vec<SocketAddr>,
-    nodes: Vec<Option<Process>>,
+pub(crate) struct Cluster {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) http: Vec<SocketAddr>,
+    pub(crate) peer: Vec<SocketAddr>,
+    pub(crate) nodes: Vec<Option<Process>>,
 }
 
 fn node_config(
@@ -49,11 +50,11 @@ config = {{ campaign = ["primary"], ttl_ms = {ttl_ms} }}
 }
 
 impl Cluster {
-    async fn start(ttl_ms: u64) -> Cluster {
+    pub(crate) async fn start(ttl_ms: u64) -> Cluster {
         Cluster::start_with(ttl_ms, 20_000).await
     }
 
-    async fn start_with(ttl_ms: u64, snapshot_every: u64) -> Cluster {
+    pub(crate) async fn start_with(ttl_ms: u64, snapshot_every: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let (http, peer) = (loopback_addrs(3), loopback_addrs(3));
         for i in 0..3 {
@@ -66,6 +67,7 @@ impl Cluster {
         let mut c = Cluster {
             dir,
             http,
+            peer,
             nodes: Vec::new(),
         };
         for i in 0..3 {
@@ -75,15 +77,15 @@ impl Cluster {
         c
     }
 
-    fn config(&self, i: usize) -> PathBuf {
+    pub(crate) fn config(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("node-{}.toml", i + 1))
     }
 
-    async fn spawn(&self, i: usize) -> Process {
+    pub(crate) async fn spawn(&self, i: usize) -> Process {
         Process::up(self.dir.path(), &self.config(i), self.http[i]).await
     }
 
-    async fn leader(&self) -> usize {
+    pub(crate) async fn leader(&self) -> usize {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             for i in 0..3 {
@@ -110,18 +112,18 @@ impl Cluster {
         }
     }
 
-    fn kill(&mut self, i: usize) {
+    pub(crate) fn kill(&mut self, i: usize) {
         if let Some(mut p) = self.nodes[i].take() {
             p.kill();
         }
     }
 
-    fn alive(&self) -> Vec<usize> {
+    pub(crate) fn alive(&self) -> Vec<usize> {
         (0..3).filter(|i| self.nodes[*i].is_some()).collect()
     }
 }
 
-async fn get(addr: SocketAddr, key: &str) -> Option<Vec<u8>> {
+pub(crate) async fn get(addr: SocketAddr, key: &str) -> Option<Vec<u8>> {
     match http(addr, "GET", &format!("/v1/plugins/kv/kv/{key}"), &[], b"").await {
         Ok((200, body)) => Some(body),
         _ => None,
@@ -132,7 +134,7 @@ async fn get(addr: SocketAddr, key: &str) -> Option<Vec<u8>> {
 /// A node that cannot serve the read yet (503/504, refused connection) is
 /// asked again for up to 20 s; after that the test fails with the status,
 /// so a lost write and a read that could not be served are told apart.
-async fn read(addr: SocketAddr, key: &str) -> Option<Vec<u8>> {
+pub(crate) async fn read(addr: SocketAddr, key: &str) -> Option<Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let last = match http(addr, "GET", &format!("/v1/plugins/kv/kv/{key}"), &[], b"").await {
@@ -149,7 +151,7 @@ async fn read(addr: SocketAddr, key: &str) -> Option<Vec<u8>> {
     }
 }
 
-async fn put(addr: SocketAddr, key: &str, value: &str) -> bool {
+pub(crate) async fn put(addr: SocketAddr, key: &str, value: &str) -> bool {
     matches!(
         http(
             addr,
@@ -475,7 +477,7 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
 }
 
 /// An admin API call to the node at `addr`, with the cluster's token.
-async fn admin(
+pub(crate) async fn admin(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -486,7 +488,7 @@ async fn admin(
 }
 
 /// The node's `/v1/admin/status`, if it answers 200.
-async fn status(addr: SocketAddr) -> Option<serde_json::Value> {
+pub(crate) async fn status(addr: SocketAddr) -> Option<serde_json::Value> {
     let (code, body) = admin(addr, "GET", "/v1/admin/status", b"").await.ok()?;
     if code != 200 {
         return None;
@@ -655,7 +657,7 @@ async fn kv_status(addr: SocketAddr) -> serde_json::Value {
 }
 
 /// The value of the counter or gauge `name` in `addr`'s `/metrics`.
-async fn counter(addr: SocketAddr, name: &str) -> u64 {
+pub(crate) async fn counter(addr: SocketAddr, name: &str) -> u64 {
     let (_, body) = http(addr, "GET", "/metrics", &[], b"").await.unwrap();
     let body = String::from_utf8(body).unwrap();
     body.lines()
@@ -704,7 +706,7 @@ fn all_threads_stopped(pid: &str) -> bool {
 }
 
 /// Runs the `plexus` CLI against the node at `addr`.
-fn cli(addr: SocketAddr, args: &[&str]) -> std::process::Output {
+pub(crate) fn cli(addr: SocketAddr, args: &[&str]) -> std::process::Output {
     std::process::Command::new(plexus_tests::plexus_bin())
         .args(args)
         .env("PLEXUS_ADDR", addr.to_string())
@@ -713,7 +715,7 @@ fn cli(addr: SocketAddr, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-async fn voters(addr: SocketAddr) -> Vec<String> {
+pub(crate) async fn voters(addr: SocketAddr) -> Vec<String> {
     let status = status(addr).await.expect("the node answers its status");
     status["members"]
         .as_array()

@@ -11,3 +11,4 @@ mod operate;
 mod process;
 mod replicated_kv;
 mod swap;
+mod trust;

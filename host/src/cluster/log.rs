@@ -43,6 +43,10 @@ pub enum LogError {
     /// [`RestorePoint`].
     #[error("entries through {0} were compacted into a snapshot")]
     Compacted(u64),
+    /// The request was refused and nothing changed; definite. The message
+    /// says why.
+    #[error("{0}")]
+    Rejected(String),
 }
 
 /// A plugin's state at one index of its stream, as a snapshot carries it

@@ -96,11 +96,22 @@ pub mod kind {
     pub const READ_INDEX: u8 = 11;
     /// A voter change forwarded to the leader.
     pub const MEMBERS: u8 = 12;
+    /// Is this node there, as the id it was dialled as? Answered with its
+    /// name.
+    pub const PROBE: u8 = 13;
+    /// You were removed from the membership committed at this index.
+    pub const REMOVED: u8 = 14;
 }
 
 /// How long adding a voter may take: the new member first catches up as a
 /// learner.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a joining member has to answer the leader at all.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a joining member has, once a learner, to reach the leader's
+/// log as of its addition; past it the join fails and the learner is
+/// taken out again.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A change of the voter set, made by an operator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -899,6 +910,11 @@ pub struct RaftLog {
     transport: Arc<Transport>,
     names: Names,
     voters: watch::Receiver<BTreeSet<String>>,
+    /// Every member (voters and learners), by name.
+    members: watch::Receiver<BTreeSet<String>>,
+    /// Set once this node learns it was removed from the membership (the
+    /// index of the membership that removed it): it no longer campaigns.
+    removed: Removed,
     /// This node's proposals, and those followers forwarded to it.
     queue: mpsc::Sender<Group>,
     /// The leader this follower last accepted entries from.
@@ -911,6 +927,9 @@ pub struct RaftLog {
 
 /// Raft ids to node names, learned from the config and the membership.
 type Names = Arc<RwLock<HashMap<NodeId, String>>>;
+
+/// Whether (and by which membership index) this node was removed.
+type Removed = Arc<Mutex<Option<u64>>>;
 
 /// The leader this follower last accepted entries from: who, in which
 /// term, and when the request arrived.
@@ -1008,18 +1027,24 @@ impl RaftLog {
         }
         let (queue, queued) = mpsc::channel(4 * MAX_BATCH);
         let heard: Arc<Mutex<Option<Heard>>> = Arc::default();
+        let removed: Removed = Arc::default();
         tokio::spawn(hasten_elections(
             raft.clone(),
             me,
             heard.clone(),
+            removed.clone(),
             opts.timing,
         ));
         let (voters_tx, voters) = watch::channel(BTreeSet::new());
+        let (members_tx, members) = watch::channel(BTreeSet::new());
         tokio::spawn(follow_membership(
             raft.clone(),
+            me,
             names.clone(),
             opts.transport.clone(),
             voters_tx,
+            members_tx,
+            removed.clone(),
         ));
         let log = Arc::new(RaftLog {
             raft,
@@ -1028,6 +1053,8 @@ impl RaftLog {
             transport: opts.transport,
             names,
             voters,
+            members,
+            removed,
             queue,
             heard,
             proposals: Arc::default(),
@@ -1050,6 +1077,38 @@ impl RaftLog {
     /// The voters, by name, as of the latest membership this node knows.
     pub fn voters(&self) -> watch::Receiver<BTreeSet<String>> {
         self.voters.clone()
+    }
+
+    /// Every member (voters and learners), by name, as of the latest
+    /// membership this node knows.
+    pub fn members(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.members.clone()
+    }
+
+    /// The membership index by which this node learned it was removed.
+    pub fn removed_at(&self) -> Option<u64> {
+        *self.removed.lock().expect("removed poisoned")
+    }
+
+    /// Takes note that the membership committed at `index` left this node
+    /// out, unless this node already knows a later one that has it as a
+    /// voter: it stops campaigning until a membership adds it again.
+    fn on_removed(&self, index: u64) {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let me = raft_id(&self.me);
+        let later = m.log_id().as_ref().is_some_and(|l| l.index > index);
+        if later && m.membership().voter_ids().any(|v| v == me) {
+            return;
+        }
+        let mut removed = self.removed.lock().expect("removed poisoned");
+        if removed.is_none() {
+            tracing::warn!(
+                index,
+                "this node was removed from the cluster and no longer campaigns; add it again with `plexus cluster join`"
+            );
+        }
+        *removed = Some(index);
+        self.raft.runtime_config().elect(false);
     }
 
     /// Adds or removes a voter, on the leader (forwarded from a follower).
@@ -1098,16 +1157,37 @@ impl RaftLog {
         match change {
             MemberChange::Join { name, addr } => {
                 let id = raft_id(&name);
+                let known = {
+                    let m = self.raft.metrics().borrow().membership_config.clone();
+                    m.nodes().any(|(n, _)| *n == id)
+                };
+                let before = self.transport.peer_addr(&name);
+                let restore = || match before {
+                    Some(old) => self.transport.add_peer(&name, old),
+                    None => self.transport.remove_peer(&name),
+                };
                 self.transport.add_peer(&name, addr);
+                // It must answer, as the node it claims to be, before the
+                // membership changes at all.
+                match self
+                    .transport
+                    .request(&name, kind::PROBE, Vec::new(), PROBE_TIMEOUT)
+                    .await
+                {
+                    // A handler's error still came from the node itself.
+                    Ok(_) | Err(TransportError::Remote(..)) => {}
+                    Err(e) => {
+                        restore();
+                        return Err(LogError::Rejected(format!(
+                            "`{name}` at {addr} did not answer ({e}); the membership is unchanged"
+                        )));
+                    }
+                }
                 self.names
                     .write()
                     .expect("names poisoned")
                     .insert(id, name.clone());
                 tracing::info!(member = %name, %addr, "adding a learner; it becomes a voter once caught up");
-                let known = {
-                    let m = self.raft.metrics().borrow().membership_config.clone();
-                    m.nodes().any(|(n, _)| *n == id)
-                };
                 let joined = tokio::time::timeout(CHANGE_TIMEOUT, async {
                     if known {
                         // Joined before: take the address given now.
@@ -1119,10 +1199,46 @@ impl RaftLog {
                             .await
                             .map_err(fail)?;
                     }
-                    self.raft
-                        .add_learner(id, member_node(&name, addr), true)
+                    let added = self
+                        .raft
+                        .add_learner(id, member_node(&name, addr), false)
                         .await
                         .map_err(fail)?;
+                    // Caught up: it holds the log through its own addition.
+                    let target = added.log_id.index;
+                    let caught_up = self
+                        .raft
+                        .wait(Some(CATCH_UP_TIMEOUT))
+                        .metrics(
+                            |m| {
+                                m.replication
+                                    .as_ref()
+                                    .and_then(|r| r.get(&id).cloned().flatten())
+                                    .is_some_and(|l| l.index >= target)
+                            },
+                            "the learner to catch up",
+                        )
+                        .await;
+                    if caught_up.is_err() {
+                        let matched = self
+                            .raft
+                            .metrics()
+                            .borrow()
+                            .replication
+                            .as_ref()
+                            .and_then(|r| r.get(&id).cloned().flatten())
+                            .map_or(0, |l| l.index);
+                        if !known {
+                            let _ = self
+                                .raft
+                                .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+                                .await;
+                        }
+                        return Err(LogError::Rejected(format!(
+                            "`{name}` did not catch up within {} s (it holds the log to index {matched} of {target}); it was taken out as a learner and the voters are unchanged",
+                            CATCH_UP_TIMEOUT.as_secs()
+                        )));
+                    }
                     self.raft
                         .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
                         .await
@@ -1231,6 +1347,12 @@ impl RaftLog {
             kind::MEMBERS => Box::pin(async move {
                 let change: MemberChange = dec(&body).map_err(|e| e.to_string())?;
                 Ok(enc(&this.change_here(change).await))
+            }),
+            kind::PROBE => Box::pin(async move { Ok(enc(&this.me)) }),
+            kind::REMOVED => Box::pin(async move {
+                let index: u64 = dec(&body).map_err(|e| e.to_string())?;
+                this.on_removed(index);
+                Ok(Vec::new())
             }),
             _ => return None,
         })
@@ -1450,6 +1572,7 @@ async fn hasten_elections(
     raft: Raft,
     me: NodeId,
     heard: Arc<Mutex<Option<Heard>>>,
+    removed: Removed,
     timing: Timing,
 ) {
     let tick = Duration::from_millis((timing.heartbeat_ms / 4).max(2));
@@ -1488,6 +1611,9 @@ async fn hasten_elections(
             *heard
         };
         let Some(h) = h else { continue };
+        if removed.lock().expect("removed poisoned").is_some() {
+            continue;
+        }
         if fired_for == Some(h) {
             continue;
         }
@@ -1518,12 +1644,15 @@ async fn hasten_elections(
 
 async fn follow_membership(
     raft: Raft,
+    me: NodeId,
     names: Names,
     transport: Arc<Transport>,
     voters: watch::Sender<BTreeSet<String>>,
+    members: watch::Sender<BTreeSet<String>>,
+    removed: Removed,
 ) {
     let mut metrics = raft.metrics();
-    let mut seen = None;
+    let mut seen: Option<Arc<openraft::StoredMembership<NodeId, BasicNode>>> = None;
     loop {
         let membership = metrics.borrow_and_update().membership_config.clone();
         // The metrics change with every append and apply; the membership
@@ -1536,17 +1665,60 @@ async fn follow_membership(
                     names.write().expect("names poisoned").insert(*id, name);
                 }
             }
-            let now: BTreeSet<String> = {
+            let index = membership.log_id().as_ref().map_or(0, |l| l.index);
+            let (now, all): (BTreeSet<String>, BTreeSet<String>) = {
                 let names = names.read().expect("names poisoned");
-                membership
-                    .membership()
-                    .voter_ids()
-                    .filter_map(|id| names.get(&id).cloned())
-                    .collect()
+                (
+                    membership
+                        .membership()
+                        .voter_ids()
+                        .filter_map(|id| names.get(&id).cloned())
+                        .collect(),
+                    membership
+                        .nodes()
+                        .filter_map(|(id, _)| names.get(id).cloned())
+                        .collect(),
+                )
             };
+            // Members this membership left out: told so (so they stop
+            // campaigning), then forgotten by the transport.
+            if let Some(before) = &seen {
+                let gone: Vec<String> = {
+                    let names = names.read().expect("names poisoned");
+                    before
+                        .nodes()
+                        .filter(|(id, _)| {
+                            **id != me && membership.membership().get_node(id).is_none()
+                        })
+                        .filter_map(|(id, _)| names.get(id).cloned())
+                        .collect()
+                };
+                for name in gone {
+                    let transport = transport.clone();
+                    tokio::spawn(async move {
+                        let _ = transport
+                            .request(&name, kind::REMOVED, enc(&index), Duration::from_secs(2))
+                            .await;
+                        transport.remove_peer(&name);
+                    });
+                }
+            }
+            if membership.membership().voter_ids().any(|v| v == me) {
+                let mut r = removed.lock().expect("removed poisoned");
+                if r.is_some_and(|at| index > at) {
+                    tracing::info!(index, "this node is a voter again; it campaigns again");
+                    *r = None;
+                    raft.runtime_config().elect(true);
+                }
+            }
             voters.send_if_modified(|v| {
                 let changed = *v != now;
                 *v = now;
+                changed
+            });
+            members.send_if_modified(|v| {
+                let changed = *v != all;
+                *v = all;
                 changed
             });
             seen = Some(membership);

@@ -5,8 +5,10 @@
 //! to send, and turns its member up/down notifications into changes of the
 //! node's [`MembershipView`], which plugins see through `membership` and
 //! `on-membership`. Every datagram carries an HMAC-SHA256 tag keyed by the
-//! cluster secret; untagged or mis-tagged datagrams are dropped. Raft voters
-//! are never changed by gossip, only explicitly.
+//! cluster secret (the first one; any of the node's secrets is accepted,
+//! for rotation); untagged or mis-tagged datagrams are dropped, counted and
+//! logged at most once a second ([`super::junk`]). Raft voters are never
+//! changed by gossip, only explicitly.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,14 +17,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use foca::{AccumulatingRuntime, Config, Foca, Identity, OwnedNotification, PostcardCodec, Timer};
-use hmac::Mac;
+use hmac::{Hmac, Mac};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::transport::keyed;
+use sha2::Sha256;
+
+use super::junk;
 use crate::primitives::membership::MembershipView;
 use crate::runtime::bindings::types::{MemberEvent, MemberState};
 
@@ -61,6 +65,16 @@ impl Identity for Id {
     }
 }
 
+/// HMAC-SHA256 keyed by the cluster secret over `parts`, in order.
+fn keyed(secret: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    for part in parts {
+        m.update(part);
+    }
+    m
+}
+
 fn sign(secret: &[u8], data: &[u8]) -> Vec<u8> {
     let mut out = keyed(secret, &[data]).finalize().into_bytes().to_vec();
     out.extend_from_slice(data);
@@ -80,7 +94,7 @@ fn open<'a>(secret: &[u8], packet: &'a [u8]) -> Option<&'a [u8]> {
 pub async fn start(
     me: Id,
     peers: Vec<Id>,
-    secret: Arc<[u8]>,
+    secrets: Arc<[Vec<u8>]>,
     view: Arc<MembershipView>,
     events: mpsc::UnboundedSender<Vec<MemberEvent>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
@@ -120,13 +134,15 @@ pub async fn start(
             tokio::select! {
                 r = socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = r else { continue };
-                    match open(&secret, &buf[..n]) {
+                    match secrets.iter().find_map(|s| open(s, &buf[..n])) {
                         Some(data) => {
                             if let Err(e) = foca.handle_data(data, &mut rt) {
-                                tracing::debug!(%from, "gossip datagram refused: {e}");
+                                junk::GOSSIP.note(format_args!("gossip datagram from {from} refused: {e}"));
                             }
                         }
-                        None => tracing::warn!(%from, "dropping a gossip datagram without a valid cluster tag"),
+                        None => junk::GOSSIP.note(format_args!(
+                            "dropping a gossip datagram from {from} without a valid cluster tag"
+                        )),
                     }
                 }
                 Some(timer) = timer_rx.recv() => {
@@ -145,7 +161,8 @@ pub async fn start(
             }
             while let Some((to, data)) = rt.to_send() {
                 addrs.insert(to.name.clone(), to.addr);
-                let packet = sign(&secret, &data);
+                let Some(secret) = secrets.first() else { break };
+                let packet = sign(secret, &data);
                 if packet.len() <= MAX_DATAGRAM + TAG {
                     let _ = socket.send_to(&packet, to.addr).await;
                 }

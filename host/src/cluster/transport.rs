@@ -1,17 +1,18 @@
-//! Peer transport: authenticated, length-delimited frames over TCP.
+//! Peer transport: authenticated, sealed, length-delimited frames over TCP.
 //!
 //! Each node dials every peer once and keeps that connection (redialling
 //! with backoff when it drops); requests and their replies are multiplexed
 //! on it by id, so consensus and plugin messaging share one connection per
 //! direction. Frames are a 4-byte big-endian length and a postcard body,
-//! at most [`MAX_FRAME`] bytes.
+//! at most [`MAX_FRAME`] bytes, carried inside the sealed records of
+//! [`super::secure`].
 //!
-//! Authentication: the dialler sends its id and a nonce; the listener
-//! answers with its id, its own nonce and an HMAC-SHA256 over both nonces
-//! keyed by the cluster secret; the dialler checks it and answers with its
-//! own HMAC. A peer that cannot prove it knows the secret, or that sends a
-//! malformed or oversized frame, has its connection closed with a logged
-//! reason; nothing else is affected.
+//! Authentication: a Noise handshake keyed by the cluster secret that
+//! binds the dialler's id, the listener's id and the direction
+//! ([`super::secure`]); every byte after it is sealed. A peer that cannot
+//! prove it knows the secret for the ids it claims, or that sends a
+//! malformed, oversized or tampered frame, has its connection closed with
+//! a counted and sampled log line ([`junk`]); nothing else is affected.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,18 +20,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
+use super::junk;
 use super::log::BoxFuture;
+use super::secure::{self, Cipher, Keys, Opener, Sealer};
 
 /// Largest frame accepted, in bytes.
 pub const MAX_FRAME: usize = 32 << 20;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Incoming connections allowed in their handshake at once.
+const MAX_HANDSHAKES: usize = 64;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a transport call failed.
@@ -60,20 +63,6 @@ pub enum TransportError {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Frame {
-    Hello {
-        node: String,
-        nonce: [u8; 32],
-    },
-    Challenge {
-        node: String,
-        nonce: [u8; 32],
-        #[serde(with = "serde_bytes")]
-        proof: Vec<u8>,
-    },
-    Proof {
-        #[serde(with = "serde_bytes")]
-        proof: Vec<u8>,
-    },
     Request {
         id: u64,
         kind: u8,
@@ -146,7 +135,7 @@ impl Peer {
 /// The transport of one node.
 pub struct Transport {
     node: String,
-    secret: Arc<[u8]>,
+    keys: Keys,
     /// Known peers; members added at run time join this map.
     peers: RwLock<HashMap<String, Arc<Peer>>>,
     next_id: AtomicU64,
@@ -154,34 +143,6 @@ pub struct Transport {
     /// Where the connections' tasks run: the runtime the transport was
     /// made on, whichever task dials or accepts.
     tasks: tokio::runtime::Handle,
-}
-
-/// HMAC-SHA256 keyed by the cluster secret over `parts`, in order. The
-/// transport's handshake and the gossip datagrams both use it.
-pub(crate) fn keyed(secret: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
-    let mut m =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    for part in parts {
-        m.update(part);
-    }
-    m
-}
-
-fn mac(secret: &[u8], role: &[u8], a: &[u8], b: &[u8]) -> Vec<u8> {
-    keyed(secret, &[role, a, b])
-        .finalize()
-        .into_bytes()
-        .to_vec()
-}
-
-fn verify(secret: &[u8], role: &[u8], a: &[u8], b: &[u8], proof: &[u8]) -> bool {
-    keyed(secret, &[role, a, b]).verify_slice(proof).is_ok()
-}
-
-fn nonce() -> [u8; 32] {
-    let mut n = [0u8; 32];
-    getrandom::fill(&mut n).expect("the OS random source is available");
-    n
 }
 
 /// Appends `frame`, length-prefixed, to `buf`.
@@ -199,28 +160,18 @@ fn encode_frame(frame: &Frame, buf: &mut Vec<u8>) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn write_frame(
-    stream: &mut (impl AsyncWriteExt + Unpin),
-    frame: &Frame,
-) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    encode_frame(frame, &mut buf)?;
-    stream.write_all(&buf).await
-}
-
-async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Frame> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
+/// Reads the next frame from a link.
+async fn read_frame<R: AsyncRead + Unpin>(link: &mut Opener<R>) -> std::io::Result<Frame> {
+    let len = link.take(4).await?;
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
     if len > MAX_FRAME {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("frame of {len} bytes exceeds the {MAX_FRAME} byte limit"),
         ));
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    postcard::from_bytes(&body).map_err(|e| {
+    let body = link.take(len).await?;
+    postcard::from_bytes(body).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("malformed frame: {e}"),
@@ -230,15 +181,15 @@ async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result
 
 impl Transport {
     /// A transport for `node` that knows `peers` (id → address) and
-    /// authenticates with `secret`.
+    /// authenticates with `keys`.
     pub fn new(
         node: &str,
-        secret: &[u8],
+        keys: Keys,
         peers: impl IntoIterator<Item = (String, SocketAddr)>,
     ) -> Arc<Transport> {
         Arc::new(Transport {
             node: node.to_string(),
-            secret: Arc::from(secret),
+            keys,
             peers: RwLock::new(
                 peers
                     .into_iter()
@@ -288,6 +239,20 @@ impl Transport {
         }
     }
 
+    /// Forgets a peer: its connection is dropped and it is neither dialled
+    /// nor accepted any more.
+    pub fn remove_peer(&self, id: &str) {
+        if let Some(old) = self.peers.write().expect("peers poisoned").remove(id) {
+            tracing::info!(peer = id, "peer removed");
+            old.out.lock().expect("peer poisoned").take();
+        }
+    }
+
+    /// The address a peer is dialled at.
+    pub fn peer_addr(&self, id: &str) -> Option<SocketAddr> {
+        self.peer(id).map(|p| p.addr)
+    }
+
     fn peer(&self, id: &str) -> Option<Arc<Peer>> {
         self.peers.read().expect("peers poisoned").get(id).cloned()
     }
@@ -302,63 +267,60 @@ impl Transport {
             .map_err(|e| anyhow::anyhow!("binding peer listener on {addr}: {e}"))?;
         let this = self.clone();
         Ok(self.tasks.spawn(async move {
+            // Connections still in their handshake: bounded, so a flood of
+            // half-open connections cannot take the descriptors that real
+            // peers need.
+            let handshaking = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
             loop {
-                let Ok((stream, remote)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                let (stream, remote) = match listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        junk::PEER.note(format_args!("peer accept failed: {e}"));
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = handshaking.clone().try_acquire_owned() else {
+                    junk::PEER.note(format_args!(
+                        "refusing a peer connection from {remote}: {MAX_HANDSHAKES} handshakes already under way"
+                    ));
                     continue;
                 };
                 let conn = this.clone();
                 this.tasks.spawn(async move {
-                    if let Err(e) = conn.serve_incoming(stream).await {
-                        tracing::warn!(%remote, "peer connection closed: {e}");
+                    if let Err(e) = conn.serve_incoming(stream, permit).await {
+                        junk::PEER.note(format_args!("peer connection from {remote} closed: {e}"));
                     }
                 });
             }
         }))
     }
 
-    async fn serve_incoming(self: Arc<Self>, mut stream: TcpStream) -> std::io::Result<()> {
+    async fn serve_incoming(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
-        let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-            let Frame::Hello {
-                node,
-                nonce: theirs,
-            } = read_frame(&mut stream).await?
-            else {
-                return Err(std::io::Error::other("expected a hello"));
-            };
-            if self.peer(&node).is_none() {
-                return Err(std::io::Error::other(format!(
-                    "`{node}` is not a configured peer"
+        let (peer, cipher) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let hello = secure::hello(&mut stream, &self.node).await?;
+            if self.peer(&hello.from).is_none() {
+                return Err(secure::HandshakeError::Malformed(format!(
+                    "`{}` is not a member this node knows",
+                    hello.from
                 )));
             }
-            let ours = nonce();
-            let proof = mac(&self.secret, b"listener", &theirs, &ours);
-            write_frame(
-                &mut stream,
-                &Frame::Challenge {
-                    node: self.node.clone(),
-                    nonce: ours,
-                    proof,
-                },
-            )
-            .await?;
-            let Frame::Proof { proof } = read_frame(&mut stream).await? else {
-                return Err(std::io::Error::other("expected a proof"));
-            };
-            if !verify(&self.secret, b"dialler", &ours, &theirs, &proof) {
-                return Err(std::io::Error::other(format!(
-                    "`{node}` failed authentication (wrong cluster secret)"
-                )));
-            }
-            Ok(node)
+            let cipher = secure::accept(&mut stream, &self.keys, &hello.from, &self.node).await?;
+            Ok((hello.from, cipher))
         })
         .await
-        .map_err(|_| std::io::Error::other("handshake timed out"))??;
+        .map_err(|_| std::io::Error::other("handshake timed out"))?
+        .map_err(std::io::Error::other)?;
+        drop(permit);
         let (rd, wr) = stream.into_split();
-        let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
+        let mut rd = cipher.opener(tokio::io::BufReader::with_capacity(READ_BUFFER, rd));
         let (tx, rx) = mpsc::channel::<Frame>(1024);
-        self.tasks.spawn(writer(wr, rx));
+        self.tasks.spawn(writer(wr, cipher.sealer(), rx));
         loop {
             match read_frame(&mut rd).await? {
                 Frame::Request { id, kind, body } => {
@@ -385,6 +347,42 @@ impl Transport {
                 }
             }
         }
+    }
+
+    /// Dials `peer` (named `id`) and runs the handshake, with the first
+    /// secret and then, if that one is refused, with each other one (a
+    /// peer that has not rotated yet).
+    async fn dial(&self, id: &str, peer: &Peer) -> Result<(TcpStream, Cipher), TransportError> {
+        let unreachable = |e: String| TransportError::Unreachable(id.to_string(), e);
+        let mut last = String::from("no cluster secret configured");
+        for key in 0..self.keys.len() {
+            // Dialled on the transport's runtime, whoever asks: a socket
+            // belongs to the runtime it was made on, and Raft's traffic
+            // reuses it.
+            let mut stream = self
+                .tasks
+                .spawn(tokio::time::timeout(
+                    DIAL_TIMEOUT,
+                    TcpStream::connect(peer.addr),
+                ))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .map_err(|_| unreachable("connect timed out".into()))?
+                .map_err(|e| unreachable(e.to_string()))?;
+            let _ = stream.set_nodelay(true);
+            match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                secure::dial(&mut stream, &self.keys, key, &self.node, id),
+            )
+            .await
+            {
+                Ok(Ok(cipher)) => return Ok((stream, cipher)),
+                Ok(Err(e @ secure::HandshakeError::Refused(_))) => last = e.to_string(),
+                Ok(Err(e)) => return Err(unreachable(e.to_string())),
+                Err(_) => return Err(unreachable("handshake timed out".into())),
+            }
+        }
+        Err(unreachable(last))
     }
 
     /// The current connection to `peer` (named `id`), dialled if needed.
@@ -414,53 +412,11 @@ impl Transport {
         {
             return Ok(tx.clone());
         }
-        let unreachable = |e: String| TransportError::Unreachable(id.to_string(), e);
-        // Dialled on the transport's runtime, whoever asks: a socket belongs
-        // to the runtime it was made on, and Raft's traffic reuses it.
-        let mut stream = self
-            .tasks
-            .spawn(tokio::time::timeout(
-                DIAL_TIMEOUT,
-                TcpStream::connect(peer.addr),
-            ))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .map_err(|_| unreachable("connect timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-            let ours = nonce();
-            write_frame(
-                &mut stream,
-                &Frame::Hello {
-                    node: self.node.clone(),
-                    nonce: ours,
-                },
-            )
-            .await?;
-            let Frame::Challenge {
-                node,
-                nonce: theirs,
-                proof,
-            } = read_frame(&mut stream).await?
-            else {
-                return Err(std::io::Error::other("expected a challenge"));
-            };
-            if node != id || !verify(&self.secret, b"listener", &ours, &theirs, &proof) {
-                return Err(std::io::Error::other(
-                    "peer failed authentication (wrong cluster secret or id)",
-                ));
-            }
-            let proof = mac(&self.secret, b"dialler", &theirs, &ours);
-            write_frame(&mut stream, &Frame::Proof { proof }).await
-        })
-        .await
-        .map_err(|_| unreachable("handshake timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+        let (stream, cipher) = self.dial(id, peer).await?;
         let (rd, wr) = stream.into_split();
-        let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
+        let mut rd = cipher.opener(tokio::io::BufReader::with_capacity(READ_BUFFER, rd));
         let (tx, rx) = mpsc::channel::<Frame>(1024);
-        self.tasks.spawn(writer(wr, rx));
+        self.tasks.spawn(writer(wr, cipher.sealer(), rx));
         let pending = peer.pending.clone();
         let this_peer = peer.clone();
         let peer_id = id.to_string();
@@ -546,9 +502,6 @@ impl Transport {
 
 fn frame_name(f: &Frame) -> &'static str {
     match f {
-        Frame::Hello { .. } => "hello",
-        Frame::Challenge { .. } => "challenge",
-        Frame::Proof { .. } => "proof",
         Frame::Request { .. } => "request",
         Frame::Reply { .. } => "reply",
         Frame::Oneway { .. } => "oneway",
@@ -561,8 +514,12 @@ const READ_BUFFER: usize = 64 * 1024;
 const WRITE_BATCH: usize = 256 * 1024;
 
 /// Writes the frames queued for a connection, gathering those already
-/// waiting into one system call.
-async fn writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
+/// waiting into one sealed write.
+async fn writer(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut sealer: Sealer,
+    mut rx: mpsc::Receiver<Frame>,
+) {
     let mut buf = Vec::new();
     while let Some(frame) = rx.recv().await {
         buf.clear();
@@ -578,7 +535,7 @@ async fn writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<
                 None
             };
         }
-        if let Err(e) = wr.write_all(&buf).await {
+        if let Err(e) = sealer.write_all(&mut wr, &buf).await {
             tracing::debug!("peer write failed: {e}");
             break;
         }
@@ -588,6 +545,7 @@ async fn writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     struct Echo;
 
@@ -622,8 +580,12 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let a = Transport::new("a", b"0123456789abcdef", [("b".to_string(), lb)]);
-        let b = Transport::new("b", secret_b, [("a".to_string(), la)]);
+        let a = Transport::new(
+            "a",
+            Keys::new(&[b"0123456789abcdef"]),
+            [("b".to_string(), lb)],
+        );
+        let b = Transport::new("b", Keys::new(&[secret_b]), [("a".to_string(), la)]);
         a.set_handler(Arc::new(Echo));
         b.set_handler(Arc::new(Echo));
         a.listen(la).await.unwrap();
@@ -683,5 +645,75 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    /// A process that took the address of an absent member (`c`) relays a
+    /// real member's handshake to another, claiming to be `c`: refused,
+    /// and nothing it sends reaches the handler.
+    #[tokio::test]
+    async fn a_relayed_handshake_is_refused() {
+        let (lb, lc) = {
+            let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            (b, c)
+        };
+        let (b_addr, c_addr) = (lb.local_addr().unwrap(), lc.local_addr().unwrap());
+        drop(lb);
+        let keys = Keys::new(&[b"0123456789abcdef"]);
+        let a = Transport::new("a", keys.clone(), [("c".to_string(), c_addr)]);
+        let b = Transport::new("b", keys, [("c".to_string(), c_addr)]);
+        let seen = Arc::new(AtomicU64::new(0));
+        struct Count(Arc<AtomicU64>);
+        impl Handler for Count {
+            fn request(
+                &self,
+                _: String,
+                _: u8,
+                _: Vec<u8>,
+            ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async { Ok(Vec::new()) })
+            }
+            fn oneway(&self, _: String, _: u8, _: Vec<u8>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        b.set_handler(Arc::new(Count(seen.clone())));
+        b.listen(b_addr).await.unwrap();
+        let relay = tokio::spawn(async move {
+            let (mut from_a, _) = lc.accept().await.unwrap();
+            // a's hello (a → c), then its first handshake message.
+            let mut len = [0u8; 4];
+            from_a.read_exact(&mut len).await.unwrap();
+            let mut hello = vec![0u8; u32::from_be_bytes(len) as usize];
+            from_a.read_exact(&mut hello).await.unwrap();
+            let mut mlen = [0u8; 2];
+            from_a.read_exact(&mut mlen).await.unwrap();
+            let mut first = vec![0u8; usize::from(u16::from_be_bytes(mlen))];
+            from_a.read_exact(&mut first).await.unwrap();
+            // To b, as c.
+            let mut to_b = TcpStream::connect(b_addr).await.unwrap();
+            let forged = postcard::to_allocvec(&secure::Hello {
+                protocol: secure::PEER_PROTOCOL,
+                from: "c".into(),
+                to: "b".into(),
+            })
+            .unwrap();
+            let mut out = (forged.len() as u32).to_be_bytes().to_vec();
+            out.extend(forged);
+            out.extend(mlen);
+            out.extend(first);
+            to_b.write_all(&out).await.unwrap();
+            // b closes without answering.
+            let mut buf = [0u8; 64];
+            to_b.read(&mut buf).await.unwrap_or(0)
+        });
+        let err = a
+            .request("c", 1, b"forged".to_vec(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Unreachable(..)), "{err}");
+        assert_eq!(relay.await.unwrap(), 0, "b answered the relayed handshake");
+        assert_eq!(seen.load(Ordering::SeqCst), 0);
     }
 }

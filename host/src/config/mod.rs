@@ -90,6 +90,24 @@ pub struct NodeSection {
     /// How long a client request may wait for its plugin, in ms.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
+    /// The head of each HTTP request must arrive within this many ms of
+    /// the connection opening or of the previous response; a keep-alive
+    /// connection idle that long is closed.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// A request's whole body must arrive within this many ms of its head
+    /// (408 otherwise).
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_ms: u64,
+    /// Most HTTP connections served at once; one more is answered 503 and
+    /// closed. Lowered at start to leave 256 descriptors of the process's
+    /// limit to peers, storage and plugins.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most HTTP connections from one client address at once; one more is
+    /// answered 429 and closed.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
     /// Metadata announced to other members.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -103,6 +121,10 @@ impl Default for NodeSection {
             http: default_http(),
             max_body_bytes: default_max_body(),
             request_timeout_ms: default_request_timeout(),
+            header_read_timeout_ms: default_header_read_timeout(),
+            body_read_timeout_ms: default_body_read_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
             metadata: BTreeMap::new(),
         }
     }
@@ -123,6 +145,18 @@ fn default_max_body() -> usize {
 fn default_request_timeout() -> u64 {
     10_000
 }
+fn default_header_read_timeout() -> u64 {
+    10_000
+}
+fn default_body_read_timeout() -> u64 {
+    30_000
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_connections_per_client() -> usize {
+    512
+}
 
 /// `[cluster]`
 #[derive(Debug, Clone, Deserialize)]
@@ -133,8 +167,14 @@ pub struct ClusterSection {
     /// Other members: `id@host:port`.
     #[serde(default)]
     pub peers: Vec<String>,
-    /// Shared secret that peers authenticate with (at least 16 bytes).
+    /// Shared secret that peers authenticate with (at least 16 bytes). New
+    /// peer connections are sealed with it.
     pub secret: Option<String>,
+    /// Earlier secrets, still accepted from peers and tried after `secret`
+    /// when a peer refuses it: for rotating the secret one node at a time
+    /// (README, "Security").
+    #[serde(default)]
+    pub previous_secrets: Vec<String>,
     /// Raft entries between snapshots of the replicated state; older log
     /// entries are then purged and a lagging node catches up from the
     /// snapshot.
@@ -172,6 +212,7 @@ impl Default for ClusterSection {
             listen: None,
             peers: Vec::new(),
             secret: None,
+            previous_secrets: Vec::new(),
             snapshot_every: default_snapshot_every(),
             heartbeat_ms: default_heartbeat_ms(),
             election_timeout_ms: default_election_timeout_ms(),
@@ -279,9 +320,7 @@ impl PluginEntry {
             })?;
             return Ok(bytes.to_vec());
         }
-        let path = base_dir.join(&self.component);
-        std::fs::read(&path)
-            .map_err(|e| anyhow::anyhow!("reading component {}: {e}", path.display()))
+        read_component_file(&base_dir.join(&self.component)).map_err(|e| anyhow::anyhow!(e))
     }
 }
 
@@ -353,7 +392,9 @@ impl Config {
         Ok(Some(crate::node::ClusterOptions {
             listen,
             peers,
-            secret,
+            secrets: std::iter::once(secret)
+                .chain(self.cluster.previous_secrets.iter().cloned())
+                .collect(),
             snapshot_every: self.cluster.snapshot_every,
             timing: crate::cluster::raft::Timing {
                 heartbeat_ms: self.cluster.heartbeat_ms,
@@ -425,6 +466,29 @@ impl Config {
                 "must be in 1..=600000".into(),
             ));
         }
+        for (key, value) in [
+            (
+                "node.header_read_timeout_ms",
+                self.node.header_read_timeout_ms,
+            ),
+            ("node.body_read_timeout_ms", self.node.body_read_timeout_ms),
+        ] {
+            if !(100..=600_000).contains(&value) {
+                return Err((key.into(), "must be in 100..=600000".into()));
+            }
+        }
+        if !(1..=1_000_000).contains(&self.node.max_connections) {
+            return Err((
+                "node.max_connections".into(),
+                "must be in 1..=1000000".into(),
+            ));
+        }
+        if !(1..=self.node.max_connections).contains(&self.node.max_connections_per_client) {
+            return Err((
+                "node.max_connections_per_client".into(),
+                "must be in 1..=node.max_connections".into(),
+            ));
+        }
         if self.node.max_body_bytes == 0 || self.node.max_body_bytes > 256 << 20 {
             return Err((
                 "node.max_body_bytes".into(),
@@ -433,6 +497,14 @@ impl Config {
         }
         if self.cluster.secret.as_ref().is_some_and(|s| s.len() < 16) {
             return Err(("cluster.secret".into(), "must be at least 16 bytes".into()));
+        }
+        for (i, s) in self.cluster.previous_secrets.iter().enumerate() {
+            if s.len() < 16 {
+                return Err((
+                    format!("cluster.previous_secrets[{i}]"),
+                    "must be at least 16 bytes".into(),
+                ));
+            }
         }
         for (i, peer) in self.cluster.peers.iter().enumerate() {
             let ok = peer.split_once('@').is_some_and(|(id, addr)| {
@@ -513,21 +585,81 @@ impl Config {
             if !seen.insert(p.name.as_str()) {
                 return Err((at("name"), format!("plugin `{}` is listed twice", p.name)));
             }
-            if p.component.is_empty() {
-                return Err((at("component"), "must not be empty".into()));
-            }
-            if !(1..=1024).contains(&p.limits.memory_mib) {
-                return Err((at("limits.memory_mib"), "must be in 1..=1024".into()));
-            }
-            if !(1..=60_000).contains(&p.limits.cpu_ms) {
-                return Err((at("limits.cpu_ms"), "must be in 1..=60000".into()));
-            }
-            if !(1..=65_536).contains(&p.limits.mailbox) {
-                return Err((at("limits.mailbox"), "must be in 1..=65536".into()));
-            }
+            p.validate().map_err(|(k, m)| (at(&k), m))?;
         }
         Ok(())
     }
+}
+
+impl PluginEntry {
+    /// Checks one plugin entry, from the config file or from the admin
+    /// API: the same rules, the key named relative to the entry
+    /// (`limits.mailbox`).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        check_name(&self.name).map_err(|m| ("name".to_string(), m))?;
+        if self.component.is_empty() {
+            return Err(("component".into(), "must not be empty".into()));
+        }
+        self.limits.validate()
+    }
+}
+
+impl LimitsEntry {
+    /// Checks the limits' ranges; the key is named `limits.FIELD`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !(1..=1024).contains(&self.memory_mib) {
+            return Err(("limits.memory_mib".into(), "must be in 1..=1024".into()));
+        }
+        if !(1..=60_000).contains(&self.cpu_ms) {
+            return Err(("limits.cpu_ms".into(), "must be in 1..=60000".into()));
+        }
+        if !(1..=65_536).contains(&self.mailbox) {
+            return Err(("limits.mailbox".into(), "must be in 1..=65536".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Largest component file read from disk.
+pub const MAX_COMPONENT_BYTES: u64 = 64 << 20;
+
+/// Reads a component file: a regular file only (not a FIFO, a device or a
+/// directory, which could block or never end), at most
+/// [`MAX_COMPONENT_BYTES`]. Blocking: call it off the async runtime.
+pub fn read_component_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    // Opened without blocking (a FIFO's open would wait for a writer),
+    // then checked on the open file itself, so it cannot be swapped
+    // between the check and the read.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("reading component {shown}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("reading component {shown}: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err(format!("reading component {shown}: not a regular file"));
+    }
+    if meta.len() > MAX_COMPONENT_BYTES {
+        return Err(format!(
+            "reading component {shown}: {} bytes, more than the {MAX_COMPONENT_BYTES} byte limit",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_COMPONENT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading component {shown}: {e}"))?;
+    if bytes.len() as u64 > MAX_COMPONENT_BYTES {
+        return Err(format!(
+            "reading component {shown}: more than the {MAX_COMPONENT_BYTES} byte limit"
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Checks a node or plugin name: `[a-z0-9-]`, 1..=64 bytes, not starting

@@ -21,6 +21,10 @@ use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+mod limits;
+
+pub use limits::RESERVED_DESCRIPTORS;
+
 use crate::cluster::raft::MemberChange;
 use crate::node::{Node, RequestError};
 use crate::runtime::actor::{CallError, PluginStatus, SwapError};
@@ -33,6 +37,15 @@ pub struct IngressOptions {
     pub max_body_bytes: usize,
     /// How long a request may wait for its plugin.
     pub request_timeout: Duration,
+    /// How long a request's head may take to arrive (and a keep-alive
+    /// connection may stay idle).
+    pub header_read_timeout: Duration,
+    /// How long a request's body may take to arrive.
+    pub body_read_timeout: Duration,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Most connections at once from one client address.
+    pub max_connections_per_client: usize,
     /// Admin bearer token; `None` turns the admin API off.
     pub admin_token: Option<String>,
 }
@@ -62,10 +75,12 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("binding HTTP listener on {addr}: {e}"))?;
     let local = listener.local_addr()?;
+    let connections =
+        limits::Connections::new(opts.max_connections, opts.max_connections_per_client);
     let opts = Arc::new(opts);
     let task = tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, remote) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -73,16 +88,32 @@ pub async fn serve(
                     continue;
                 }
             };
+            let slot = match connections.admit(remote.ip()) {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    // Answered without waiting: the socket's send buffer
+                    // takes the few bytes, and the descriptor is closed at
+                    // once.
+                    let _ = stream.try_write(&refusal.response());
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let node = node.clone();
             let opts = opts.clone();
+            let conns = connections.clone();
             tokio::spawn(async move {
+                let _slot = slot;
+                let header_read_timeout = opts.header_read_timeout;
                 let service = service_fn(move |req| {
                     let node = node.clone();
                     let opts = opts.clone();
-                    async move { Ok::<_, Infallible>(route(&node, &opts, req).await) }
+                    let conns = conns.clone();
+                    async move { Ok::<_, Infallible>(route(&node, &opts, &conns, req).await) }
                 });
                 if let Err(e) = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
@@ -97,6 +128,7 @@ pub async fn serve(
 async fn read_body(
     req: hyper::Request<Incoming>,
     limit: usize,
+    timeout: Duration,
 ) -> Result<(hyper::http::request::Parts, Bytes), Resp> {
     let (parts, body) = req.into_parts();
     let declared = parts
@@ -110,7 +142,17 @@ async fn read_body(
             &format!("too-large: body exceeds {limit} bytes"),
         ));
     }
-    match Limited::new(body, limit).collect().await {
+    let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
+    else {
+        return Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            ),
+        ));
+    };
+    match collected {
         Ok(b) => Ok((parts, b.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -123,7 +165,12 @@ async fn read_body(
     }
 }
 
-async fn route(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Incoming>) -> Resp {
+async fn route(
+    node: &Arc<Node>,
+    opts: &IngressOptions,
+    conns: &limits::Connections,
+    req: hyper::Request<Incoming>,
+) -> Resp {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
     match (req.method(), segments.as_slice()) {
@@ -131,7 +178,7 @@ async fn route(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
             StatusCode::OK,
             &serde_json::json!({ "status": "ok", "node": node.id() }),
         ),
-        (&Method::GET, ["metrics"]) => metrics(node),
+        (&Method::GET, ["metrics"]) => metrics(node, conns),
         (_, ["v1", "plugins", name, ..]) => {
             let name = name.to_string();
             let rest = segments.get(3).map_or(String::new(), |s| format!("/{s}"));
@@ -166,7 +213,7 @@ async fn plugin_request(
         return error(StatusCode::METHOD_NOT_ALLOWED, "unsupported method");
     };
     let query = req.uri().query().unwrap_or_default().to_string();
-    let (parts, body) = match read_body(req, opts.max_body_bytes).await {
+    let (parts, body) = match read_body(req, opts.max_body_bytes, opts.body_read_timeout).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -238,7 +285,7 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
             None => error(StatusCode::NOT_FOUND, &format!("no plugin named `{name}`")),
         },
         (Method::POST, ["plugins"]) => {
-            let (_, body) = match read_body(req, ADMIN_BODY_LIMIT).await {
+            let (_, body) = match read_body(req, ADMIN_BODY_LIMIT, opts.body_read_timeout).await {
                 Ok(x) => x,
                 Err(resp) => return resp,
             };
@@ -251,16 +298,21 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
                 .headers()
                 .get(hyper::header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-            let (_, body) = match read_body(req, ADMIN_BODY_LIMIT).await {
+            let (_, body) = match read_body(req, ADMIN_BODY_LIMIT, opts.body_read_timeout).await {
                 Ok(x) => x,
                 Err(resp) => return resp,
             };
             let (component, config) = if is_json {
-                match serde_json::from_slice::<AdminSwap>(&body)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| Ok((s.component.resolve()?, s.config.map(|c| c.to_string()))))
-                {
-                    Ok(x) => x,
+                let de = &mut serde_json::Deserializer::from_slice(&body);
+                let swap: AdminSwap = match serde_path_to_error::deserialize(de) {
+                    Ok(s) => s,
+                    Err(e) => return parse_error(e),
+                };
+                let config = swap
+                    .config
+                    .map(|c| serde_json::to_string(&c).unwrap_or_else(|_| "{}".into()));
+                match swap.component.resolve().await {
+                    Ok(bytes) => (bytes, config),
                     Err(e) => return error(StatusCode::BAD_REQUEST, &e),
                 }
             } else {
@@ -305,16 +357,22 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
                     "leader": services.log.leader(),
                     "term": services.log.term(),
                     "commit_index": node.commit_index(),
+                    "removed_at": node.removed_at(),
                     "plugins": node.plugins().len(),
                 }),
             )
         }
         (Method::POST, ["cluster", "members"]) => {
-            let (_, body) = match read_body(req, 64 << 10).await {
+            let (_, body) = match read_body(req, 64 << 10, opts.body_read_timeout).await {
                 Ok(x) => x,
                 Err(resp) => return resp,
             };
-            match serde_json::from_slice::<AdminJoin>(&body) {
+            let de = &mut serde_json::Deserializer::from_slice(&body);
+            match serde_path_to_error::deserialize::<_, AdminJoin>(de) {
+                Ok(j) if j.addr.ip().is_unspecified() || j.addr.port() == 0 => field_error(
+                    "addr",
+                    "must be an address the members can reach, not a wildcard or port 0",
+                ),
                 Ok(j) => {
                     let change = MemberChange::Join {
                         name: j.id,
@@ -322,7 +380,7 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
                     };
                     admin_members(node, change).await
                 }
-                Err(e) => error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")),
+                Err(e) => parse_error(e),
             }
         }
         (Method::DELETE, ["cluster", "members", name]) => {
@@ -351,7 +409,7 @@ async fn admin_members(node: &Arc<Node>, change: MemberChange) -> Resp {
     if let MemberChange::Join { name, .. } = &change
         && let Err(e) = crate::config::check_name(name)
     {
-        return error(StatusCode::BAD_REQUEST, &format!("id: {e}"));
+        return field_error("id", &e);
     }
     match node.change_members(change).await {
         Ok(voters) => json(StatusCode::OK, &serde_json::json!({ "voters": voters })),
@@ -380,7 +438,10 @@ struct ComponentRef {
 }
 
 impl ComponentRef {
-    fn resolve(&self) -> Result<Vec<u8>, String> {
+    /// The component's bytes. A path is read off the async runtime (a slow
+    /// disk or a special file must not stall the node) and must name a
+    /// regular file of at most [`crate::config::MAX_COMPONENT_BYTES`].
+    async fn resolve(&self) -> Result<Vec<u8>, String> {
         use base64::Engine;
         match (&self.component, &self.wasm_base64) {
             (Some(_), Some(_)) => Err("give either `component` or `wasm_base64`, not both".into()),
@@ -392,9 +453,21 @@ impl ComponentRef {
                 Some(name) => crate::bundled::get(name)
                     .map(<[u8]>::to_vec)
                     .ok_or_else(|| format!("no bundled plugin `{name}`")),
-                None => std::fs::read(c).map_err(|e| format!("reading {c}: {e}")),
+                None => {
+                    let path = std::path::PathBuf::from(c);
+                    tokio::task::spawn_blocking(move || crate::config::read_component_file(&path))
+                        .await
+                        .map_err(|e| format!("reading {c}: {e}"))?
+                }
             },
         }
+    }
+
+    /// What the config file would say in `component`.
+    fn shown(&self) -> String {
+        self.component
+            .clone()
+            .unwrap_or_else(|| "wasm_base64".into())
     }
 }
 
@@ -408,9 +481,11 @@ struct AdminLoad {
     #[serde(default)]
     capabilities: std::collections::BTreeSet<crate::runtime::Capability>,
     #[serde(default)]
-    limits: Option<crate::config::LimitsEntry>,
+    limits: crate::config::LimitsEntry,
+    /// As the `config` table of a `[[plugins]]` entry: an object whose
+    /// values TOML can hold (no nulls).
     #[serde(default)]
-    config: Option<serde_json::Value>,
+    config: toml::Table,
 }
 
 /// `POST /v1/admin/plugins/{name}/swap` with a JSON body.
@@ -419,36 +494,51 @@ struct AdminLoad {
 struct AdminSwap {
     #[serde(flatten)]
     component: ComponentRef,
+    /// As the `config` table of a `[[plugins]]` entry.
     #[serde(default)]
-    config: Option<serde_json::Value>,
+    config: Option<toml::Table>,
+}
+
+/// A 400 naming the field, as a config error names its key.
+fn field_error(field: &str, message: &str) -> Resp {
+    json(
+        StatusCode::BAD_REQUEST,
+        &serde_json::json!({ "error": format!("{field}: {message}"), "field": field }),
+    )
+}
+
+/// A body that does not fit its route's schema: the field where it went
+/// wrong, and why.
+fn parse_error(e: serde_path_to_error::Error<serde_json::Error>) -> Resp {
+    let field = match e.path().to_string() {
+        p if p == "." => "body".to_string(),
+        p => p,
+    };
+    field_error(&field, &e.into_inner().to_string())
 }
 
 async fn admin_load(node: &Arc<Node>, body: &[u8]) -> Resp {
-    let load: AdminLoad = match serde_json::from_slice(body) {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let load: AdminLoad = match serde_path_to_error::deserialize(de) {
         Ok(l) => l,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("invalid load request: {e}"),
-            );
-        }
+        Err(e) => return parse_error(e),
     };
-    if let Err(e) = crate::config::check_name(&load.name) {
-        return error(StatusCode::BAD_REQUEST, &format!("name {e}"));
+    // The same rules as a `[[plugins]]` entry of the config file.
+    let entry = crate::config::PluginEntry {
+        name: load.name,
+        component: load.component.shown(),
+        capabilities: load.capabilities,
+        limits: load.limits,
+        config: load.config,
+    };
+    if let Err((field, message)) = entry.validate() {
+        return field_error(&field, &message);
     }
-    let bytes = match load.component.resolve() {
+    let bytes = match load.component.resolve().await {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    let limits = load.limits.unwrap_or_default();
-    let spec = crate::node::LoadSpec {
-        name: load.name,
-        component: Arc::from(bytes),
-        capabilities: load.capabilities,
-        limits: limits.to_limits(),
-        config_json: load.config.map_or_else(|| "{}".into(), |c| c.to_string()),
-    };
-    match node.load(spec).await {
+    match node.load(entry.load_spec(bytes)).await {
         Ok(status) => json(
             StatusCode::CREATED,
             &serde_json::to_value(status).unwrap_or_default(),
@@ -479,7 +569,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-fn metrics(node: &Arc<Node>) -> Resp {
+fn metrics(node: &Arc<Node>, conns: &limits::Connections) -> Resp {
     use std::fmt::Write;
     let mut out = String::new();
     let plugins = node.plugins();
@@ -620,6 +710,40 @@ fn metrics(node: &Arc<Node>) -> Resp {
         "Durable log writes on this node, commit and fsync.",
     );
     stats.log_writes.render(&mut out, name, "");
+    let name = "plexus_network_junk_total";
+    family(
+        &mut out,
+        name,
+        "counter",
+        "Input dropped from the network: failed or refused peer handshakes, malformed or tampered peer frames, gossip datagrams without a valid tag.",
+    );
+    for j in crate::cluster::junk::sources() {
+        let _ = writeln!(out, "{name}{{source=\"{}\"}} {}", j.source(), j.count());
+    }
+    let http: [(&str, &str, &str, u64); 3] = [
+        (
+            "plexus_http_connections",
+            "gauge",
+            "HTTP connections open now.",
+            conns.open() as u64,
+        ),
+        (
+            "plexus_http_connections_max",
+            "gauge",
+            "Most HTTP connections served at once (node.max_connections, lowered to fit the open-file limit).",
+            conns.max() as u64,
+        ),
+        (
+            "plexus_http_connections_refused_total",
+            "counter",
+            "HTTP connections refused past a cap (in all or per client address).",
+            conns.refused(),
+        ),
+    ];
+    for (name, kind, help, value) in http {
+        family(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
     hyper::Response::builder()
         .header("content-type", "text/plain; version=0.0.4")
         .body(Full::new(Bytes::from(out)))

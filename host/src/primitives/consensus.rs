@@ -243,7 +243,7 @@ fn to_wit(e: LogError) -> ConsensusError {
         LogError::NotLeader(l) => ConsensusError::NotLeader(l),
         LogError::Timeout => ConsensusError::Timeout,
         LogError::ShuttingDown => ConsensusError::ShuttingDown,
-        LogError::Storage(s) => ConsensusError::Storage(s),
+        LogError::Storage(s) | LogError::Rejected(s) => ConsensusError::Storage(s),
         // Committed, but this instance is behind a snapshot of its stream:
         // the actor restores it from the snapshot next.
         LogError::Compacted(_) => ConsensusError::Timeout,

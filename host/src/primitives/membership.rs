@@ -16,6 +16,15 @@ use crate::runtime::state::PluginState;
 pub struct MembershipView {
     local: String,
     inner: RwLock<(u64, Vec<Member>)>,
+    /// The members of the Raft membership last seen, and those it dropped
+    /// (gossip about them is ignored until a membership has them again).
+    raft: std::sync::Mutex<RaftMembers>,
+}
+
+#[derive(Debug, Default)]
+struct RaftMembers {
+    all: std::collections::BTreeSet<String>,
+    departed: std::collections::BTreeSet<String>,
 }
 
 impl MembershipView {
@@ -32,6 +41,7 @@ impl MembershipView {
                     metadata,
                 }],
             )),
+            raft: Default::default(),
         })
     }
 
@@ -64,6 +74,7 @@ impl MembershipView {
         Arc::new(MembershipView {
             local: node.to_string(),
             inner: RwLock::new((1, list)),
+            raft: Default::default(),
         })
     }
 
@@ -72,6 +83,15 @@ impl MembershipView {
     /// voter) is added as a non-voter.
     pub fn set_state(&self, id: &str, state: MemberState) -> Option<MemberEvent> {
         let mut inner = self.inner.write().expect("membership poisoned");
+        if self
+            .raft
+            .lock()
+            .expect("membership poisoned")
+            .departed
+            .contains(id)
+        {
+            return None;
+        }
         let (epoch, members) = &mut *inner;
         let member = match members.iter().position(|m| m.id == id) {
             Some(i) => {
@@ -134,6 +154,45 @@ impl MembershipView {
                 });
             }
         }
+        events
+    }
+
+    /// Follows the Raft membership: `voters` vote, and a member that was in
+    /// the last membership (`all`, voters and learners) but is not in this
+    /// one leaves the view at once, with a `dead` event; gossip about it is
+    /// ignored until a membership has it again.
+    pub fn set_members(
+        &self,
+        voters: &std::collections::BTreeSet<String>,
+        all: &std::collections::BTreeSet<String>,
+    ) -> Vec<MemberEvent> {
+        let mut events = self.set_voters(voters);
+        let mut inner = self.inner.write().expect("membership poisoned");
+        let mut raft = self.raft.lock().expect("membership poisoned");
+        let (epoch, members) = &mut *inner;
+        let gone: Vec<String> = raft
+            .all
+            .iter()
+            .filter(|id| !all.contains(*id) && **id != self.local)
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(i) = members.iter().position(|m| m.id == id) {
+                let mut member = members.remove(i);
+                member.state = MemberState::Dead;
+                member.voter = false;
+                *epoch += 1;
+                events.push(MemberEvent {
+                    member,
+                    epoch: *epoch,
+                });
+            }
+            raft.departed.insert(id);
+        }
+        for id in all {
+            raft.departed.remove(id);
+        }
+        raft.all = all.clone();
         events
     }
 
