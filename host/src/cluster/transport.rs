@@ -716,4 +716,37 @@ mod tests {
         assert_eq!(relay.await.unwrap(), 0, "b answered the relayed handshake");
         assert_eq!(seen.load(Ordering::SeqCst), 0);
     }
+
+    /// Mid-rotation: `a` seals with the new secret and still accepts the
+    /// old one; `b` has only the old one. Both directions work.
+    #[tokio::test]
+    async fn a_node_mid_rotation_talks_to_one_that_has_not_rotated() {
+        let (la, lb) = {
+            let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            (la.local_addr().unwrap(), lb.local_addr().unwrap())
+        };
+        let a = Transport::new(
+            "a",
+            Keys::new(&["the-new-cluster-secret", "the-old-cluster-secret"]),
+            [("b".to_string(), lb)],
+        );
+        let b = Transport::new(
+            "b",
+            Keys::new(&["the-old-cluster-secret"]),
+            [("a".to_string(), la)],
+        );
+        a.set_handler(Arc::new(Echo));
+        b.set_handler(Arc::new(Echo));
+        a.listen(la).await.unwrap();
+        b.listen(lb).await.unwrap();
+        let ab = a
+            .request("b", 1, b"x".to_vec(), Duration::from_secs(5))
+            .await;
+        assert_eq!(ab.unwrap(), b"a\x01x");
+        let ba = b
+            .request("a", 2, b"y".to_vec(), Duration::from_secs(5))
+            .await;
+        assert_eq!(ba.unwrap(), b"b\x02y");
+    }
 }
