@@ -88,7 +88,7 @@ pub async fn start_with_progress(
             header_read_timeout: Duration::from_millis(config.node.header_read_timeout_ms),
             body_read_timeout: Duration::from_millis(config.node.body_read_timeout_ms),
             max_connections: config.node.max_connections,
-            max_connections_per_client: config.node.max_connections_per_client,
+            max_connections_per_client: config.node.connections_per_client(),
             admin_token: config.admin.token.clone(),
         },
     )

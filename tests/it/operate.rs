@@ -139,6 +139,36 @@ async fn editing_the_config_reconciles_the_running_node() {
         .await
         .unwrap();
     assert_eq!((status, body.as_slice()), (200, &b"1"[..]));
+
+    // A `[node]` setting changes only at a restart, and the log says so.
+    let edited = config(port, &format!("{KV}{}", election(5000)))
+        .replace("[admin]", "max_connections = 100\n\n[admin]");
+    std::fs::write(&path, edited).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&p.log).unwrap();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("take effect when the node restarts"))
+        {
+            // Without the terminal's colour codes, if any.
+            let plain: String = line
+                .split('\x1b')
+                .map(|part| {
+                    part.split_once('m')
+                        .filter(|_| part.starts_with('['))
+                        .map_or(part, |(_, rest)| rest)
+                })
+                .collect();
+            assert!(plain.contains("sections=node"), "{plain}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the [node] edit was not reported: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(p);
 }
 

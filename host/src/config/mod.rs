@@ -104,10 +104,11 @@ pub struct NodeSection {
     /// limit to peers, storage and plugins.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Most HTTP connections from one client address at once; one more is
-    /// answered 429 and closed.
-    #[serde(default = "default_max_connections_per_client")]
-    pub max_connections_per_client: usize,
+    /// Most HTTP connections from one client address at once (default:
+    /// 512, or `max_connections` if lower); one more is answered 429 and
+    /// closed.
+    #[serde(default)]
+    pub max_connections_per_client: Option<usize>,
     /// Metadata announced to other members.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -124,7 +125,7 @@ impl Default for NodeSection {
             header_read_timeout_ms: default_header_read_timeout(),
             body_read_timeout_ms: default_body_read_timeout(),
             max_connections: default_max_connections(),
-            max_connections_per_client: default_max_connections_per_client(),
+            max_connections_per_client: None,
             metadata: BTreeMap::new(),
         }
     }
@@ -154,8 +155,14 @@ fn default_body_read_timeout() -> u64 {
 fn default_max_connections() -> usize {
     4096
 }
-fn default_max_connections_per_client() -> usize {
-    512
+
+impl NodeSection {
+    /// The per-client connection cap in force.
+    pub fn connections_per_client(&self) -> usize {
+        self.max_connections_per_client
+            .unwrap_or(512)
+            .min(self.max_connections)
+    }
 }
 
 /// `[cluster]`
@@ -483,7 +490,11 @@ impl Config {
                 "must be in 1..=1000000".into(),
             ));
         }
-        if !(1..=self.node.max_connections).contains(&self.node.max_connections_per_client) {
+        if self
+            .node
+            .max_connections_per_client
+            .is_some_and(|n| !(1..=self.node.max_connections).contains(&n))
+        {
             return Err((
                 "node.max_connections_per_client".into(),
                 "must be in 1..=node.max_connections".into(),

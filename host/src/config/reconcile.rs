@@ -171,6 +171,16 @@ fn fingerprint(path: &Path) -> Option<(Vec<u8>, Vec<Option<SystemTime>>)> {
 /// (or a component file it names) changes. Runs until the task is dropped.
 pub async fn watch(mut reconciler: Reconciler, path: PathBuf, interval: Duration) {
     let mut last = fingerprint(&path);
+    // `[node]`, `[cluster]` and `[admin]` take effect at a restart; an edit
+    // of them is reported, not silently ignored.
+    let sections = |c: &Config| {
+        [
+            ("node", format!("{:?}", c.node)),
+            ("cluster", format!("{:?}", c.cluster)),
+            ("admin", format!("{:?}", c.admin)),
+        ]
+    };
+    let running = Config::load(&path).ok().map(|c| sections(&c));
     loop {
         tokio::time::sleep(interval).await;
         let now = fingerprint(&path);
@@ -181,6 +191,21 @@ pub async fn watch(mut reconciler: Reconciler, path: PathBuf, interval: Duration
         match Config::load(&path) {
             Err(e) => tracing::error!("config change rejected, running set unchanged: {e}"),
             Ok(config) => {
+                if let Some(running) = &running {
+                    let changed: Vec<&str> = sections(&config)
+                        .iter()
+                        .zip(running)
+                        .filter(|(now, was)| now.1 != was.1)
+                        .map(|(now, _)| now.0)
+                        .collect();
+                    if !changed.is_empty() {
+                        tracing::warn!(
+                            config = %path.display(),
+                            sections = %changed.join(", "),
+                            "changes to these sections take effect when the node restarts; plugins are reconciled now"
+                        );
+                    }
+                }
                 let actions = reconciler.apply(&config).await;
                 if actions.is_empty() {
                     tracing::info!(config = %path.display(), "config changed; plugins already match");
