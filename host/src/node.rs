@@ -16,7 +16,7 @@ use crate::cluster::transport::{Handler, Transport};
 use crate::primitives::CallLimits;
 use crate::primitives::consensus::Control;
 use crate::primitives::membership::MembershipView;
-use crate::primitives::messaging::{Envelope, KIND_MESSAGE, KIND_REQUEST};
+use crate::primitives::messaging::{Delivery, Envelope, KIND_MESSAGE, KIND_REQUEST};
 use crate::runtime::actor::{
     CallError, PluginHandle, PluginLimits, PluginSpec, PluginStatus, Services, SwapError,
     SwapReport,
@@ -83,7 +83,7 @@ impl Handler for PeerHandler {
             let env: Envelope = postcard::from_bytes(&body)
                 .map_err(|e| format!("malformed plugin request: {e}"))?;
             let node = node.upgrade().ok_or("node stopping")?;
-            match node
+            let delivery = match node
                 .message(
                     &env.plugin,
                     &from,
@@ -93,9 +93,13 @@ impl Handler for PeerHandler {
                 )
                 .await
             {
-                Ok(reply) => Ok(reply.unwrap_or_default()),
-                Err(e) => Err(e.to_string()),
-            }
+                Ok(reply) => Delivery::Reply(reply.unwrap_or_default()),
+                // In the mailbox or running, but no answer in time: it may
+                // still run, or have run.
+                Err(e @ RequestError::Call(CallError::Timeout)) => Delivery::Unknown(e.to_string()),
+                Err(e) => Delivery::Failed(e.to_string()),
+            };
+            postcard::to_allocvec(&delivery).map_err(|e| e.to_string())
         })
     }
 

@@ -53,6 +53,20 @@ pub struct Envelope {
     pub payload: Vec<u8>,
 }
 
+/// How a plugin request ended on the receiving node: the body of the
+/// transport's reply to a plugin request.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum Delivery {
+    /// The receiver's `on-message` returned this reply.
+    Reply(Vec<u8>),
+    /// The handler did not complete (no such plugin there, it trapped, or it
+    /// was stopped). Definite.
+    Failed(String),
+    /// The handler may have run: it did not answer in time. Unknown
+    /// outcome.
+    Unknown(String),
+}
+
 impl MessagingCtx {
     /// A context delivering local messages into `mailbox` and, in a
     /// cluster, others through `remote`.
@@ -183,22 +197,38 @@ impl wit::Host for MessagingCtx {
             payload,
         })
         .unwrap_or_default();
-        Ok(
-            match self
-                .waited
-                .wait(remote.transport.request(&node, KIND_REQUEST, body, timeout))
-                .await
-            {
-                Ok(reply) => Ok(reply),
-                Err(TransportError::Timeout(_) | TransportError::Lost(_)) => {
-                    Err(MessagingError::Timeout)
-                }
-                Err(TransportError::TooLarge(_)) => {
-                    Err(MessagingError::TooLarge(self.limits.max_message_bytes))
-                }
-                Err(_) => Err(MessagingError::NoHandler),
-            },
-        )
+        let sent = self
+            .waited
+            .wait(remote.transport.request(&node, KIND_REQUEST, body, timeout))
+            .await;
+        Ok(outcome(sent, node, self.limits.max_message_bytes))
+    }
+}
+
+/// What a plugin request's transport result means to the plugin: a
+/// definite failure only where the receiver's handler surely did not
+/// complete, an unknown outcome (`timeout`) wherever it may have.
+fn outcome(
+    sent: Result<Vec<u8>, TransportError>,
+    node: String,
+    max_message_bytes: u32,
+) -> Result<Vec<u8>, MessagingError> {
+    match sent {
+        Ok(reply) => match postcard::from_bytes::<Delivery>(&reply) {
+            Ok(Delivery::Reply(bytes)) => Ok(bytes),
+            Ok(Delivery::Failed(_)) => Err(MessagingError::NoHandler),
+            // Garbled on the way: whether it ran is not known.
+            Ok(Delivery::Unknown(_)) | Err(_) => Err(MessagingError::Timeout),
+        },
+        // Sent, and maybe handled.
+        Err(TransportError::Timeout(_) | TransportError::Lost(_)) => Err(MessagingError::Timeout),
+        Err(TransportError::TooLarge(_)) => Err(MessagingError::TooLarge(max_message_bytes)),
+        // Never sent: no connection could be made.
+        Err(TransportError::Unreachable(..) | TransportError::UnknownPeer(_)) => {
+            Err(MessagingError::UnknownNode(node))
+        }
+        // The receiver refused it before any plugin saw it.
+        Err(TransportError::Remote(..)) => Err(MessagingError::NoHandler),
     }
 }
 
@@ -211,4 +241,48 @@ impl HasData for Messaging {
 /// Grants `messaging`.
 pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
     wit::add_to_linker::<PluginState, Messaging>(linker, |s| &mut s.messaging)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivered(d: Delivery) -> Result<Vec<u8>, TransportError> {
+        Ok(postcard::to_allocvec(&d).unwrap())
+    }
+
+    #[test]
+    fn a_connection_lost_after_sending_is_an_unknown_outcome_not_no_handler() {
+        let lost = outcome(Err(TransportError::Lost("b".into())), "b".into(), 9);
+        assert!(matches!(lost, Err(MessagingError::Timeout)), "{lost:?}");
+        let late = outcome(Err(TransportError::Timeout("b".into())), "b".into(), 9);
+        assert!(matches!(late, Err(MessagingError::Timeout)), "{late:?}");
+        // The receiver's plugin took the request but did not answer in time.
+        let busy = outcome(delivered(Delivery::Unknown("busy".into())), "b".into(), 9);
+        assert!(matches!(busy, Err(MessagingError::Timeout)), "{busy:?}");
+        let garbled = outcome(Ok(vec![0xff; 3]), "b".into(), 9);
+        assert!(
+            matches!(garbled, Err(MessagingError::Timeout)),
+            "{garbled:?}"
+        );
+    }
+
+    #[test]
+    fn only_failures_before_the_handler_completed_are_definite() {
+        let never_sent = outcome(
+            Err(TransportError::Unreachable("b".into(), "refused".into())),
+            "b".into(),
+            9,
+        );
+        assert!(matches!(never_sent, Err(MessagingError::UnknownNode(ref n)) if n == "b"));
+        let trapped = outcome(delivered(Delivery::Failed("trap".into())), "b".into(), 9);
+        assert!(
+            matches!(trapped, Err(MessagingError::NoHandler)),
+            "{trapped:?}"
+        );
+        let ok = outcome(delivered(Delivery::Reply(b"hi".to_vec())), "b".into(), 9);
+        assert_eq!(ok.unwrap(), b"hi");
+        let big = outcome(Err(TransportError::TooLarge(10)), "b".into(), 9);
+        assert!(matches!(big, Err(MessagingError::TooLarge(9))), "{big:?}");
+    }
 }

@@ -494,7 +494,7 @@ fn peer_counter(g: &mut Gossip, _: &Request, params: &Params) -> http::Result {
     match messaging::request(&node, COUNTER, counter.as_bytes(), PEER_TIMEOUT_MS) {
         Ok(answer) => Ok(Response::new(200, "application/json", answer)),
         Err(messaging::Error::UnknownNode(n)) => {
-            Err(Response::error(404, &format!("no member {n}")))
+            Err(Response::error(404, &format!("no reachable member {n}")))
         }
         Err(messaging::Error::Timeout) => Err(Response::error(504, "the peer did not answer")),
         Err(e) => Err(Response::error(503, &e.to_string())),
