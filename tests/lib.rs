@@ -1,5 +1,8 @@
 //! Shared helpers for the integration tests: nodes in this process on real
-//! redb files, `plexus` processes on 127.0.0.1, and a small HTTP client.
+//! redb files, `plexus` processes on 127.0.0.1, a small HTTP client, and a
+//! linearizability checker for the torture harness.
+
+pub mod linearizability;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -179,7 +182,12 @@ pub fn plexus_bin() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let exe = std::env::current_exe().expect("current exe");
-            let dir = exe.parent().and_then(Path::parent).expect("target dir");
+            // Test binaries live in `target/<profile>/deps`, programs such
+            // as the torture harness in `target/<profile>`.
+            let mut dir = exe.parent().expect("target dir");
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir = dir.parent().expect("target dir");
+            }
             let bin = dir.join(format!("plexus{}", std::env::consts::EXE_SUFFIX));
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");

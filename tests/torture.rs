@@ -1,0 +1,543 @@
+//! The torture harness: real `plexus` processes on 127.0.0.1, many clients,
+//! faults on a random schedule, and every history checked.
+//!
+//! ```sh
+//! cargo run -p plexus-tests --bin torture -- --seconds 600 --seed 42
+//! ```
+//!
+//! It starts a 3-node cluster (`--nodes 5` for five) running
+//! `replicated-kv`, and runs at once:
+//! - **clients** (`--clients`, default 12) on every node, reading, writing
+//!   and compare-and-swapping a few keys (`--keys`, default 4): contention on
+//!   purpose. Every operation is recorded with its invocation and
+//!   completion time and its outcome: ok, failed (definite: 409, 503, a
+//!   refused connection) or unknown (504, a timeout, a connection lost after
+//!   the request was sent).
+//! - **a nemesis** whose schedule comes from the seed: kill -9 and restart
+//!   of the leader or another node, SIGSTOP and SIGCONT, a cluster-wide hot
+//!   swap of the plugin, and a crash of the whole cluster.
+//!
+//! At the end every key's history goes through the linearizability checker
+//! ([`plexus_tests::linearizability`]). The figures are printed with the
+//! seed; the exit status is 1 if any history is not linearizable, so a
+//! failing seed can be run again as it is.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use plexus_tests::linearizability::{Event, Op, check};
+use plexus_tests::{Process, cluster_node_config, loopback_addrs, variant, wasm};
+
+const TOKEN: &str = "torture-token";
+/// Longest a client waits for an answer before calling it unknown.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Search steps allowed per key before a history is reported unchecked.
+const CHECK_STEPS: u64 = 20_000_000;
+
+struct Args {
+    seconds: u64,
+    seed: u64,
+    nodes: usize,
+    clients: usize,
+    keys: usize,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        seconds: 60,
+        seed: std::time::UNIX_EPOCH
+            .elapsed()
+            .map_or(1, |d| d.as_nanos() as u64),
+        nodes: 3,
+        clients: 12,
+        keys: 4,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| -> Result<u64, String> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{name} needs a number"))
+        };
+        match flag.as_str() {
+            "--seconds" => a.seconds = value("--seconds")?,
+            "--seed" => a.seed = value("--seed")?,
+            "--nodes" => a.nodes = value("--nodes")? as usize,
+            "--clients" => a.clients = value("--clients")? as usize,
+            "--keys" => a.keys = value("--keys")? as usize,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if !(3..=7).contains(&a.nodes) || a.clients == 0 || a.keys == 0 || a.seconds == 0 {
+        return Err("--nodes in 3..=7, --clients, --keys and --seconds above 0".into());
+    }
+    Ok(a)
+}
+
+/// A small seeded generator (xorshift64*): the same seed, the same choices.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+/// How a request ended, as far as the client can tell.
+enum Answer {
+    /// Status, the `x-version` header, the body.
+    Got(u16, Option<u64>, Vec<u8>),
+    /// No connection: nothing was sent.
+    NotSent,
+    /// Sent, then no complete answer.
+    Lost,
+}
+
+async fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Answer {
+    let Ok(Ok(stream)) =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await
+    else {
+        return Answer::NotSent;
+    };
+    let exchange = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string())
+            .body(Full::new(Bytes::copy_from_slice(body)))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let version = resp
+            .headers()
+            .get("x-version")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = resp.into_body().collect().await?.to_bytes().to_vec();
+        anyhow::Ok(Answer::Got(status, version, body))
+    };
+    match tokio::time::timeout(OP_TIMEOUT, exchange).await {
+        Ok(Ok(answer)) => answer,
+        _ => Answer::Lost,
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    failed: u64,
+    not_sent: u64,
+    unknown: u64,
+}
+
+struct Recorder {
+    started: Instant,
+    histories: Mutex<BTreeMap<usize, Vec<Event>>>,
+    tally: Mutex<Tally>,
+}
+
+impl Recorder {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    fn record(&self, key: usize, call: u64, ret: Option<u64>, op: Op) {
+        {
+            let mut t = self.tally.lock().unwrap();
+            if ret.is_some() {
+                t.ok += 1;
+            } else {
+                t.unknown += 1;
+            }
+        }
+        self.histories
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_default()
+            .push(Event { call, ret, op });
+    }
+
+    /// A definite failure, or a request that could not be sent; either
+    /// changed nothing.
+    async fn failed(&self, answer: &Answer) {
+        if matches!(answer, Answer::NotSent) {
+            self.tally.lock().unwrap().not_sent += 1;
+            // The node is down: give the others the load meanwhile.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        } else {
+            self.tally.lock().unwrap().failed += 1;
+        }
+    }
+}
+
+fn version_of(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get("version")?
+        .as_u64()
+}
+
+/// One client: random operations on random keys through random nodes.
+async fn client(
+    id: usize,
+    mut rng: Rng,
+    http: Arc<Vec<SocketAddr>>,
+    keys: usize,
+    until: Instant,
+    rec: Arc<Recorder>,
+) {
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let addr = http[rng.below(http.len() as u64) as usize];
+        let key = rng.below(keys as u64) as usize;
+        let path = format!("/v1/plugins/kv/kv/k{key}");
+        match rng.below(10) {
+            0..=3 => {
+                let call = rec.now();
+                match request(addr, "GET", &path, b"").await {
+                    Answer::Got(200, Some(version), body) => {
+                        rec.record(key, call, Some(rec.now()), Op::Read(Some((body, version))))
+                    }
+                    Answer::Got(404, _, _) => {
+                        rec.record(key, call, Some(rec.now()), Op::Read(None))
+                    }
+                    // A read that failed changed nothing.
+                    other => rec.failed(&other).await,
+                }
+            }
+            4..=7 => {
+                let value = format!("c{id}-{n}").into_bytes();
+                let call = rec.now();
+                match request(addr, "PUT", &path, &value).await {
+                    Answer::Got(200, _, body) if version_of(&body).is_some() => rec.record(
+                        key,
+                        call,
+                        Some(rec.now()),
+                        Op::Write(value, version_of(&body)),
+                    ),
+                    Answer::Got(504, ..) | Answer::Lost => {
+                        rec.record(key, call, None, Op::Write(value, None))
+                    }
+                    other => rec.failed(&other).await,
+                }
+            }
+            _ => {
+                // Compare-and-swap on the version just read.
+                let call = rec.now();
+                let expected = match request(addr, "GET", &path, b"").await {
+                    Answer::Got(200, Some(version), body) => {
+                        rec.record(key, call, Some(rec.now()), Op::Read(Some((body, version))));
+                        version
+                    }
+                    other => {
+                        rec.failed(&other).await;
+                        continue;
+                    }
+                };
+                let value = format!("c{id}-{n}").into_bytes();
+                let call = rec.now();
+                let cas = |result| Op::Cas {
+                    expected,
+                    value: value.clone(),
+                    result,
+                };
+                match request(addr, "PUT", &format!("{path}?version={expected}"), &value).await {
+                    Answer::Got(200, _, body) if version_of(&body).is_some() => {
+                        rec.record(key, call, Some(rec.now()), cas(Ok(version_of(&body))))
+                    }
+                    Answer::Got(409, ..) => rec.record(key, call, Some(rec.now()), cas(Err(()))),
+                    Answer::Got(504, ..) | Answer::Lost => {
+                        rec.record(key, call, None, cas(Ok(None)))
+                    }
+                    other => rec.failed(&other).await,
+                }
+            }
+        }
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    http: Vec<SocketAddr>,
+    nodes: Vec<Option<Process>>,
+    stopped: Vec<bool>,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (http, peer) = (loopback_addrs(n), loopback_addrs(n));
+        for i in 0..n {
+            let config = cluster_node_config(
+                i,
+                &http,
+                &peer,
+                "",
+                &format!(
+                    r#"
+[admin]
+token = "{TOKEN}"
+
+[[plugins]]
+name = "kv"
+component = "bundled:replicated-kv"
+capabilities = ["consensus", "storage", "log"]
+"#
+                ),
+            );
+            std::fs::write(dir.path().join(format!("node-{}.toml", i + 1)), config)
+                .expect("config");
+        }
+        let mut c = Cluster {
+            dir,
+            http,
+            nodes: Vec::new(),
+            stopped: vec![false; n],
+        };
+        for i in 0..n {
+            let p = c.spawn(i).await;
+            c.nodes.push(Some(p));
+        }
+        c
+    }
+
+    async fn spawn(&self, i: usize) -> Process {
+        let config = self.dir.path().join(format!("node-{}.toml", i + 1));
+        Process::up(self.dir.path(), &config, self.http[i]).await
+    }
+
+    async fn leader(&self) -> Option<usize> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.is_none() || self.stopped[i] {
+                continue;
+            }
+            let auth = format!("Bearer {TOKEN}");
+            if let Ok((200, body)) = plexus_tests::http(
+                self.http[i],
+                "GET",
+                "/v1/admin/status",
+                &[("authorization", auth.as_str())],
+                b"",
+            )
+            .await
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
+                && let Some(l) = v["leader"].as_str()
+                && let Some(n) = l
+                    .strip_prefix("node-")
+                    .and_then(|n| n.parse::<usize>().ok())
+            {
+                return Some(n - 1);
+            }
+        }
+        None
+    }
+
+    fn signal(&mut self, i: usize, sig: &str) {
+        if let Some(p) = &self.nodes[i] {
+            let _ = std::process::Command::new("kill")
+                .args([sig, &p.child.id().to_string()])
+                .status();
+            self.stopped[i] = sig == "-STOP";
+        }
+    }
+}
+
+#[derive(Default)]
+struct Nemesis {
+    events: BTreeMap<&'static str, u64>,
+}
+
+impl Nemesis {
+    fn count(&mut self, kind: &'static str) {
+        *self.events.entry(kind).or_default() += 1;
+        println!("nemesis: {kind}");
+    }
+}
+
+async fn nemesis(c: &mut Cluster, rng: &mut Rng, until: Instant, n: &mut Nemesis) {
+    let kv = wasm("replicated-kv");
+    let mut swaps = 0u8;
+    while Instant::now() + Duration::from_secs(3) < until {
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(2500))).await;
+        let target = match c.leader().await {
+            Some(l) if rng.below(2) == 0 => l,
+            _ => rng.below(c.nodes.len() as u64) as usize,
+        };
+        let pause = Duration::from_millis(300 + rng.below(2700));
+        match rng.below(10) {
+            0..=3 => {
+                n.count(if c.leader().await == Some(target) {
+                    "kill -9 leader"
+                } else {
+                    "kill -9 follower"
+                });
+                c.nodes[target] = None;
+                c.stopped[target] = false;
+                tokio::time::sleep(pause).await;
+                c.nodes[target] = Some(c.spawn(target).await);
+            }
+            4..=6 => {
+                n.count("pause (SIGSTOP) and resume");
+                c.signal(target, "-STOP");
+                tokio::time::sleep(pause).await;
+                c.signal(target, "-CONT");
+            }
+            7..=8 => {
+                n.count("cluster-wide hot swap");
+                swaps = swaps.wrapping_add(1);
+                let bytes = variant(&kv, swaps);
+                let auth = format!("Bearer {TOKEN}");
+                let _ = plexus_tests::http(
+                    c.http[target],
+                    "POST",
+                    "/v1/admin/plugins/kv/swap?scope=cluster",
+                    &[
+                        ("authorization", auth.as_str()),
+                        ("content-type", "application/wasm"),
+                    ],
+                    &bytes,
+                )
+                .await;
+            }
+            _ => {
+                n.count("crash of every node");
+                for node in c.nodes.iter_mut() {
+                    *node = None;
+                }
+                c.stopped.iter_mut().for_each(|s| *s = false);
+                tokio::time::sleep(pause).await;
+                for i in 0..c.nodes.len() {
+                    c.nodes[i] = Some(c.spawn(i).await);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args = match args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("torture: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "torture: seed {} ({} nodes, {} clients, {} keys, {} s)",
+        args.seed, args.nodes, args.clients, args.keys, args.seconds
+    );
+    let mut rng = Rng::new(args.seed);
+    let mut cluster = Cluster::start(args.nodes).await;
+    // A leader before the clients start.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.leader().await.is_none() {
+        if Instant::now() > deadline {
+            eprintln!("torture: no leader elected");
+            return ExitCode::FAILURE;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rec = Arc::new(Recorder {
+        started: Instant::now(),
+        histories: Mutex::new(BTreeMap::new()),
+        tally: Mutex::new(Tally::default()),
+    });
+    let until = Instant::now() + Duration::from_secs(args.seconds);
+    let http = Arc::new(cluster.http.clone());
+    let clients: Vec<_> = (0..args.clients)
+        .map(|id| {
+            let client_rng = Rng::new(rng.below(u64::MAX));
+            tokio::spawn(client(
+                id,
+                client_rng,
+                http.clone(),
+                args.keys,
+                until,
+                rec.clone(),
+            ))
+        })
+        .collect();
+    let mut n = Nemesis::default();
+    nemesis(&mut cluster, &mut rng, until, &mut n).await;
+    for i in 0..cluster.nodes.len() {
+        if cluster.stopped[i] {
+            cluster.signal(i, "-CONT");
+        }
+    }
+    for c in clients {
+        let _ = c.await;
+    }
+    drop(cluster);
+
+    let histories = std::mem::take(&mut *rec.histories.lock().unwrap());
+    let tally = std::mem::take(&mut *rec.tally.lock().unwrap());
+    let mut violations = Vec::new();
+    let mut unchecked = Vec::new();
+    let checked_at = Instant::now();
+    for (key, history) in &histories {
+        match check(history, CHECK_STEPS) {
+            Some(true) => {}
+            Some(false) => violations.push(*key),
+            None => unchecked.push(*key),
+        }
+    }
+    println!(
+        "\noperations: {} ok, {} failed (definite), {} unknown outcome, {} not sent (node down); {} in the checked histories",
+        tally.ok,
+        tally.failed,
+        tally.unknown,
+        tally.not_sent,
+        histories.values().map(Vec::len).sum::<usize>()
+    );
+    let events: Vec<String> = n.events.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    println!(
+        "nemesis: {} events ({})",
+        n.events.values().sum::<u64>(),
+        events.join(", ")
+    );
+    println!(
+        "linearizability: {} keys checked in {} ms, {} violations{}",
+        histories.len() - unchecked.len(),
+        checked_at.elapsed().as_millis(),
+        violations.len(),
+        if unchecked.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} keys too large to check (k{unchecked:?})",
+                unchecked.len()
+            )
+        }
+    );
+    println!("seed {}", args.seed);
+    if violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        for key in violations {
+            eprintln!("key k{key}: history is not linearizable");
+        }
+        eprintln!(
+            "torture: run again with --seed {} --seconds {} --nodes {} --clients {} --keys {}",
+            args.seed, args.seconds, args.nodes, args.clients, args.keys
+        );
+        ExitCode::FAILURE
+    }
+}
