@@ -15,7 +15,14 @@
 //!   the request was sent).
 //! - **a nemesis** whose schedule comes from the seed: kill -9 and restart
 //!   of the leader or another node, SIGSTOP and SIGCONT, a cluster-wide hot
-//!   swap of the plugin, and a crash of the whole cluster.
+//!   swap of the plugin, a crash of the whole cluster, and network faults
+//!   between the nodes: a node cut off, a one-way cut, a bridge (two sides
+//!   that reach only a node in the middle), and packet loss. Each node has
+//!   an address of its own on the loopback network (127.a.b.n), and the
+//!   faults are `iptables` rules on those addresses in a chain of the
+//!   harness's own, removed at the end; clients keep reaching every node.
+//!   Without `iptables` (or the right to use it) network faults are left
+//!   out, and the run says so.
 //!
 //! At the end every key's history goes through the linearizability checker
 //! ([`plexus_tests::linearizability`]). The figures are printed with the
@@ -36,7 +43,7 @@ use plexus_tests::{Process, cluster_node_config, loopback_addrs, variant, wasm};
 
 const TOKEN: &str = "torture-token";
 /// Longest a client waits for an answer before calling it unknown.
-const OP_TIMEOUT: Duration = Duration::from_secs(10);
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Search steps allowed per key before a history is reported unchecked.
 const CHECK_STEPS: u64 = 20_000_000;
 
@@ -278,12 +285,92 @@ struct Cluster {
     http: Vec<SocketAddr>,
     nodes: Vec<Option<Process>>,
     stopped: Vec<bool>,
+    net: (u8, u8),
+}
+
+/// The loopback network of this run: 127.a.b.0/24, from the process id,
+/// so runs side by side do not share addresses (or firewall rules).
+fn node_net() -> (u8, u8) {
+    let pid = std::process::id();
+    (100 + (pid % 100) as u8, ((pid / 100) % 250) as u8)
+}
+
+/// Node `i`'s address.
+fn node_ip(net: (u8, u8), i: usize) -> std::net::IpAddr {
+    std::net::IpAddr::from([127, net.0, net.1, i as u8 + 1])
+}
+
+/// Network faults between nodes: `iptables` rules in a chain of this
+/// run's own, jumped to from `INPUT` and removed when dropped.
+struct Firewall {
+    chain: String,
+}
+
+fn iptables(args: &[&str]) -> bool {
+    std::process::Command::new("iptables")
+        .arg("-w")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Firewall {
+    /// `None` when `iptables` is missing or not allowed.
+    fn new() -> Option<Firewall> {
+        let chain = format!("PLEXUS-TORTURE-{}", std::process::id());
+        if !iptables(&["-N", &chain]) {
+            return None;
+        }
+        if !iptables(&["-I", "INPUT", "-j", &chain]) {
+            iptables(&["-X", &chain]);
+            return None;
+        }
+        Some(Firewall { chain })
+    }
+
+    /// Drops what `from` sends to `to` (or, with `loss`, that share of it).
+    fn cut(&self, from: std::net::IpAddr, to: std::net::IpAddr, loss: Option<f64>) {
+        let (src, dst) = (from.to_string(), to.to_string());
+        let mut rule = vec!["-A", &self.chain, "-s", &src, "-d", &dst];
+        let p = loss.map(|p| p.to_string());
+        if let Some(p) = &p {
+            rule.extend(["-m", "statistic", "--mode", "random", "--probability", p]);
+        }
+        rule.extend(["-j", "DROP"]);
+        iptables(&rule);
+    }
+
+    fn heal(&self) {
+        iptables(&["-F", &self.chain]);
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        iptables(&["-D", "INPUT", "-j", &self.chain]);
+        iptables(&["-F", &self.chain]);
+        iptables(&["-X", &self.chain]);
+    }
 }
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (http, peer) = (loopback_addrs(n), loopback_addrs(n));
+        // Each node on an address of its own, so network faults can name it.
+        let net = node_net();
+        let on = |i: usize, port: SocketAddr| SocketAddr::new(node_ip(net, i), port.port());
+        let http: Vec<SocketAddr> = loopback_addrs(n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| on(i, a))
+            .collect();
+        let peer: Vec<SocketAddr> = loopback_addrs(n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| on(i, a))
+            .collect();
         for i in 0..n {
             let config = cluster_node_config(
                 i,
@@ -310,6 +397,7 @@ capabilities = ["consensus", "storage", "log"]
             http,
             nodes: Vec::new(),
             stopped: vec![false; n],
+            net,
         };
         for i in 0..n {
             let p = c.spawn(i).await;
@@ -371,9 +459,18 @@ impl Nemesis {
     }
 }
 
-async fn nemesis(c: &mut Cluster, rng: &mut Rng, until: Instant, n: &mut Nemesis) {
+async fn nemesis(
+    c: &mut Cluster,
+    rng: &mut Rng,
+    until: Instant,
+    n: &mut Nemesis,
+    firewall: Option<&Firewall>,
+) {
     let kv = wasm("replicated-kv");
     let mut swaps = 0u8;
+    let nodes = c.nodes.len();
+    let net = c.net;
+    let ip = |i| node_ip(net, i);
     while Instant::now() + Duration::from_secs(3) < until {
         tokio::time::sleep(Duration::from_millis(500 + rng.below(2500))).await;
         let target = match c.leader().await {
@@ -381,6 +478,49 @@ async fn nemesis(c: &mut Cluster, rng: &mut Rng, until: Instant, n: &mut Nemesis
             _ => rng.below(c.nodes.len() as u64) as usize,
         };
         let pause = Duration::from_millis(300 + rng.below(2700));
+        if let Some(fw) = firewall
+            && rng.below(3) == 0
+        {
+            let others: Vec<usize> = (0..nodes).filter(|j| *j != target).collect();
+            match rng.below(4) {
+                0 => {
+                    n.count("partition: one node cut off");
+                    for &j in &others {
+                        fw.cut(ip(target), ip(j), None);
+                        fw.cut(ip(j), ip(target), None);
+                    }
+                }
+                1 => {
+                    n.count("partition: one way");
+                    for &j in &others {
+                        fw.cut(ip(target), ip(j), None);
+                    }
+                }
+                2 => {
+                    // `target` is the bridge; the others split into two
+                    // sides that reach it but not each other.
+                    n.count("partition: bridge");
+                    let (left, right) = others.split_at(others.len() / 2);
+                    for &a in left {
+                        for &b in right {
+                            fw.cut(ip(a), ip(b), None);
+                            fw.cut(ip(b), ip(a), None);
+                        }
+                    }
+                }
+                _ => {
+                    n.count("packet loss (25%) between every pair");
+                    for a in 0..nodes {
+                        for b in (0..nodes).filter(|b| *b != a) {
+                            fw.cut(ip(a), ip(b), Some(0.25));
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            fw.heal();
+            continue;
+        }
         match rng.below(10) {
             0..=3 => {
                 n.count(if c.leader().await == Some(target) {
@@ -475,8 +615,13 @@ async fn main() -> ExitCode {
             ))
         })
         .collect();
+    let firewall = Firewall::new();
+    if firewall.is_none() {
+        println!("torture: no iptables (or no right to use it): network faults left out");
+    }
     let mut n = Nemesis::default();
-    nemesis(&mut cluster, &mut rng, until, &mut n).await;
+    nemesis(&mut cluster, &mut rng, until, &mut n, firewall.as_ref()).await;
+    drop(firewall);
     for i in 0..cluster.nodes.len() {
         if cluster.stopped[i] {
             cluster.signal(i, "-CONT");

@@ -143,6 +143,11 @@ pub struct Transport {
     /// Where the connections' tasks run: the runtime the transport was
     /// made on, whichever task dials or accepts.
     tasks: tokio::runtime::Handle,
+    /// The address peers are accepted on; connections to peers are made
+    /// from its IP (when it names one), so a peer sees this node's traffic
+    /// come from the address it knows it by, and a firewall rule can name
+    /// it.
+    local_ip: Mutex<Option<std::net::IpAddr>>,
 }
 
 /// Appends `frame`, length-prefixed, to `buf`.
@@ -199,6 +204,7 @@ impl Transport {
             next_id: AtomicU64::new(1),
             handler: Mutex::new(None),
             tasks: tokio::runtime::Handle::current(),
+            local_ip: Mutex::new(None),
         })
     }
 
@@ -265,6 +271,9 @@ impl Transport {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("binding peer listener on {addr}: {e}"))?;
+        if !addr.ip().is_unspecified() {
+            *self.local_ip.lock().expect("local ip poisoned") = Some(addr.ip());
+        }
         let this = self.clone();
         Ok(self.tasks.spawn(async move {
             // Connections still in their handshake: bounded, so a flood of
@@ -359,11 +368,12 @@ impl Transport {
             // Dialled on the transport's runtime, whoever asks: a socket
             // belongs to the runtime it was made on, and Raft's traffic
             // reuses it.
+            let from = *self.local_ip.lock().expect("local ip poisoned");
             let mut stream = self
                 .tasks
                 .spawn(tokio::time::timeout(
                     DIAL_TIMEOUT,
-                    TcpStream::connect(peer.addr),
+                    connect_from(from, peer.addr),
                 ))
                 .await
                 .map_err(|e| unreachable(e.to_string()))?
@@ -498,6 +508,22 @@ impl Transport {
             .await
             .map_err(|_| TransportError::Unreachable(to.to_string(), "connection closed".into()))
     }
+}
+
+/// Connects to `to`, from the IP `from` when given (and of the same
+/// family).
+async fn connect_from(
+    from: Option<std::net::IpAddr>,
+    to: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let socket = match to {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(ip) = from.filter(|ip| ip.is_ipv4() == to.is_ipv4()) {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(to).await
 }
 
 fn frame_name(f: &Frame) -> &'static str {
