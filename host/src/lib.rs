@@ -23,6 +23,8 @@ pub mod bundled;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+#[cfg(test)]
+mod fuzz;
 pub mod ingress;
 pub mod node;
 pub mod primitives;

@@ -385,6 +385,7 @@ impl<R: AsyncRead + Unpin> Opener<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::Rng;
 
     #[tokio::test]
     async fn a_handshake_binds_both_ids_and_records_round_trip() {
@@ -487,5 +488,84 @@ mod tests {
         a.write_all(&body).await.unwrap();
         let err = hello(&mut b, "b").await.err().unwrap();
         assert!(err.to_string().contains("peer protocol 1"), "{err}");
+    }
+
+    /// Random bytes where a hello or the first handshake message belongs
+    /// are refused with an error, never a panic or a hang.
+    #[tokio::test]
+    async fn random_handshake_bytes_are_refused() {
+        let keys = Keys::new(&["cluster-secret-0001"]);
+        let mut rng = Rng(0x5eed_0003);
+        for _ in 0..500 {
+            let mut input = if rng.below(2) == 0 {
+                let body = rng.bytes(40);
+                let mut v = (body.len() as u32).to_be_bytes().to_vec();
+                v.extend(body);
+                v
+            } else {
+                rng.bytes(64)
+            };
+            // At times a valid hello, then a random first message.
+            if rng.below(3) == 0 {
+                let hello = postcard::to_allocvec(&Hello {
+                    protocol: PEER_PROTOCOL,
+                    from: "a".into(),
+                    to: "b".into(),
+                })
+                .unwrap();
+                input = (hello.len() as u32).to_be_bytes().to_vec();
+                input.extend(hello);
+                let first = rng.bytes(100);
+                input.extend((first.len() as u16).to_be_bytes());
+                input.extend(first);
+            }
+            let mut r = std::io::Cursor::new(input);
+            let mut w = Vec::new();
+            let mut io = tokio::io::join(&mut r, &mut w);
+            let outcome = async {
+                let h = hello(&mut io, "b").await?;
+                accept(&mut io, &keys, &h.from, "b").await
+            }
+            .await;
+            assert!(outcome.is_err());
+        }
+    }
+
+    /// Records whose plaintext is random open to exactly what was sealed;
+    /// a changed record fails its check. Never a panic.
+    #[tokio::test]
+    async fn random_records_never_panic_the_reader() {
+        let keys = Keys::new(&["cluster-secret-0001"]);
+        let mut rng = Rng(0x5eed_0004);
+        for _ in 0..100 {
+            let (mut a, mut b) = tokio::io::duplex(1 << 20);
+            let k = keys.clone();
+            let l = tokio::spawn(async move {
+                let h = hello(&mut b, "b").await.unwrap();
+                (accept(&mut b, &k, &h.from, "b").await.unwrap(), b)
+            });
+            let c = dial(&mut a, &keys, 0, "a", "b").await.unwrap();
+            let (cb, b) = l.await.unwrap();
+            let plain = rng.bytes(150_000);
+            let mut sealed = Vec::new();
+            c.sealer().write_all(&mut sealed, &plain).await.unwrap();
+            let changed = rng.below(4) == 0 && !sealed.is_empty();
+            if changed {
+                let at = rng.below(sealed.len());
+                sealed[at] ^= 1 << rng.below(8);
+            }
+            a.write_all(&sealed).await.unwrap();
+            drop(a);
+            let mut o = cb.opener(b);
+            let mut got = Vec::new();
+            while let Ok(bytes) = o.take(1 + rng.below(4096)).await {
+                got.extend_from_slice(bytes);
+            }
+            assert!(plain.starts_with(&got), "only sealed bytes come out");
+            if !changed {
+                // All of it, but for a last read asking past the end.
+                assert!(plain.len() - got.len() < 4096);
+            }
+        }
     }
 }
