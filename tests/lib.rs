@@ -1,7 +1,9 @@
 //! Shared helpers for the integration tests: nodes in this process on real
 //! redb files, `plexus` processes on 127.0.0.1, a small HTTP client, and a
-//! linearizability checker for the torture harness.
+//! linearizability checker and a fencing-token checker for the torture
+//! harness.
 
+pub mod fencing;
 pub mod linearizability;
 
 use std::collections::BTreeSet;

@@ -13,6 +13,10 @@
 //!   completion time and its outcome: ok, failed (definite: 409, 503, a
 //!   refused connection) or unknown (504, a timeout, a connection lost after
 //!   the request was sent).
+//! - **election clients** (`--election-clients`, default 4) acquiring,
+//!   renewing, reading and releasing two `leader-election` roles under
+//!   short leases; every grant and every lease seen is checked for fencing
+//!   tokens that never go back and never go to two holders.
 //! - **a nemesis** whose schedule comes from the seed: kill -9 and restart
 //!   of the leader or another node, SIGSTOP and SIGCONT, a cluster-wide hot
 //!   swap of the plugin, a crash of the whole cluster, and network faults
@@ -38,6 +42,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use plexus_tests::fencing::{self, Observation};
 use plexus_tests::linearizability::{Event, Op, check};
 use plexus_tests::{Process, cluster_node_config, loopback_addrs, variant, wasm};
 
@@ -52,6 +57,7 @@ struct Args {
     seed: u64,
     nodes: usize,
     clients: usize,
+    election_clients: usize,
     keys: usize,
 }
 
@@ -63,6 +69,7 @@ fn args() -> Result<Args, String> {
             .map_or(1, |d| d.as_nanos() as u64),
         nodes: 3,
         clients: 12,
+        election_clients: 4,
         keys: 4,
     };
     let mut it = std::env::args().skip(1);
@@ -77,6 +84,7 @@ fn args() -> Result<Args, String> {
             "--seed" => a.seed = value("--seed")?,
             "--nodes" => a.nodes = value("--nodes")? as usize,
             "--clients" => a.clients = value("--clients")? as usize,
+            "--election-clients" => a.election_clients = value("--election-clients")? as usize,
             "--keys" => a.keys = value("--keys")? as usize,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -155,6 +163,7 @@ struct Tally {
 struct Recorder {
     started: Instant,
     histories: Mutex<BTreeMap<usize, Vec<Event>>>,
+    leases: Mutex<BTreeMap<String, Vec<Observation>>>,
     tally: Mutex<Tally>,
 }
 
@@ -280,6 +289,100 @@ async fn client(
     }
 }
 
+/// The lease in an election answer: holder and token.
+fn lease_of(body: &[u8]) -> Option<(String, u64)> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    Some((v["holder"].as_str()?.to_string(), v["token"].as_u64()?))
+}
+
+/// One election client: takes a role, renews it a few times, releases
+/// it or lets it lapse; reads roles in between.
+async fn election_client(
+    id: usize,
+    mut rng: Rng,
+    http: Arc<Vec<SocketAddr>>,
+    until: Instant,
+    rec: Arc<Recorder>,
+) {
+    let holder = format!("e{id}");
+    while Instant::now() < until {
+        let addr = http[rng.below(http.len() as u64) as usize];
+        let role = format!("r{}", rng.below(2));
+        let observe = |call: u64, body: &[u8], grant: bool| {
+            if let Some((holder, token)) = lease_of(body) {
+                rec.leases
+                    .lock()
+                    .unwrap()
+                    .entry(role.clone())
+                    .or_default()
+                    .push(Observation {
+                        call,
+                        ret: rec.now(),
+                        holder,
+                        token,
+                        grant,
+                    });
+            }
+        };
+        if rng.below(3) == 0 {
+            let call = rec.now();
+            match request(
+                addr,
+                "GET",
+                &format!("/v1/plugins/election/roles/{role}"),
+                b"",
+            )
+            .await
+            {
+                Answer::Got(200, _, body) => observe(call, &body, false),
+                Answer::Got(404, ..) => {}
+                other => rec.failed(&other).await,
+            }
+            continue;
+        }
+        let ttl = 300 + rng.below(1200);
+        let body = format!(r#"{{"holder":"{holder}","ttl_ms":{ttl}}}"#);
+        let mut token = None;
+        for _ in 0..1 + rng.below(3) {
+            let call = rec.now();
+            match request(
+                addr,
+                "POST",
+                &format!("/v1/plugins/election/roles/{role}/acquire"),
+                body.as_bytes(),
+            )
+            .await
+            {
+                Answer::Got(200, _, b) => {
+                    observe(call, &b, true);
+                    token = lease_of(&b).map(|(_, t)| t);
+                }
+                // Held by another: what it says is a lease seen.
+                Answer::Got(409, _, b) => {
+                    observe(call, &b, false);
+                    break;
+                }
+                other => {
+                    rec.failed(&other).await;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(rng.below(ttl / 2))).await;
+        }
+        if let Some(token) = token
+            && rng.below(2) == 0
+        {
+            let body = format!(r#"{{"holder":"{holder}","token":{token}}}"#);
+            let path = format!("/v1/plugins/election/roles/{role}/release");
+            if let other @ (Answer::NotSent | Answer::Lost) =
+                request(addr, "POST", &path, body.as_bytes()).await
+            {
+                rec.failed(&other).await;
+            }
+        }
+    }
+}
+
 struct Cluster {
     dir: tempfile::TempDir,
     http: Vec<SocketAddr>,
@@ -386,6 +489,11 @@ token = "{TOKEN}"
 name = "kv"
 component = "bundled:replicated-kv"
 capabilities = ["consensus", "storage", "log"]
+
+[[plugins]]
+name = "election"
+component = "bundled:leader-election"
+capabilities = ["consensus", "storage", "timers", "log"]
 "#
                 ),
             );
@@ -598,6 +706,7 @@ async fn main() -> ExitCode {
     let rec = Arc::new(Recorder {
         started: Instant::now(),
         histories: Mutex::new(BTreeMap::new()),
+        leases: Mutex::new(BTreeMap::new()),
         tally: Mutex::new(Tally::default()),
     });
     let until = Instant::now() + Duration::from_secs(args.seconds);
@@ -615,6 +724,18 @@ async fn main() -> ExitCode {
             ))
         })
         .collect();
+    let elections: Vec<_> = (0..args.election_clients)
+        .map(|id| {
+            let client_rng = Rng::new(rng.below(u64::MAX));
+            tokio::spawn(election_client(
+                id,
+                client_rng,
+                http.clone(),
+                until,
+                rec.clone(),
+            ))
+        })
+        .collect();
     let firewall = Firewall::new();
     if firewall.is_none() {
         println!("torture: no iptables (or no right to use it): network faults left out");
@@ -627,12 +748,19 @@ async fn main() -> ExitCode {
             cluster.signal(i, "-CONT");
         }
     }
-    for c in clients {
+    for c in clients.into_iter().chain(elections) {
         let _ = c.await;
     }
     drop(cluster);
 
     let histories = std::mem::take(&mut *rec.histories.lock().unwrap());
+    let leases = std::mem::take(&mut *rec.leases.lock().unwrap());
+    let mut fencing_violations = Vec::new();
+    for (role, seen) in &leases {
+        for v in fencing::violations(seen) {
+            fencing_violations.push(format!("role {role}: {v}"));
+        }
+    }
     let tally = std::mem::take(&mut *rec.tally.lock().unwrap());
     let mut violations = Vec::new();
     let mut unchecked = Vec::new();
@@ -672,11 +800,21 @@ async fn main() -> ExitCode {
             )
         }
     );
+    println!(
+        "fencing tokens: {} grants and {} leases seen on {} roles, {} violations",
+        leases.values().flatten().filter(|o| o.grant).count(),
+        leases.values().flatten().filter(|o| !o.grant).count(),
+        leases.len(),
+        fencing_violations.len()
+    );
     println!("seed {}", args.seed);
-    if violations.is_empty() {
+    for v in &fencing_violations {
+        eprintln!("{v}");
+    }
+    if violations.is_empty() && fencing_violations.is_empty() {
         ExitCode::SUCCESS
     } else {
-        for key in violations {
+        for key in &violations {
             eprintln!("key k{key}: history is not linearizable");
         }
         eprintln!(
