@@ -133,6 +133,23 @@ impl TestNode {
     }
 
     /// Waits until `plugin` answers `GET path` with 200, up to `timeout`.
+    /// Waits (up to 20 s) until `plugin` has taken at least `n` client
+    /// requests in all.
+    pub async fn wait_requests(&self, plugin: &str, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let seen = self.node.plugin(plugin).map_or(0, |s| s.requests);
+            if seen >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{plugin} took {seen} of {n} requests"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     pub async fn wait_ok(&self, plugin: &str, path: &str, timeout: Duration) -> Response {
         let deadline = Instant::now() + timeout;
         loop {

@@ -873,8 +873,31 @@ async fn a_write_without_quorum_is_answered_504_and_the_node_keeps_serving() {
             .unwrap();
         (status, String::from_utf8_lossy(&body).into_owned())
     };
+    let taken = |addr| async move {
+        let (_, body) = http(addr, "GET", "/metrics", &[], b"").await.unwrap();
+        String::from_utf8(body)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("plexus_plugin_requests_total{plugin=\"kv\"")?
+                    .rsplit(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let before = taken(addr).await;
     let first = tokio::spawn(stuck("stuck-1"));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The second goes in once the plugin has taken the first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while taken(addr).await <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the first write never reached kv"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let second = tokio::spawn(stuck("stuck-2"));
     for answer in [first, second] {
         let (status, body) = answer.await.unwrap();

@@ -107,13 +107,24 @@ async fn the_node_campaigns_and_renews_by_timer() {
             .await,
     );
     assert_eq!(first["holder"], "node-1");
-    // More than a lease length later the node still holds it, with the same
-    // token (renewed, never lost) and a later expiry.
-    tokio::time::sleep(Duration::from_millis(4000)).await;
-    let later = body_json(
-        &n.call("election", Method::Get, "/roles/scheduler", b"")
-            .await,
-    );
+    // Renewed past the end of the first lease: the expiry moved on by a
+    // whole lease length, with the same token (renewed, never lost).
+    let first_expiry = first["expires_at_ms"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let later = loop {
+        let now = body_json(
+            &n.call("election", Method::Get, "/roles/scheduler", b"")
+                .await,
+        );
+        if now["expires_at_ms"].as_u64().unwrap() >= first_expiry + 3000 {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never renewed past the first lease: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(later["holder"], "node-1");
     assert_eq!(later["token"], first["token"]);
     assert_eq!(later["expired"], false);

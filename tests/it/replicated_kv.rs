@@ -167,7 +167,9 @@ async fn writes_during_a_hot_swap_are_all_counted() {
             })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // The swap happens while the writers are under way.
+    let before = n.node.plugin("kv").unwrap().requests;
+    n.wait_requests("kv", before + 8).await;
     n.node
         .swap("kv", plexus_tests::variant(&wasm("replicated-kv"), 1), None)
         .await

@@ -62,7 +62,9 @@ async fn swaps_under_concurrent_requests_lose_nothing() {
     ];
     let mut reports = Vec::new();
     for s in 0..SWAPS {
-        tokio::time::sleep(Duration::from_millis(15)).await;
+        // Each swap under load: the clients got requests in since the last.
+        let taken = n.node.plugin("kv").unwrap().requests;
+        n.wait_requests("kv", taken + 4).await;
         let report = n
             .node
             .swap("kv", versions[s % 2].clone(), None)
