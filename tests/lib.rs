@@ -335,6 +335,18 @@ impl Process {
         Process::start(cmd, dir, addr).await
     }
 
+    /// As [`Process::up`], with `env` set for the process.
+    pub async fn up_with_env(
+        dir: &Path,
+        config: &Path,
+        addr: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Process {
+        let mut cmd = Command::new(plexus_bin());
+        cmd.arg("up").arg(config).envs(env.iter().copied());
+        Process::start(cmd, dir, addr).await
+    }
+
     /// As [`Process::up`], with the process's open-file limit set to
     /// `open_files` (`ulimit -n`).
     pub async fn up_with_open_files(

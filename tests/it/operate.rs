@@ -151,16 +151,7 @@ async fn editing_the_config_reconciles_the_running_node() {
             .lines()
             .find(|l| l.contains("take effect when the node restarts"))
         {
-            // Without the terminal's colour codes, if any.
-            let plain: String = line
-                .split('\x1b')
-                .map(|part| {
-                    part.split_once('m')
-                        .filter(|_| part.starts_with('['))
-                        .map_or(part, |(_, rest)| rest)
-                })
-                .collect();
-            assert!(plain.contains("sections=node"), "{plain}");
+            assert!(line.contains("sections=node"), "{line}");
             break;
         }
         assert!(
@@ -431,4 +422,55 @@ async fn scaffolded_plugin_builds_loads_and_answers() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["count"], 7);
+}
+
+/// A log written to a file has no colour codes; `PLEXUS_LOG_FORMAT=json`
+/// gives one JSON object a line, with the event's fields as fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_plain_in_a_file_and_json_on_request() {
+    for json in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, config(port, KV)).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let env: &[(&str, &str)] = if json {
+            &[("PLEXUS_LOG_FORMAT", "json")]
+        } else {
+            &[]
+        };
+        let p = Process::up_with_env(dir.path(), &path, addr, env).await;
+        // An event with fields: a config edit the node reports.
+        std::fs::write(
+            &path,
+            config(port, KV).replace("[admin]", "max_connections = 100\n\n[admin]"),
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let line = loop {
+            let log = std::fs::read_to_string(&p.log).unwrap();
+            if let Some(l) = log
+                .lines()
+                .find(|l| l.contains("take effect when the node restarts"))
+            {
+                assert!(!log.contains('\x1b'), "colour codes in a log file: {log}");
+                break l.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no event logged: {log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if json {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["level"], "WARN", "{line}");
+            assert_eq!(v["fields"]["sections"], "node", "{line}");
+        } else {
+            assert!(
+                line.contains("WARN") && line.contains("sections=node"),
+                "{line}"
+            );
+        }
+    }
 }
