@@ -332,6 +332,27 @@ async fn admin_load_and_unload_over_http() {
         .await
         .unwrap();
     assert_eq!(status, 404);
+
+    // The component's bytes themselves, as `wasm_base64`.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(plexus_tests::wasm("chaos"));
+    let body = format!(
+        r#"{{"name": "chaos-2", "wasm_base64": "{b64}", "capabilities": ["consensus", "messaging", "storage", "timers", "log"]}}"#
+    );
+    let (status, out) = http(p.addr, "POST", "/v1/admin/plugins", &h, body.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&out));
+    let (status, _) = http(p.addr, "GET", "/v1/plugins/chaos-2/ping", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let body = br#"{"name": "chaos-3", "wasm_base64": "not base64!"}"#;
+    let (status, out) = http(p.addr, "POST", "/v1/admin/plugins", &h, body)
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&out).contains("wasm_base64"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
