@@ -129,8 +129,9 @@ pub(crate) fn deliver_all<P: Pattern>(
     last
 }
 
-/// Applies one entry. If it answers a submitted write, the answer is
-/// queued for the host and `None` is returned; otherwise its output.
+/// Applies one entry. If it answers a submitted write (this instance's, or
+/// one it took over at a swap), the answer is queued for the host and
+/// `None` is returned; otherwise its output.
 fn deliver<P: Pattern>(pattern: &mut P, entry: CommittedEntry) -> Option<Committed<P::Output>> {
     let (index, ticket) = (entry.index, entry.ticket);
     let done = Committed {
@@ -143,14 +144,16 @@ fn deliver<P: Pattern>(pattern: &mut P, entry: CommittedEntry) -> Option<Committ
     let answer = WAITING
         .with(|w| w.borrow_mut().remove(&ticket))
         .and_then(|a| a.downcast::<AnswerFn<P>>().ok());
-    match answer {
-        Some(answer) => {
-            let response = answer(pattern, done);
-            ANSWERS.with(|a| a.borrow_mut().push(Answer { ticket, response }));
-            None
-        }
-        None => Some(done),
+    // Without an answer of this instance's, the write was submitted by
+    // the version before a swap.
+    let response = match answer {
+        Some(answer) => Some(answer(pattern, done)),
+        None => pattern.answer_inherited(done),
+    };
+    if let Some(response) = response {
+        ANSWERS.with(|a| a.borrow_mut().push(Answer { ticket, response }));
     }
+    None
 }
 
 /// Drops the answers of submissions the host gave up on.

@@ -131,6 +131,21 @@ pub trait Pattern: Sized + 'static {
     /// count of entries applied.
     fn after_apply(&mut self) {}
 
+    /// Answers a write that the version before a hot swap submitted with
+    /// [`consensus::submit`] and this version applied: the earlier
+    /// version's answer went away with it. This happens to the writes in
+    /// flight at a cluster-wide swap (every node switches at the swap's
+    /// place in the log, so the entries after it are this version's to
+    /// apply) and to those a local swap could not finish within its
+    /// drain. Return the response the waiting client gets; the default,
+    /// `None`, lets the host answer 200 `{"applied": true}`. A plugin whose
+    /// answers depend only on the output gives the answer its `submit`
+    /// would have.
+    fn answer_inherited(&mut self, done: consensus::Committed<Self::Output>) -> Option<Response> {
+        let _ = done;
+        None
+    }
+
     /// Reacts to membership changes.
     fn on_membership(&mut self, events: Vec<MemberEvent>) {
         let _ = events;

@@ -201,3 +201,73 @@ async fn swap_hands_state_over_and_reports_the_pause() {
     assert_eq!(pong["pong"], 4, "the counter continued in the new version");
     assert_eq!(n.node.plugin("chaos").unwrap().version, report.to);
 }
+
+/// Writes in flight when a cluster-wide swap is applied are the new
+/// version's to apply, and it answers them: every client gets its write's
+/// real outcome (here 200, never "outcome unknown"), and each write is
+/// applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_wide_swap_answers_every_write_in_flight_with_its_real_outcome() {
+    const WRITERS: usize = 16;
+    const SWAPS: usize = 12;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let n = Arc::new(TestNode::new());
+    n.load(
+        "kv",
+        "replicated-kv",
+        caps(&["consensus", "storage"]),
+        PluginLimits::default(),
+        "{}",
+    )
+    .await;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (n, done) = (n.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                // Until the swaps are over, and at least a few each.
+                let mut i = 0;
+                while i < 10 || !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let r = n
+                        .call("kv", Method::Put, &format!("/kv/w{w}-{i}"), b"v")
+                        .await;
+                    answers.push((r.status, String::from_utf8_lossy(&r.body).into_owned()));
+                }
+                answers
+            })
+        })
+        .collect();
+    let kv = wasm("replicated-kv");
+    for s in 0..SWAPS {
+        let taken = n.node.plugin("kv").unwrap().requests;
+        n.wait_requests("kv", taken + 16).await;
+        n.node
+            .swap_cluster("kv", variant(&kv, 1 + (s % 2) as u8), None)
+            .await
+            .expect("cluster-wide swap");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for w in writers {
+        answers.extend(w.await.unwrap());
+    }
+    let wrong: Vec<_> = answers
+        .iter()
+        .filter(|(status, _)| *status != 200)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} writes not answered 200, e.g. {:?}",
+        wrong.len(),
+        answers.len(),
+        wrong.first()
+    );
+    let stats = body_json(&n.call("kv", Method::Get, "/stats", b"").await);
+    assert_eq!(
+        stats["applied"],
+        answers.len() as u64,
+        "each write applied once"
+    );
+    assert_eq!(n.node.plugin("kv").unwrap().swaps as usize, SWAPS);
+}

@@ -99,6 +99,18 @@ impl ConsensusCtx {
         self.submitted.contains(&ticket) || self.surfaced.contains(&ticket)
     }
 
+    /// Hands this instance's submissions in flight over (to the next
+    /// version, at a swap): they are no longer this instance's.
+    pub fn take_submitted(&mut self) -> HashSet<u64> {
+        std::mem::take(&mut self.submitted)
+    }
+
+    /// Takes over submissions of an earlier instance: their entries are
+    /// delivered to this one with their tickets set.
+    pub fn inherit(&mut self, tickets: impl IntoIterator<Item = u64>) {
+        self.submitted.extend(tickets);
+    }
+
     /// Forgets a failed submission. Returns whether it was outstanding.
     pub fn forget(&mut self, ticket: u64) -> bool {
         self.submitted.remove(&ticket)

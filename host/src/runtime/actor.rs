@@ -7,7 +7,7 @@
 //! hook that traps kills only its instance: the actor restarts the plugin
 //! with backoff while the mailbox keeps what arrives meanwhile.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -291,6 +291,10 @@ pub struct Instance {
     waiting: HashMap<u64, oneshot::Sender<Result<Response, CallError>>>,
     /// Failed tickets to pass to the next `apply`.
     dropped: Vec<u64>,
+    /// Tickets of writes an earlier version submitted and this one took
+    /// over at a swap: answered by this version's `apply` if it can, by the
+    /// host otherwise.
+    inherited: HashSet<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -438,6 +442,7 @@ impl Instance {
             generation,
             waiting: HashMap::new(),
             dropped: Vec::new(),
+            inherited: HashSet::new(),
         };
         let ctx = InitContext {
             config: inst.config_json.clone(),
@@ -597,16 +602,46 @@ impl Instance {
     /// entry was applied without an answer gets a 500.
     fn route(&mut self, answers: Vec<Answer>) {
         for a in answers {
+            self.inherited.remove(&a.ticket);
             if let Some(w) = self.waiting.remove(&a.ticket) {
                 let _ = w.send(Ok(a.response));
             }
         }
         for t in std::mem::take(&mut self.store.data_mut().consensus.surfaced) {
-            if let Some(w) = self.waiting.remove(&t) {
+            let Some(w) = self.waiting.remove(&t) else {
+                continue;
+            };
+            let response = if self.inherited.remove(&t) {
+                // Submitted by the version before a swap, applied by this
+                // one, which has no answer of its own for it: the write
+                // happened, once.
+                Response {
+                    status: 200,
+                    headers: vec![("content-type".into(), "application/json".into())],
+                    body: serde_json::to_vec(&serde_json::json!({
+                        "applied": true,
+                        "note": "applied by the version swapped in after it was submitted",
+                    }))
+                    .expect("JSON of literals"),
+                }
+            } else {
                 let msg = "the entry was applied, but the plugin gave no answer for it";
-                let _ = w.send(Ok(error_response(500, msg)));
-            }
+                error_response(500, msg)
+            };
+            let _ = w.send(Ok(response));
         }
+    }
+
+    /// Takes over the writes `old` has in flight and the requests waiting
+    /// on them, at a swap: their entries are applied by this instance, and
+    /// every client is answered once, with the write's real outcome.
+    fn inherit(&mut self, old: &mut Instance) {
+        let tickets = old.store.data_mut().consensus.take_submitted();
+        self.inherited.extend(tickets.iter().copied());
+        self.inherited.extend(old.waiting.keys().copied());
+        self.inherited.extend(old.inherited.drain());
+        self.store.data_mut().consensus.inherit(tickets);
+        self.waiting.extend(old.waiting.drain());
     }
 
     /// Answers every request still waiting on this instance, which is
@@ -1255,7 +1290,8 @@ impl Actor {
         let Some(inst) = self.instance.as_mut() else {
             return;
         };
-        if inst.generation != d.generation || !inst.store.data_mut().consensus.forget(d.ticket) {
+        let mine = inst.generation == d.generation || inst.inherited.remove(&d.ticket);
+        if !mine || !inst.store.data_mut().consensus.forget(d.ticket) {
             return;
         }
         inst.dropped.push(d.ticket);
@@ -1495,6 +1531,7 @@ impl Actor {
             Ok(Err(msg)) => return Err(SwapError::Restore(msg)),
             Err(e) => return Err(SwapError::Restore(e.to_string())),
         }
+        next.inherit(old);
         let report = SwapReport {
             from: old.prepared.version.clone(),
             to: next.prepared.version.clone(),

@@ -272,6 +272,13 @@ impl Pattern for Kv {
             .handle(self, req)
     }
 
+    // A write the version before a swap accepted is answered as that
+    // version would have: the answer depends on the outcome only.
+    fn answer_inherited(&mut self, done: consensus::Committed<Outcome>) -> Option<Response> {
+        self.served += 1;
+        Some(answer(done.output))
+    }
+
     fn apply(&mut self, entry: CommittedEntry) -> Outcome {
         let Ok(cmd) = consensus::decode::<Command>(&entry) else {
             return Outcome::Invalid;
