@@ -138,9 +138,10 @@ pub trait Pattern: Sized + 'static {
     /// place in the log, so the entries after it are this version's to
     /// apply) and to those a local swap could not finish within its
     /// drain. Return the response the waiting client gets; the default,
-    /// `None`, lets the host answer 200 `{"applied": true}`. A plugin whose
-    /// answers depend only on the output gives the answer its `submit`
-    /// would have.
+    /// `None`, lets the host answer 504: the write was applied once, but
+    /// its outcome (a conditional write may have been refused) is not known
+    /// to the host. A plugin whose answers depend only on the output gives
+    /// the answer its `submit` would have.
     fn answer_inherited(&mut self, done: consensus::Committed<Self::Output>) -> Option<Response> {
         let _ = done;
         None

@@ -1228,14 +1228,20 @@ impl RaftLog {
                             .as_ref()
                             .and_then(|r| r.get(&id).cloned().flatten())
                             .map_or(0, |l| l.index);
-                        if !known {
-                            let _ = self
-                                .raft
-                                .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
-                                .await;
-                        }
+                        let what = if known {
+                            "it stays the member it was"
+                        } else if self
+                            .raft
+                            .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+                            .await
+                            .is_ok()
+                        {
+                            "it was taken out as a learner"
+                        } else {
+                            "taking it out as a learner failed (this node may no longer lead); remove it with `plexus cluster leave`"
+                        };
                         return Err(LogError::Rejected(format!(
-                            "`{name}` did not catch up within {} s (it holds the log to index {matched} of {target}); it was taken out as a learner and the voters are unchanged",
+                            "`{name}` did not catch up within {} s (it holds the log to index {matched} of {target}); {what}, and the voters are unchanged",
                             CATCH_UP_TIMEOUT.as_secs()
                         )));
                     }
@@ -1653,6 +1659,9 @@ async fn follow_membership(
 ) {
     let mut metrics = raft.metrics();
     let mut seen: Option<Arc<openraft::StoredMembership<NodeId, BasicNode>>> = None;
+    // Removed members still to tell, with the index of the membership that
+    // removed them.
+    let mut owed: Vec<(NodeId, String, u64)> = Vec::new();
     loop {
         let membership = metrics.borrow_and_update().membership_config.clone();
         // The metrics change with every append and apply; the membership
@@ -1681,31 +1690,22 @@ async fn follow_membership(
                 )
             };
             // Members this membership left out: told so (so they stop
-            // campaigning), then forgotten by the transport.
+            // campaigning), then forgotten by the transport, once the
+            // membership is committed (applied here).
             if let Some(before) = &seen {
-                let gone: Vec<String> = {
-                    let names = names.read().expect("names poisoned");
-                    before
-                        .nodes()
-                        .filter(|(id, _)| {
-                            **id != me && membership.membership().get_node(id).is_none()
-                        })
-                        .filter_map(|(id, _)| names.get(id).cloned())
-                        .collect()
-                };
-                for name in gone {
-                    let transport = transport.clone();
-                    tokio::spawn(async move {
-                        let _ = transport
-                            .request(&name, kind::REMOVED, enc(&index), Duration::from_secs(2))
-                            .await;
-                        transport.remove_peer(&name);
-                    });
+                let names = names.read().expect("names poisoned");
+                for (id, _) in before.nodes() {
+                    if *id != me
+                        && membership.membership().get_node(id).is_none()
+                        && let Some(name) = names.get(id)
+                    {
+                        owed.push((*id, name.clone(), index));
+                    }
                 }
             }
             if membership.membership().voter_ids().any(|v| v == me) {
                 let mut r = removed.lock().expect("removed poisoned");
-                if r.is_some_and(|at| index > at) {
+                if r.is_some_and(|at| index != at) {
                     tracing::info!(index, "this node is a voter again; it campaigns again");
                     *r = None;
                     raft.runtime_config().elect(true);
@@ -1722,6 +1722,34 @@ async fn follow_membership(
                 changed
             });
             seen = Some(membership);
+        }
+        let applied = metrics
+            .borrow()
+            .last_applied
+            .as_ref()
+            .map_or(0, |l| l.index);
+        for (id, name, index) in std::mem::take(&mut owed) {
+            if index > applied {
+                owed.push((id, name, index));
+                continue;
+            }
+            let (transport, raft) = (transport.clone(), raft.clone());
+            tokio::spawn(async move {
+                let _ = transport
+                    .request(&name, kind::REMOVED, enc(&index), Duration::from_secs(2))
+                    .await;
+                // Unless it was added again meanwhile.
+                let back = raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .is_some();
+                if !back {
+                    transport.remove_peer(&name);
+                }
+            });
         }
         if metrics.changed().await.is_err() {
             return;

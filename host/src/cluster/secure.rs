@@ -223,6 +223,14 @@ pub async fn hello(
     if hello.protocol != PEER_PROTOCOL {
         return Err(HandshakeError::Protocol(hello.protocol));
     }
+    // Names only, before they reach a log line.
+    for name in [&hello.from, &hello.to] {
+        if crate::config::check_name(name).is_err() {
+            return Err(HandshakeError::Malformed(
+                "hello names a node id that is not [a-z0-9-], 1..=64 bytes".into(),
+            ));
+        }
+    }
     if hello.to != me {
         return Err(HandshakeError::WrongNode {
             to: hello.to,
@@ -471,6 +479,24 @@ mod tests {
         let mut o = cb.opener(b);
         let err = o.take(14).await.err().unwrap();
         assert!(err.to_string().contains("integrity"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_hello_naming_no_valid_node_id_is_refused_before_any_log() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let body = postcard::to_allocvec(&Hello {
+            protocol: PEER_PROTOCOL,
+            from: "\u{1b}[31mevil\nnode".into(),
+            to: "b".into(),
+        })
+        .unwrap();
+        a.write_all(&(body.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
+        a.write_all(&body).await.unwrap();
+        let err = hello(&mut b, "b").await.err().unwrap();
+        assert!(!err.to_string().contains('\u{1b}'), "{err}");
+        assert!(err.to_string().contains("not [a-z0-9-]"), "{err}");
     }
 
     #[tokio::test]

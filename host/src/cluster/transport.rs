@@ -34,6 +34,30 @@ pub const MAX_FRAME: usize = 32 << 20;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Incoming connections allowed in their handshake at once.
 const MAX_HANDSHAKES: usize = 64;
+/// Of those, from one source address.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+
+/// A handshake's place in the per-source count; given back when dropped.
+struct SourceSlot(
+    Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    std::net::IpAddr,
+);
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        release(&self.0, self.1);
+    }
+}
+
+fn release(counts: &Mutex<HashMap<std::net::IpAddr, usize>>, ip: std::net::IpAddr) {
+    let mut counts = counts.lock().expect("sources poisoned");
+    if let Some(n) = counts.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&ip);
+        }
+    }
+}
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a transport call failed.
@@ -119,6 +143,8 @@ struct Peer {
     out: Mutex<Option<mpsc::Sender<Frame>>>,
     pending: Pending,
     dialing: tokio::sync::Mutex<()>,
+    /// Set when the peer is removed or moved: its incoming links close.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 impl Peer {
@@ -128,6 +154,7 @@ impl Peer {
             out: Mutex::new(None),
             pending: Arc::new(Mutex::new(HashMap::new())),
             dialing: tokio::sync::Mutex::new(()),
+            gone: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -240,7 +267,8 @@ impl Transport {
         tracing::info!(peer = id, %addr, "peer added");
         if let Some(old) = peers.insert(id.to_string(), Arc::new(Peer::new(addr))) {
             // Dropping the sender ends the old connection's writer, which
-            // closes it.
+            // closes it; its incoming links close at their next frame.
+            old.gone.store(true, Ordering::Relaxed);
             old.out.lock().expect("peer poisoned").take();
         }
     }
@@ -250,6 +278,7 @@ impl Transport {
     pub fn remove_peer(&self, id: &str) {
         if let Some(old) = self.peers.write().expect("peers poisoned").remove(id) {
             tracing::info!(peer = id, "peer removed");
+            old.gone.store(true, Ordering::Relaxed);
             old.out.lock().expect("peer poisoned").take();
         }
     }
@@ -280,6 +309,9 @@ impl Transport {
             // half-open connections cannot take the descriptors that real
             // peers need.
             let handshaking = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+            // And at most a few from one address, so one source cannot
+            // hold them all.
+            let by_source: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
             loop {
                 let (stream, remote) = match listener.accept().await {
                     Ok(s) => s,
@@ -289,16 +321,39 @@ impl Transport {
                         continue;
                     }
                 };
+                let ip = remote.ip();
+                {
+                    let mut counts = by_source.lock().expect("sources poisoned");
+                    let n = counts.entry(ip).or_default();
+                    if *n >= MAX_HANDSHAKES_PER_SOURCE {
+                        drop(counts);
+                        junk::PEER.note(format_args!(
+                            "refusing a peer connection from {remote}: {MAX_HANDSHAKES_PER_SOURCE} handshakes from {ip} already under way"
+                        ));
+                        continue;
+                    }
+                    *n += 1;
+                }
                 let Ok(permit) = handshaking.clone().try_acquire_owned() else {
+                    release(&by_source, ip);
                     junk::PEER.note(format_args!(
                         "refusing a peer connection from {remote}: {MAX_HANDSHAKES} handshakes already under way"
                     ));
                     continue;
                 };
                 let conn = this.clone();
+                let by_source = by_source.clone();
                 this.tasks.spawn(async move {
-                    if let Err(e) = conn.serve_incoming(stream, permit).await {
-                        junk::PEER.note(format_args!("peer connection from {remote} closed: {e}"));
+                    let source = SourceSlot(by_source, ip);
+                    match conn.serve_incoming(stream, permit, source).await {
+                        // A peer that closed its link (restarting, say).
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            tracing::debug!(%remote, "peer connection closed: {e}");
+                        }
+                        Err(e) => {
+                            junk::PEER.note(format_args!("peer connection from {remote} closed: {e}"))
+                        }
+                        Ok(()) => {}
                     }
                 });
             }
@@ -309,29 +364,49 @@ impl Transport {
         self: Arc<Self>,
         mut stream: TcpStream,
         permit: tokio::sync::OwnedSemaphorePermit,
+        source: SourceSlot,
     ) -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
-        let (peer, cipher) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (peer, known, cipher) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
             let hello = secure::hello(&mut stream, &self.node).await?;
-            if self.peer(&hello.from).is_none() {
+            let Some(known) = self.peer(&hello.from) else {
                 return Err(secure::HandshakeError::Malformed(format!(
                     "`{}` is not a member this node knows",
                     hello.from
                 )));
-            }
+            };
             let cipher = secure::accept(&mut stream, &self.keys, &hello.from, &self.node).await?;
-            Ok((hello.from, cipher))
+            Ok((hello.from, known, cipher))
         })
         .await
         .map_err(|_| std::io::Error::other("handshake timed out"))?
         .map_err(std::io::Error::other)?;
-        drop(permit);
         let (rd, wr) = stream.into_split();
         let mut rd = cipher.opener(tokio::io::BufReader::with_capacity(READ_BUFFER, rd));
+        // A dialler sends its first frame right after the handshake. A
+        // replayed first handshake message completes a handshake too, but
+        // its sender has no keys to seal a frame with: the link counts as
+        // a handshake until a sealed frame arrives, and is closed if none
+        // does in time.
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd))
+            .await
+            .map_err(|_| std::io::Error::other("no sealed frame after the handshake"))??;
+        drop(permit);
+        drop(source);
         let (tx, rx) = mpsc::channel::<Frame>(1024);
         self.tasks.spawn(writer(wr, cipher.sealer(), rx));
+        let mut next = Some(first);
         loop {
-            match read_frame(&mut rd).await? {
+            let frame = match next.take() {
+                Some(f) => f,
+                None => read_frame(&mut rd).await?,
+            };
+            if known.gone.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other(format!(
+                    "`{peer}` is no longer a member this node knows"
+                )));
+            }
+            match frame {
                 Frame::Request { id, kind, body } => {
                     let Some(handler) = self.handler() else {
                         continue;
@@ -386,7 +461,16 @@ impl Transport {
             )
             .await
             {
-                Ok(Ok(cipher)) => return Ok((stream, cipher)),
+                Ok(Ok(cipher)) => {
+                    if key > 0 {
+                        tracing::warn!(
+                            peer = id,
+                            "the peer accepted only an earlier secret (previous_secrets[{}]); finish the rotation and drop the earlier secrets",
+                            key - 1
+                        );
+                    }
+                    return Ok((stream, cipher));
+                }
                 Ok(Err(e @ secure::HandshakeError::Refused(_))) => last = e.to_string(),
                 Ok(Err(e)) => return Err(unreachable(e.to_string())),
                 Err(_) => return Err(unreachable("handshake timed out".into())),
@@ -520,8 +604,17 @@ async fn connect_from(
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    if let Some(ip) = from.filter(|ip| ip.is_ipv4() == to.is_ipv4()) {
-        socket.bind(SocketAddr::new(ip, 0))?;
+    if let Some(ip) = from.filter(|ip| ip.is_ipv4() == to.is_ipv4())
+        && socket.bind(SocketAddr::new(ip, 0)).is_ok()
+    {
+        match socket.connect(to).await {
+            Ok(stream) => return Ok(stream),
+            // The routes do not let this address reach the peer (policy
+            // routing, say): connect from whatever address they choose.
+            Err(e) if e.kind() != std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e),
+        }
+        return TcpStream::connect(to).await;
     }
     socket.connect(to).await
 }

@@ -113,6 +113,7 @@ impl Connections {
 
     /// A slot for a connection from `client`, or why there is none.
     pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<Slot, Refusal> {
+        let client = bucket(client);
         let mut open = self.open.lock().expect("connections poisoned");
         if open.total >= self.max {
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +143,19 @@ impl Drop for Slot {
                 open.by_client.remove(&self.client);
             }
         }
+    }
+}
+
+/// The address a client is counted under: an IPv6 client by its /64, the
+/// block one host is usually given.
+fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::from(o)
+        }
+        v4 => v4,
     }
 }
 
@@ -185,5 +199,16 @@ mod tests {
             body["error"],
             "too many connections: this node serves at most 7 at once"
         );
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        let c = Connections::new(10, 1);
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        let _s = c.admit(a).unwrap();
+        assert!(c.admit(b).is_err(), "the same /64 is one client");
+        assert!(c.admit(other).is_ok());
     }
 }

@@ -612,18 +612,13 @@ impl Instance {
                 continue;
             };
             let response = if self.inherited.remove(&t) {
-                // Submitted by the version before a swap, applied by this
-                // one, which has no answer of its own for it: the write
-                // happened, once.
-                Response {
-                    status: 200,
-                    headers: vec![("content-type".into(), "application/json".into())],
-                    body: serde_json::to_vec(&serde_json::json!({
-                        "applied": true,
-                        "note": "applied by the version swapped in after it was submitted",
-                    }))
-                    .expect("JSON of literals"),
-                }
+                // Submitted by the version before a swap and applied once
+                // by this one, which has no answer of its own for it: what
+                // the write did is in the log and storage, not known here.
+                error_response(
+                    504,
+                    "outcome unknown to this version: the write was applied once, by the version swapped in after it was submitted, which gave no answer for it",
+                )
             } else {
                 let msg = "the entry was applied, but the plugin gave no answer for it";
                 error_response(500, msg)
