@@ -481,19 +481,24 @@ mod tests {
         assert!(err.to_string().contains("integrity"), "{err}");
     }
 
+    /// Writes a hello as a dialler would, with any protocol and names.
+    async fn send_hello(w: &mut (impl AsyncWrite + Unpin), protocol: u32, from: &str, to: &str) {
+        let body = postcard::to_allocvec(&Hello {
+            protocol,
+            from: from.into(),
+            to: to.into(),
+        })
+        .unwrap();
+        w.write_all(&(body.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
+        w.write_all(&body).await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_hello_naming_no_valid_node_id_is_refused_before_any_log() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let body = postcard::to_allocvec(&Hello {
-            protocol: PEER_PROTOCOL,
-            from: "\u{1b}[31mevil\nnode".into(),
-            to: "b".into(),
-        })
-        .unwrap();
-        a.write_all(&(body.len() as u32).to_be_bytes())
-            .await
-            .unwrap();
-        a.write_all(&body).await.unwrap();
+        send_hello(&mut a, PEER_PROTOCOL, "\u{1b}[31mevil\nnode", "b").await;
         let err = hello(&mut b, "b").await.err().unwrap();
         assert!(!err.to_string().contains('\u{1b}'), "{err}");
         assert!(err.to_string().contains("not [a-z0-9-]"), "{err}");
@@ -502,16 +507,7 @@ mod tests {
     #[tokio::test]
     async fn another_protocol_version_is_named() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let body = postcard::to_allocvec(&Hello {
-            protocol: 1,
-            from: "a".into(),
-            to: "b".into(),
-        })
-        .unwrap();
-        a.write_all(&(body.len() as u32).to_be_bytes())
-            .await
-            .unwrap();
-        a.write_all(&body).await.unwrap();
+        send_hello(&mut a, 1, "a", "b").await;
         let err = hello(&mut b, "b").await.err().unwrap();
         assert!(err.to_string().contains("peer protocol 1"), "{err}");
     }
