@@ -198,17 +198,11 @@ pub fn check(history: &[Event], max_steps: u64) -> Option<bool> {
         nodes[q].prev = id;
     };
 
-    let mut linearized = vec![false; n];
+    // The linearized set as a bitset, kept up to date in place: the memo
+    // takes a copy of it, no more.
+    let mut linearized = vec![0u64; n.div_ceil(64)];
+    let flip = |set: &mut Vec<u64>, op: usize| set[op / 64] ^= 1 << (op % 64);
     let mut memo: HashSet<(Vec<u64>, State)> = HashSet::new();
-    let bits = |lin: &[bool]| -> Vec<u64> {
-        let mut b = vec![0u64; lin.len().div_ceil(64)];
-        for (i, &on) in lin.iter().enumerate() {
-            if on {
-                b[i / 64] |= 1 << (i % 64);
-            }
-        }
-        b
-    };
     // A frame: the operation linearized, the state before it, and the
     // other states it could have led to, still to try.
     let mut stack: Vec<(usize, State, Vec<State>)> = Vec::new();
@@ -233,8 +227,8 @@ pub fn check(history: &[Event], max_steps: u64) -> Option<bool> {
             let mut options = step(&state, &history[node.op].op);
             let mut placed = false;
             while let Some(next) = options.pop() {
-                linearized[node.op] = true;
-                let key = (bits(&linearized), next.clone());
+                flip(&mut linearized, node.op);
+                let key = (linearized.clone(), next.clone());
                 if memo.insert(key) {
                     stack.push((node.op, state.clone(), options));
                     state = next;
@@ -244,7 +238,7 @@ pub fn check(history: &[Event], max_steps: u64) -> Option<bool> {
                     placed = true;
                     break;
                 }
-                linearized[node.op] = false;
+                flip(&mut linearized, node.op);
             }
             if !placed {
                 entry = node.next;
@@ -260,11 +254,11 @@ pub fn check(history: &[Event], max_steps: u64) -> Option<bool> {
                 relink(&mut nodes, r);
                 relink(&mut nodes, c);
                 state = before;
-                linearized[op] = false;
+                flip(&mut linearized, op);
                 let mut placed = false;
                 while let Some(next) = options.pop() {
-                    linearized[op] = true;
-                    if memo.insert((bits(&linearized), next.clone())) {
+                    flip(&mut linearized, op);
+                    if memo.insert((linearized.clone(), next.clone())) {
                         stack.push((op, state.clone(), options));
                         state = next;
                         unlink(&mut nodes, c);
@@ -273,7 +267,7 @@ pub fn check(history: &[Event], max_steps: u64) -> Option<bool> {
                         placed = true;
                         break;
                     }
-                    linearized[op] = false;
+                    flip(&mut linearized, op);
                 }
                 if placed {
                     break;

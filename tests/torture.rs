@@ -765,11 +765,22 @@ async fn main() -> ExitCode {
     let mut violations = Vec::new();
     let mut unchecked = Vec::new();
     let checked_at = Instant::now();
-    for (key, history) in &histories {
-        match check(history, CHECK_STEPS) {
+    // Keys are independent registers: checked side by side.
+    let verdicts: Vec<(usize, Option<bool>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = histories
+            .iter()
+            .map(|(key, history)| scope.spawn(move || (*key, check(history, CHECK_STEPS))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a checker thread panicked"))
+            .collect()
+    });
+    for (key, verdict) in verdicts {
+        match verdict {
             Some(true) => {}
-            Some(false) => violations.push(*key),
-            None => unchecked.push(*key),
+            Some(false) => violations.push(key),
+            None => unchecked.push(key),
         }
     }
     println!(
