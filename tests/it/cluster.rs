@@ -656,7 +656,8 @@ async fn kv_status(addr: SocketAddr) -> serde_json::Value {
     serde_json::from_slice(&body).unwrap()
 }
 
-/// The value of the counter or gauge `name` in `addr`'s `/metrics`.
+/// The value of the counter or gauge `name` (with its labels, if any) in
+/// `addr`'s `/metrics`.
 pub(crate) async fn counter(addr: SocketAddr, name: &str) -> u64 {
     let (_, body) = http(addr, "GET", "/metrics", &[], b"").await.unwrap();
     let body = String::from_utf8(body).unwrap();

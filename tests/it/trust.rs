@@ -12,18 +12,9 @@ use plexus_tests::{Process, cluster_node_config, free_port, http, loopback_addrs
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::cluster::{Cluster, admin, put, read, status, voters};
+use super::cluster::{Cluster, admin, counter as metric, put, read, status, voters};
 
 const TOKEN: &str = "trust-token";
-
-/// The value of `name` (with its labels, if any) in `/metrics`.
-async fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let (_, body) = http(addr, "GET", "/metrics", &[], b"").await.unwrap();
-    let body = String::from_utf8(body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
-}
 
 /// Reads a dialler's hello and first handshake message, as a relay would.
 async fn read_handshake(s: &mut TcpStream) -> (Vec<u8>, Vec<u8>) {
