@@ -3,6 +3,7 @@
 //! linearizability checker and a fencing-token checker for the torture
 //! harness.
 
+pub mod backend;
 pub mod fencing;
 pub mod linearizability;
 
@@ -98,6 +99,30 @@ impl TestNode {
                 capabilities: caps,
                 limits,
                 config_json: config.into(),
+                access: Default::default(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    }
+
+    /// As [`TestNode::load`], with whom the plugin may call.
+    pub async fn load_with(
+        &self,
+        name: &str,
+        plugin: &str,
+        caps: BTreeSet<Capability>,
+        limits: PluginLimits,
+        config: &str,
+        access: plexus::runtime::actor::Access,
+    ) {
+        self.node
+            .load(LoadSpec {
+                name: name.into(),
+                component: wasm(plugin),
+                capabilities: caps,
+                limits,
+                config_json: config.into(),
+                access,
             })
             .await
             .unwrap_or_else(|e| panic!("loading {name}: {e}"));
@@ -126,6 +151,7 @@ impl TestNode {
             query: query.into(),
             headers: Vec::new(),
             body: body.to_vec(),
+            source: plexus::runtime::bindings::pattern::RequestSource::Client,
         };
         self.node
             .request(plugin, req, Duration::from_secs(20))
@@ -190,6 +216,7 @@ pub fn limits(memory_mib: u64, cpu_ms: u64) -> PluginLimits {
         memory_bytes: memory_mib << 20,
         cpu: Duration::from_millis(cpu_ms),
         mailbox: 1024,
+        ..PluginLimits::default()
     }
 }
 
@@ -315,6 +342,38 @@ election_timeout_ms = [600, 1200]
         listen = peer[i],
         peers = peers.join(", ")
     )
+}
+
+/// Sends one HTTP/1.1 request and returns status, headers (lower-case
+/// names) and body.
+pub async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::copy_from_slice(body)))?)
+        .await?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+        .collect();
+    let body = resp.into_body().collect().await?.to_bytes().to_vec();
+    Ok((status, headers, body))
 }
 
 /// A `plexus up` process; killed when dropped.

@@ -102,9 +102,12 @@ async fn main() -> anyhow::Result<()> {
         memory_bytes: 64 << 20,
         cpu: Duration::from_secs(3600),
         mailbox: 1024,
+        ..PluginLimits::default()
     };
+    let access = plexus::runtime::actor::Access::default();
     let (tx, _rx) = mpsc::channel::<Mail>(1);
     let (drops, _dropped) = mpsc::unbounded_channel();
+    let (replies, _replied) = mpsc::unbounded_channel();
     let mut inst_times = Vec::new();
     for i in 0..(2000 / scale) {
         let t = Instant::now();
@@ -113,9 +116,11 @@ async fn main() -> anyhow::Result<()> {
             "chaos",
             node.services(),
             &limits,
+            &access,
             Channels {
                 mailbox: tx.downgrade(),
                 drops: drops.clone(),
+                replies: replies.clone(),
             },
             i as u64,
             0,
@@ -138,9 +143,11 @@ async fn main() -> anyhow::Result<()> {
         "chaos",
         node.services(),
         &limits,
+        &access,
         Channels {
             mailbox: tx.downgrade(),
             drops: drops.clone(),
+            replies: replies.clone(),
         },
         0,
         0,
@@ -156,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
         node: "bench".into(),
         name: "chaos".into(),
         version: prepared.version.clone(),
-        limits: CallLimits::default().to_wit(),
+        limits: CallLimits::default().to_wit(Default::default()),
     };
     pattern
         .call_init(&mut store, &ctx)
@@ -254,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
             ..limits
         },
         config_json: "{}".into(),
+        access: Default::default(),
     })
     .await?;
     let m = 300_000 / scale;
@@ -287,6 +295,7 @@ async fn main() -> anyhow::Result<()> {
         capabilities: all.clone(),
         limits: PluginLimits::default(),
         config_json: "{}".into(),
+        access: Default::default(),
     })
     .await?;
     let req = |method: Method, path: &str, body: &[u8]| Request {
@@ -299,6 +308,7 @@ async fn main() -> anyhow::Result<()> {
         },
         headers: Vec::new(),
         body: body.to_vec(),
+        source: plexus::runtime::bindings::pattern::RequestSource::Client,
     };
     node.request(
         "kv",

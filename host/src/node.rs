@@ -17,11 +17,13 @@ use crate::primitives::CallLimits;
 use crate::primitives::consensus::Control;
 use crate::primitives::membership::MembershipView;
 use crate::primitives::messaging::{Delivery, Envelope, KIND_MESSAGE, KIND_REQUEST};
+use crate::primitives::plugins::Directory;
+use crate::primitives::wire::{Answered, Forwarded, KIND_CALL, KIND_FORWARD, PluginCall};
 use crate::runtime::actor::{
-    CallError, PluginHandle, PluginLimits, PluginSpec, PluginStatus, Services, SwapError,
+    Access, CallError, PluginHandle, PluginLimits, PluginSpec, PluginStatus, Services, SwapError,
     SwapReport,
 };
-use crate::runtime::bindings::pattern::{Request, Response};
+use crate::runtime::bindings::pattern::{Request, RequestSource, Response};
 use crate::runtime::engine::Runtime;
 use crate::runtime::{Capability, LoadError, prepare};
 
@@ -73,6 +75,9 @@ impl Handler for PeerHandler {
         kind: u8,
         body: Vec<u8>,
     ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        if kind == KIND_FORWARD || kind == KIND_CALL {
+            return self.plugin_request(from, kind, body);
+        }
         if kind != KIND_REQUEST {
             return self.raft.handle(kind, body).unwrap_or_else(|| {
                 Box::pin(async move { Err(format!("unknown request kind {kind}")) })
@@ -124,6 +129,105 @@ impl Handler for PeerHandler {
     }
 }
 
+impl PeerHandler {
+    /// A client request forwarded here, or a plugin's call: the plugin's
+    /// answer, or how it failed, is the reply.
+    fn plugin_request(
+        &self,
+        from: String,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        let node = self.node.clone();
+        Box::pin(async move {
+            let (plugin, req, hops, timeout_ms) = if kind == KIND_FORWARD {
+                let f: Forwarded = postcard::from_bytes(&body)
+                    .map_err(|e| format!("malformed forwarded request: {e}"))?;
+                let req = f
+                    .request
+                    .into_request(RequestSource::Forwarded(from.clone()))
+                    .ok_or("malformed forwarded request: unknown method")?;
+                (f.plugin, req, f.hops, f.timeout_ms)
+            } else {
+                let c: PluginCall = postcard::from_bytes(&body)
+                    .map_err(|e| format!("malformed plugin call: {e}"))?;
+                let timeout_ms = c.timeout_ms;
+                let (plugin, req) = c
+                    .into_request(&from)
+                    .ok_or("malformed plugin call: unknown method")?;
+                (plugin, req, 0, timeout_ms)
+            };
+            let node = node.upgrade().ok_or("node stopping")?;
+            let timeout = Duration::from_millis(u64::from(timeout_ms.clamp(1, 60_000)));
+            let answered = node.plugins.call(&plugin, req, hops, timeout).await;
+            Ok(answered.encode())
+        })
+    }
+}
+
+/// The plugins of a node, by name.
+#[derive(Default)]
+struct PluginMap(RwLock<BTreeMap<String, Arc<PluginHandle>>>);
+
+impl PluginMap {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<PluginHandle>>> {
+        self.0.read().expect("plugin map poisoned")
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<PluginHandle>>> {
+        self.0.write().expect("plugin map poisoned")
+    }
+}
+
+/// What a plugin's answer to a request handed to it means to the caller.
+fn answered(plugin: &str, r: Result<Response, CallError>) -> Answered {
+    match r {
+        Ok(response) => Answered::Response(response.into()),
+        Err(e @ CallError::Timeout) => Answered::Unknown(format!("`{plugin}`: {e}")),
+        Err(e) => Answered::Failed(format!("`{plugin}`: {e}")),
+    }
+}
+
+impl Directory for PluginMap {
+    fn call(
+        &self,
+        plugin: &str,
+        req: Request,
+        hops: u8,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Answered> {
+        let handle = self.read().get(plugin).cloned();
+        let plugin = plugin.to_string();
+        Box::pin(async move {
+            let Some(handle) = handle else {
+                return Answered::NoSuchPlugin(plugin);
+            };
+            answered(&plugin, handle.forwarded(req, hops, timeout).await)
+        })
+    }
+}
+
+/// The directory handed to plugins: weak, so that plugins holding it do
+/// not keep their own map alive.
+struct WeakDirectory(Weak<PluginMap>);
+
+impl Directory for WeakDirectory {
+    fn call(
+        &self,
+        plugin: &str,
+        req: Request,
+        hops: u8,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Answered> {
+        match self.0.upgrade() {
+            Some(map) => map.call(plugin, req, hops, timeout),
+            None => Box::pin(std::future::ready(Answered::Failed(
+                "the node is stopping".into(),
+            ))),
+        }
+    }
+}
+
 /// The outcome of a cluster-wide swap on this node.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterSwap {
@@ -146,6 +250,8 @@ pub struct LoadSpec {
     pub limits: PluginLimits,
     /// The `config` table as JSON.
     pub config_json: String,
+    /// Whom it may call.
+    pub access: Access,
 }
 
 /// Why a node operation failed.
@@ -193,12 +299,7 @@ impl crate::cluster::log::Capture for Captor {
         std::collections::HashMap<String, crate::cluster::log::RestorePoint>,
     > {
         let handles: Vec<Arc<PluginHandle>> = self.0.upgrade().map_or_else(Vec::new, |node| {
-            node.plugins
-                .read()
-                .expect("plugin map poisoned")
-                .values()
-                .cloned()
-                .collect()
+            node.plugins.read().values().cloned().collect()
         });
         Box::pin(async move {
             let mut set = tokio::task::JoinSet::new();
@@ -231,7 +332,7 @@ pub struct Node {
     id: String,
     runtime: Arc<Runtime>,
     services: Services,
-    plugins: RwLock<BTreeMap<String, Arc<PluginHandle>>>,
+    plugins: Arc<PluginMap>,
     /// The replicated log, in a cluster.
     raft: Option<Arc<RaftLog>>,
     /// Where the replicated log and the peer connections run, in a cluster.
@@ -401,13 +502,7 @@ impl Node {
         tokio::spawn(async move {
             while let Some(events) = events_rx.recv().await {
                 let Some(node) = weak.upgrade() else { return };
-                let handles: Vec<_> = node
-                    .plugins
-                    .read()
-                    .expect("plugin map poisoned")
-                    .values()
-                    .cloned()
-                    .collect();
+                let handles: Vec<_> = node.plugins.read().values().cloned().collect();
                 for h in handles {
                     h.membership(events.clone()).await;
                 }
@@ -432,6 +527,7 @@ impl Node {
         let runtime = Runtime::new(Some(opts.data_dir.join("cache")))?;
         let kv = RedbKv::open(&opts.data_dir.join("state.redb"))
             .with_context(|| format!("opening {}", opts.data_dir.join("state.redb").display()))?;
+        let plugins = Arc::new(PluginMap::default());
         let services = Services {
             kv: Arc::new(kv),
             log,
@@ -440,12 +536,14 @@ impl Node {
             transport,
             runtime: runtime.clone(),
             clock: opts.clock,
+            directory: Arc::new(WeakDirectory(Arc::downgrade(&plugins))),
+            http: Arc::new(crate::primitives::outbound::OutboundClient::default()),
         };
         let node = Arc::new(Node {
             id: opts.id,
             runtime,
             services,
-            plugins: RwLock::new(BTreeMap::new()),
+            plugins,
             raft,
             _consensus: consensus,
         });
@@ -499,7 +597,6 @@ impl Node {
     fn get(&self, name: &str) -> Result<Arc<PluginHandle>, NodeError> {
         self.plugins
             .read()
-            .expect("plugin map poisoned")
             .get(name)
             .cloned()
             .ok_or_else(|| NodeError::NoSuchPlugin(name.to_string()))
@@ -533,12 +630,7 @@ impl Node {
     /// the swapped version, not the one in `spec`: every node applies the
     /// plugin's stream with the same code.
     pub async fn load(&self, mut spec: LoadSpec) -> Result<PluginStatus, NodeError> {
-        if self
-            .plugins
-            .read()
-            .expect("plugin map poisoned")
-            .contains_key(&spec.name)
-        {
+        if self.plugins.read().contains_key(&spec.name) {
             return Err(NodeError::AlreadyLoaded(spec.name));
         }
         if spec.limits.memory_bytes > crate::runtime::engine::MAX_MEMORY_BYTES {
@@ -578,6 +670,7 @@ impl Node {
                 capabilities: spec.capabilities,
                 limits: spec.limits,
                 config_json: spec.config_json,
+                access: spec.access,
             },
             prepared,
             self.services.clone(),
@@ -591,7 +684,7 @@ impl Node {
             handle.mark_swapped(index);
         }
         let status = handle.status();
-        let mut plugins = self.plugins.write().expect("plugin map poisoned");
+        let mut plugins = self.plugins.write();
         if plugins.contains_key(&name) {
             return Err(NodeError::AlreadyLoaded(name));
         }
@@ -710,7 +803,6 @@ impl Node {
         let handle = self
             .plugins
             .write()
-            .expect("plugin map poisoned")
             .remove(name)
             .ok_or_else(|| NodeError::NoSuchPlugin(name.to_string()))?;
         handle.stop().await;
@@ -771,19 +863,13 @@ impl Node {
 
     /// Status of every plugin, by name.
     pub fn plugins(&self) -> Vec<PluginStatus> {
-        self.plugins
-            .read()
-            .expect("plugin map poisoned")
-            .values()
-            .map(|h| h.status())
-            .collect()
+        self.plugins.read().values().map(|h| h.status()).collect()
     }
 
     /// Status and latency histograms of every plugin, by name.
     pub fn plugin_metrics(&self) -> Vec<(PluginStatus, crate::runtime::metrics::PluginMetrics)> {
         self.plugins
             .read()
-            .expect("plugin map poisoned")
             .values()
             .map(|h| (h.status(), h.metrics()))
             .collect()
@@ -796,7 +882,7 @@ impl Node {
 
     /// Stops every plugin.
     pub async fn shutdown(&self) {
-        let all: Vec<_> = std::mem::take(&mut *self.plugins.write().expect("plugin map poisoned"))
+        let all: Vec<_> = std::mem::take(&mut *self.plugins.write())
             .into_values()
             .collect();
         for handle in all {

@@ -3,7 +3,9 @@
 use std::any::Any;
 use std::cell::RefCell;
 
-use crate::{Answer, CommittedEntry, InitContext, MemberEvent, NodeId, Pattern, Reply, Request};
+use crate::{
+    CallOutcome, CommittedEntry, InitContext, MemberEvent, NodeId, Pattern, Reply, Request,
+};
 
 thread_local! {
     // A component holds exactly one pattern type, so the downcast in `with`
@@ -36,12 +38,15 @@ pub fn on_message<P: Pattern>(from: NodeId, topic: String, payload: Vec<u8>) -> 
     with::<P, _>(|p| p.on_message(from, topic, payload))
 }
 
-pub fn apply<P: Pattern>(entries: Vec<CommittedEntry>, dropped: Vec<u64>) -> Vec<Answer> {
+pub fn apply<P: Pattern>(entries: Vec<CommittedEntry>, dropped: Vec<u64>) {
     with::<P, _>(|p| {
         crate::consensus::forget(&dropped);
         crate::consensus::deliver_all(p, entries);
     });
-    crate::consensus::take_answers()
+}
+
+pub fn on_reply<P: Pattern>(ticket: u64, outcome: CallOutcome) {
+    with::<P, _>(|p| crate::replies::arrived(p, ticket, outcome))
 }
 
 pub fn on_membership<P: Pattern>(events: Vec<MemberEvent>) {

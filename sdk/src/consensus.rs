@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::bindings::plexus::cluster::consensus as wit;
-use crate::{Answer, CommittedEntry, NodeId, Pattern, Reply, Response};
+use crate::{CommittedEntry, NodeId, Pattern, Reply};
+
+pub use crate::replies::Pending;
 
 pub use wit::ConsensusError as Error;
 
@@ -30,26 +32,12 @@ pub struct Committed<O> {
     pub output: O,
 }
 
-/// A submitted write whose request is answered once it is applied. Return
-/// it from a request handler (it converts into a [`Reply`]).
-#[must_use = "return it from the request handler, or the client waits for nothing"]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pending(pub u64);
-
-impl From<Pending> for Reply {
-    fn from(p: Pending) -> Reply {
-        Reply::Pending(p.0)
-    }
-}
-
-type AnswerFn<P> = Box<dyn FnOnce(&mut P, Committed<<P as Pattern>::Output>) -> Response>;
+type AnswerFn<P> = Box<dyn FnOnce(&mut P, Committed<<P as Pattern>::Output>) -> Reply>;
 
 thread_local! {
     // Answers of submitted writes, by ticket. Each is an `AnswerFn<P>` of
     // the component's one pattern type.
     static WAITING: RefCell<HashMap<u64, Box<dyn Any>>> = RefCell::new(HashMap::new());
-    // Answers produced since the host last collected them.
-    static ANSWERS: RefCell<Vec<Answer>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Proposes raw bytes and applies, through `pattern`, every entry the host
@@ -75,7 +63,8 @@ pub fn propose<P: Pattern, C: Serialize + ?Sized>(
 
 /// Encodes `command` and submits it without waiting. Once the entry is
 /// committed and applied on this node, `answer` turns its output into the
-/// response for the request that returned the [`Pending`].
+/// response for the request that returned the [`Pending`] (or into
+/// another [`Pending`], to chain a further call).
 ///
 /// Submissions in flight are independent: two of them may commit in
 /// either order (each is applied in log order, like every entry).
@@ -100,14 +89,14 @@ pub fn propose<P: Pattern, C: Serialize + ?Sized>(
 ///     .map_err(|e| Response::error(503, &format!("{e:?}")))
 /// }
 /// ```
-pub fn submit<P: Pattern, C: Serialize + ?Sized>(
+pub fn submit<P: Pattern, C: Serialize + ?Sized, R: Into<Reply>>(
     pattern: &mut P,
     command: &C,
-    answer: impl FnOnce(&mut P, Committed<P::Output>) -> Response + 'static,
+    answer: impl FnOnce(&mut P, Committed<P::Output>) -> R + 'static,
 ) -> Result<Pending, Error> {
     let _ = pattern;
     let ticket = wit::submit(&crate::codec::encode(command))?;
-    let answer: AnswerFn<P> = Box::new(answer);
+    let answer: AnswerFn<P> = Box::new(move |p, done| answer(p, done).into());
     WAITING.with(|w| w.borrow_mut().insert(ticket, Box::new(answer)));
     Ok(Pending(ticket))
 }
@@ -146,12 +135,12 @@ fn deliver<P: Pattern>(pattern: &mut P, entry: CommittedEntry) -> Option<Committ
         .and_then(|a| a.downcast::<AnswerFn<P>>().ok());
     // Without an answer of this instance's, the write was submitted by
     // the version before a swap.
-    let response = match answer {
+    let reply = match answer {
         Some(answer) => Some(answer(pattern, done)),
-        None => pattern.answer_inherited(done),
+        None => pattern.answer_inherited(done).map(Reply::Done),
     };
-    if let Some(response) = response {
-        ANSWERS.with(|a| a.borrow_mut().push(Answer { ticket, response }));
+    if let Some(reply) = reply {
+        crate::replies::settle(ticket, reply);
     }
     None
 }
@@ -164,11 +153,6 @@ pub(crate) fn forget(tickets: &[u64]) {
             w.remove(t);
         }
     });
-}
-
-/// The answers produced since the last call.
-pub(crate) fn take_answers() -> Vec<Answer> {
-    ANSWERS.with(|a| std::mem::take(&mut *a.borrow_mut()))
 }
 
 /// Waits for a linearizable read point and applies what the host hands back.

@@ -204,6 +204,84 @@ fn match_path(pattern: &str, path: &str) -> Option<Params> {
     rest.is_empty().then_some(Params(params))
 }
 
+pub use crate::bindings::plexus::cluster::outbound_http::OutgoingRequest;
+pub use crate::bindings::plexus::cluster::types::HttpError as FetchError;
+
+impl OutgoingRequest {
+    /// A request with no headers or body.
+    pub fn new(method: Method, url: &str) -> OutgoingRequest {
+        OutgoingRequest {
+            method,
+            url: url.to_string(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// A GET of `url`.
+    pub fn get(url: &str) -> OutgoingRequest {
+        OutgoingRequest::new(Method::Get, url)
+    }
+
+    /// A POST of `body` to `url`.
+    pub fn post(url: &str, body: Vec<u8>) -> OutgoingRequest {
+        OutgoingRequest {
+            body,
+            ..OutgoingRequest::new(Method::Post, url)
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: &str) -> OutgoingRequest {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// Sends `req` to a service outside the cluster without waiting. When the
+/// response arrives (or the call fails, or `timeout_ms` passes), `then`
+/// runs; what it returns answers the client of the request that returned
+/// the [`crate::Pending`].
+///
+/// Needs the `outbound-http` capability, and the URL's origin in the
+/// plugin's `allowed_outbound_hosts`. Errors returned here are definite:
+/// nothing was sent. In `then`, [`FetchError::Timeout`] and
+/// [`FetchError::Broken`] leave the outcome unknown (the server may have
+/// handled the request); the other errors are definite.
+///
+/// ```no_run
+/// # use plexus_sdk::{http::{self, OutgoingRequest}, Pattern, Request, Response, InitContext};
+/// # struct Proxy;
+/// # impl Pattern for Proxy { type Output = (); fn init(_: InitContext) -> Result<Self, String> { Ok(Proxy) } }
+/// fn pass(p: &mut Proxy, req: &Request, _: &http::Params) -> http::Result<plexus_sdk::Pending> {
+///     let url = format!("http://127.0.0.1:8080{}", req.path);
+///     http::fetch(p, OutgoingRequest::get(&url), 1000, |_p: &mut Proxy, r| match r {
+///         Ok(response) => response,
+///         Err(e) => Response::error(502, &format!("{e:?}")),
+///     })
+///     .map_err(|e| Response::error(502, &format!("{e:?}")))
+/// }
+/// ```
+pub fn fetch<P: crate::Pattern, R: Into<Reply>>(
+    pattern: &mut P,
+    req: OutgoingRequest,
+    timeout_ms: u32,
+    then: impl FnOnce(&mut P, std::result::Result<Response, FetchError>) -> R + 'static,
+) -> std::result::Result<crate::Pending, FetchError> {
+    let _ = pattern;
+    let ticket = crate::bindings::plexus::cluster::outbound_http::fetch(&req, timeout_ms)?;
+    crate::replies::expect::<P>(ticket, move |p, outcome| {
+        let result = match outcome {
+            crate::CallOutcome::Http(r) => r,
+            _ => Err(FetchError::InvalidRequest(
+                "a different kind of outcome".into(),
+            )),
+        };
+        then(p, result).into()
+    });
+    Ok(crate::Pending(ticket))
+}
+
 #[cfg(test)]
 mod tests {
     use super::match_path;

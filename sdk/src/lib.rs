@@ -67,18 +67,20 @@ pub mod http;
 pub mod log;
 pub mod membership;
 pub mod messaging;
+pub mod plugins;
+pub mod replies;
 pub mod storage;
 pub mod timers;
 
 #[doc(hidden)]
 pub mod __private;
 
-pub use bindings::exports::plexus::cluster::pattern::{
-    Answer, InitContext, Method, Reply, Request, Response,
-};
+pub use bindings::exports::plexus::cluster::pattern::{ForwardTo, InitContext, Reply};
 pub use bindings::plexus::cluster::types::{
-    CommittedEntry, Limits, Member, MemberEvent, MemberState, NodeId,
+    CallOutcome, Caller, CommittedEntry, Limits, Member, MemberEvent, MemberState, Method, NodeId,
+    Request, RequestSource, Response,
 };
+pub use replies::Pending;
 
 /// A pattern plugin: its state and its hooks.
 ///
@@ -147,6 +149,13 @@ pub trait Pattern: Sized + 'static {
         None
     }
 
+    /// The outcome of a call made without a closure to receive it (the
+    /// SDK's call helpers all take one, so this sees only calls made
+    /// through the raw bindings). The default drops it.
+    fn on_reply(&mut self, ticket: u64, outcome: CallOutcome) {
+        let _ = (ticket, outcome);
+    }
+
     /// Reacts to membership changes.
     fn on_membership(&mut self, events: Vec<MemberEvent>) {
         let _ = events;
@@ -191,11 +200,11 @@ macro_rules! export_pattern {
                 ) -> Option<Vec<u8>> {
                     $crate::__private::on_message::<$ty>(from, topic, payload)
                 }
-                fn apply(
-                    entries: Vec<$crate::CommittedEntry>,
-                    dropped: Vec<u64>,
-                ) -> Vec<$crate::Answer> {
+                fn apply(entries: Vec<$crate::CommittedEntry>, dropped: Vec<u64>) {
                     $crate::__private::apply::<$ty>(entries, dropped)
+                }
+                fn on_reply(ticket: u64, outcome: $crate::CallOutcome) {
+                    $crate::__private::on_reply::<$ty>(ticket, outcome)
                 }
                 fn on_membership(events: Vec<$crate::MemberEvent>) {
                     $crate::__private::on_membership::<$ty>(events)

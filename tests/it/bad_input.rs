@@ -15,6 +15,7 @@ async fn load_bytes(n: &TestNode, bytes: Vec<u8>) -> String {
             capabilities: caps(&["storage"]),
             limits: PluginLimits::default(),
             config_json: "{}".into(),
+            access: Default::default(),
         })
         .await
         .unwrap_err()

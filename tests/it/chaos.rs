@@ -71,6 +71,7 @@ async fn kv_keeps_serving_while_a_neighbour_loops() {
             query: String::new(),
             headers: vec![],
             body: vec![],
+            source: plexus::runtime::bindings::pattern::RequestSource::Client,
         };
         node.request("chaos", req, Duration::from_secs(20)).await
     });
@@ -215,6 +216,7 @@ async fn trap_in_on_membership_crash_loops_without_harming_others() {
             capabilities: all_caps(),
             limits: PluginLimits::default(),
             config_json: r#"{"fail_in": "on-membership"}"#.into(),
+            access: Default::default(),
         })
         .await
         .unwrap_err();
@@ -238,6 +240,7 @@ async fn trap_in_init_refuses_the_load() {
                 capabilities: all_caps(),
                 limits: PluginLimits::default(),
                 config_json: config.into(),
+                access: Default::default(),
             })
             .await
             .unwrap_err()
@@ -275,11 +278,12 @@ async fn an_import_not_granted_is_refused_at_load() {
             capabilities: caps(&["storage", "log"]),
             limits: PluginLimits::default(),
             config_json: "{}".into(),
+            access: Default::default(),
         })
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("plexus:cluster/consensus@0.1.0"), "{err}");
+    assert!(err.contains("plexus:cluster/consensus@0.2.0"), "{err}");
     assert!(err.contains("not granted"), "{err}");
     assert!(n.node.plugins().is_empty());
 }

@@ -253,6 +253,13 @@ pub struct PluginEntry {
     /// Passed to the plugin's `init` as JSON.
     #[serde(default)]
     pub config: toml::Table,
+    /// Plugins it may call (`plugins` capability).
+    #[serde(default)]
+    pub allowed_plugins: BTreeSet<String>,
+    /// Origins it may send HTTP requests to (`outbound-http` capability):
+    /// `http://HOST`, `http://HOST:PORT` or `http://HOST:*`.
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
 }
 
 /// `limits` of a plugin.
@@ -268,6 +275,13 @@ pub struct LimitsEntry {
     /// Mailbox capacity (1..=65536).
     #[serde(default = "default_mailbox")]
     pub mailbox: usize,
+    /// Most calls (messaging, plugins, outbound HTTP) in flight at once
+    /// (1..=65536).
+    #[serde(default = "default_calls")]
+    pub max_calls_in_flight: u32,
+    /// Largest outbound HTTP response body, in bytes (1..=64 MiB).
+    #[serde(default = "default_response")]
+    pub max_response_bytes: u64,
 }
 
 impl Default for LimitsEntry {
@@ -276,8 +290,17 @@ impl Default for LimitsEntry {
             memory_mib: default_memory(),
             cpu_ms: default_cpu(),
             mailbox: default_mailbox(),
+            max_calls_in_flight: default_calls(),
+            max_response_bytes: default_response(),
         }
     }
+}
+
+fn default_calls() -> u32 {
+    crate::primitives::CallQuota::default().max_in_flight
+}
+fn default_response() -> u64 {
+    crate::primitives::CallQuota::default().max_response_bytes
 }
 
 fn default_memory() -> u64 {
@@ -297,6 +320,10 @@ impl LimitsEntry {
             memory_bytes: self.memory_mib << 20,
             cpu: Duration::from_millis(self.cpu_ms),
             mailbox: self.mailbox,
+            quota: crate::primitives::CallQuota {
+                max_in_flight: self.max_calls_in_flight,
+                max_response_bytes: self.max_response_bytes,
+            },
         }
     }
 }
@@ -315,6 +342,20 @@ impl PluginEntry {
             capabilities: self.capabilities.clone(),
             limits: self.limits.to_limits(),
             config_json: self.config_json(),
+            access: self.access(),
+        }
+    }
+
+    /// Whom the plugin may call. Call after [`PluginEntry::validate`].
+    pub fn access(&self) -> crate::runtime::actor::Access {
+        crate::runtime::actor::Access {
+            plugins: std::sync::Arc::new(self.allowed_plugins.clone()),
+            outbound: std::sync::Arc::new(
+                self.allowed_outbound_hosts
+                    .iter()
+                    .filter_map(|o| o.parse().ok())
+                    .collect(),
+            ),
         }
     }
 
@@ -611,6 +652,35 @@ impl PluginEntry {
         if self.component.is_empty() {
             return Err(("component".into(), "must not be empty".into()));
         }
+        for (i, name) in self.allowed_plugins.iter().enumerate() {
+            check_name(name).map_err(|m| (format!("allowed_plugins[{i}]"), m))?;
+        }
+        for (i, origin) in self.allowed_outbound_hosts.iter().enumerate() {
+            origin
+                .parse::<crate::primitives::outbound::Origin>()
+                .map_err(|m| (format!("allowed_outbound_hosts[{i}]"), m))?;
+        }
+        for (listed, key, cap) in [
+            (
+                !self.allowed_plugins.is_empty(),
+                "allowed_plugins",
+                Capability::Plugins,
+            ),
+            (
+                !self.allowed_outbound_hosts.is_empty(),
+                "allowed_outbound_hosts",
+                Capability::OutboundHttp,
+            ),
+        ] {
+            if listed && !self.capabilities.contains(&cap) {
+                return Err((
+                    key.into(),
+                    format!(
+                        "lists whom the plugin may call, but it is not granted `{cap}`: add \"{cap}\" to its capabilities"
+                    ),
+                ));
+            }
+        }
         self.limits.validate()
     }
 }
@@ -626,6 +696,18 @@ impl LimitsEntry {
         }
         if !(1..=65_536).contains(&self.mailbox) {
             return Err(("limits.mailbox".into(), "must be in 1..=65536".into()));
+        }
+        if !(1..=65_536).contains(&self.max_calls_in_flight) {
+            return Err((
+                "limits.max_calls_in_flight".into(),
+                "must be in 1..=65536".into(),
+            ));
+        }
+        if !(1..=64 << 20).contains(&self.max_response_bytes) {
+            return Err((
+                "limits.max_response_bytes".into(),
+                "must be in 1..=67108864".into(),
+            ));
         }
         Ok(())
     }

@@ -24,9 +24,15 @@ struct Applied {
 }
 
 fn shape(entry: &PluginEntry) -> String {
-    // Capabilities and limits: changing them needs a new linker and store
-    // limits, so a reload rather than a swap.
-    format!("{:?}|{:?}", entry.capabilities, entry.limits.to_limits())
+    // Capabilities, limits and whom it may call: changing them needs a new
+    // linker and store, so a reload rather than a swap.
+    format!(
+        "{:?}|{:?}|{:?}|{:?}",
+        entry.capabilities,
+        entry.limits.to_limits(),
+        entry.allowed_plugins,
+        entry.allowed_outbound_hosts
+    )
 }
 
 /// One action taken by a reconcile.

@@ -228,6 +228,7 @@ async fn plugin_request(
         query,
         headers,
         body: body.to_vec(),
+        source: pattern::RequestSource::Client,
     };
     match node.request(name, request, opts.request_timeout).await {
         Ok(resp) => {
@@ -486,6 +487,10 @@ struct AdminLoad {
     /// values TOML can hold (no nulls).
     #[serde(default)]
     config: toml::Table,
+    #[serde(default)]
+    allowed_plugins: std::collections::BTreeSet<String>,
+    #[serde(default)]
+    allowed_outbound_hosts: Vec<String>,
 }
 
 /// `POST /v1/admin/plugins/{name}/swap` with a JSON body.
@@ -530,6 +535,8 @@ async fn admin_load(node: &Arc<Node>, body: &[u8]) -> Resp {
         capabilities: load.capabilities,
         limits: load.limits,
         config: load.config,
+        allowed_plugins: load.allowed_plugins,
+        allowed_outbound_hosts: load.allowed_outbound_hosts,
     };
     if let Err((field, message)) = entry.validate() {
         return field_error(&field, &message);

@@ -168,7 +168,7 @@ fn boot() -> u64 {
     })
 }
 
-fn next_ticket() -> u64 {
+pub(crate) fn next_ticket() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }

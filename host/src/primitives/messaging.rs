@@ -10,13 +10,13 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use wasmtime::component::{HasData, Linker};
 
-use std::time::Duration;
-
+use super::calls::{Calls, clamp_timeout};
 use super::membership::MembershipView;
 use super::{CallLimits, over};
 use crate::cluster::transport::{Transport, TransportError};
 use crate::runtime::actor::Mail;
-use crate::runtime::bindings::plexus::cluster::messaging::{self as wit, MessagingError};
+use crate::runtime::bindings::plexus::cluster::messaging as wit;
+use crate::runtime::bindings::plexus::cluster::types::{CallOutcome, MessagingError};
 use crate::runtime::state::{PluginState, WaitClock};
 
 /// One plugin instance's messaging context.
@@ -26,6 +26,7 @@ pub struct MessagingCtx {
     limits: CallLimits,
     remote: Option<Remote>,
     waited: WaitClock,
+    calls: Calls,
 }
 
 /// How a plugin reaches its peers on other nodes.
@@ -76,6 +77,7 @@ impl MessagingCtx {
         limits: CallLimits,
         remote: Option<Remote>,
         waited: WaitClock,
+        calls: Calls,
     ) -> Self {
         MessagingCtx {
             mailbox,
@@ -83,6 +85,7 @@ impl MessagingCtx {
             limits,
             remote,
             waited,
+            calls,
         }
     }
 
@@ -190,7 +193,7 @@ impl wit::Host for MessagingCtx {
         let Some(remote) = self.remote.clone() else {
             return Ok(Err(MessagingError::UnknownNode(node)));
         };
-        let timeout = Duration::from_millis(u64::from(timeout_ms.clamp(1, 60_000)));
+        let timeout = clamp_timeout(timeout_ms);
         let body = postcard::to_allocvec(&Envelope {
             plugin: remote.plugin,
             topic,
@@ -202,6 +205,66 @@ impl wit::Host for MessagingCtx {
             .wait(remote.transport.request(&node, KIND_REQUEST, body, timeout))
             .await;
         Ok(outcome(sent, node, self.limits.max_message_bytes))
+    }
+
+    fn call(
+        &mut self,
+        node: String,
+        topic: String,
+        payload: Vec<u8>,
+        timeout_ms: u32,
+    ) -> wasmtime::Result<Result<u64, MessagingError>> {
+        if let Err(e) = self.check(&node, &payload) {
+            return Ok(Err(e));
+        }
+        let timeout = clamp_timeout(timeout_ms);
+        let late = CallOutcome::Message(Err(MessagingError::Timeout));
+        let started = if node == self.view.local() {
+            let Some(tx) = self.mailbox.upgrade() else {
+                return Ok(Err(MessagingError::NoHandler));
+            };
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            let mail = Mail::Message {
+                from: node,
+                topic,
+                payload,
+                reply: Some(reply),
+            };
+            if tx.try_send(mail).is_err() {
+                // The plugin's own mailbox is full: nothing was queued.
+                return Ok(Err(MessagingError::NoHandler));
+            }
+            let work = async move {
+                CallOutcome::Message(match rx.await {
+                    Ok(Ok(reply)) => Ok(reply.unwrap_or_default()),
+                    Ok(Err(crate::runtime::actor::CallError::Timeout)) => {
+                        Err(MessagingError::Timeout)
+                    }
+                    _ => Err(MessagingError::NoHandler),
+                })
+            };
+            self.calls.start(timeout, work, late)
+        } else {
+            let Some(remote) = self.remote.clone() else {
+                return Ok(Err(MessagingError::UnknownNode(node)));
+            };
+            let body = postcard::to_allocvec(&Envelope {
+                plugin: remote.plugin,
+                topic,
+                payload,
+            })
+            .unwrap_or_default();
+            let max = self.limits.max_message_bytes;
+            let work = async move {
+                let sent = remote
+                    .transport
+                    .request(&node, KIND_REQUEST, body, timeout)
+                    .await;
+                CallOutcome::Message(outcome(sent, node, max))
+            };
+            self.calls.start(timeout, work, late)
+        };
+        Ok(started.map_err(|busy| MessagingError::Busy(busy.0)))
     }
 }
 

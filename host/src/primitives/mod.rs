@@ -3,23 +3,29 @@
 //! has an `add_to_linker` that the capability linker calls only when the
 //! plugin was granted that interface.
 
+pub mod calls;
 pub mod consensus;
 pub mod log;
 pub mod membership;
 pub mod messaging;
+pub mod outbound;
+pub mod plugins;
 pub mod storage;
 pub mod timers;
+pub mod wire;
 
 use crate::runtime::bindings::plexus::cluster::types;
 use crate::runtime::state::PluginState;
 
 impl types::Host for PluginState {}
 
-/// Adds the type-only `types` interface, which every plugin may import.
+/// Adds the type-only `types` interface and `replies`, which every plugin
+/// may import.
 pub fn add_types_to_linker(
     linker: &mut wasmtime::component::Linker<PluginState>,
 ) -> wasmtime::Result<()> {
-    types::add_to_linker::<PluginState, wasmtime::component::HasSelf<PluginState>>(linker, |s| s)
+    types::add_to_linker::<PluginState, wasmtime::component::HasSelf<PluginState>>(linker, |s| s)?;
+    calls::add_to_linker(linker)
 }
 
 /// Limits the host enforces on every plugin's calls.
@@ -37,6 +43,24 @@ pub struct CallLimits {
     pub max_txn_bytes: u64,
 }
 
+/// Limits of one plugin's calls to other parties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallQuota {
+    /// Most calls in flight at once.
+    pub max_in_flight: u32,
+    /// Largest outbound HTTP response body.
+    pub max_response_bytes: u64,
+}
+
+impl Default for CallQuota {
+    fn default() -> Self {
+        CallQuota {
+            max_in_flight: 1024,
+            max_response_bytes: 4 << 20,
+        }
+    }
+}
+
 impl Default for CallLimits {
     fn default() -> Self {
         CallLimits {
@@ -50,13 +74,15 @@ impl Default for CallLimits {
 }
 
 impl CallLimits {
-    /// The WIT view of these limits.
-    pub fn to_wit(self) -> types::Limits {
+    /// The WIT view of these limits, with a plugin's `quota`.
+    pub fn to_wit(self, quota: CallQuota) -> types::Limits {
         types::Limits {
             max_entry_bytes: self.max_entry_bytes,
             max_value_bytes: self.max_value_bytes,
             max_key_bytes: self.max_key_bytes,
             max_message_bytes: self.max_message_bytes,
+            max_calls_in_flight: quota.max_in_flight,
+            max_response_bytes: quota.max_response_bytes,
         }
     }
 }

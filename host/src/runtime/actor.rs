@@ -20,26 +20,31 @@ use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::Plugin;
-use super::bindings::pattern::{Answer, InitContext, Reply, Request, Response};
+use super::bindings::pattern::{ForwardTo, InitContext, Reply, Request, Response};
 use super::bindings::types::{CommittedEntry, MemberEvent};
 use super::metrics::PluginMetrics;
 use super::state::{PluginState, WaitClock};
 use super::{Capability, LoadError, Prepared};
 use crate::cluster::log::{ConsensusBackend, LogError, RestorePoint};
 use crate::cluster::state_store::{KvBackend, Persist, StoreError};
-use crate::primitives::CallLimits;
+use crate::primitives::calls::{Calls, Done};
 use crate::primitives::consensus::{ConsensusCtx, Control, Dropped, is_control};
 use crate::primitives::log::LogCtx;
 use crate::primitives::membership::{MembershipCtx, MembershipView};
 use crate::primitives::messaging::{MessagingCtx, Remote};
+use crate::primitives::outbound::{Origin, OutboundClient, OutboundCtx};
+use crate::primitives::plugins::{Directory, PluginsCtx};
 use crate::primitives::storage::StorageCtx;
 use crate::primitives::timers::TimersCtx;
+use crate::primitives::wire::{Answered, Forwarded, KIND_FORWARD, MAX_HOPS, WireRequest};
+use crate::primitives::{CallLimits, CallQuota};
 
 /// Hook names, as metric labels.
-const HOOKS: [&str; 8] = [
+const HOOKS: [&str; 9] = [
     "init",
     "on-request",
     "on-message",
+    "on-reply",
     "apply",
     "on-membership",
     "on-timer",
@@ -61,6 +66,9 @@ pub struct PluginLimits {
     pub cpu: Duration,
     /// Mailbox capacity.
     pub mailbox: usize,
+    /// Calls to other parties.
+    #[serde(skip)]
+    pub quota: CallQuota,
 }
 
 impl Default for PluginLimits {
@@ -69,8 +77,19 @@ impl Default for PluginLimits {
             memory_bytes: 64 << 20,
             cpu: Duration::from_millis(1000),
             mailbox: 1024,
+            quota: CallQuota::default(),
         }
     }
+}
+
+/// Whom a plugin may call: plugins (`plugins`) and origins outside the
+/// cluster (`outbound-http`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// `allowed_plugins`.
+    pub plugins: Arc<BTreeSet<String>>,
+    /// `allowed_outbound_hosts`.
+    pub outbound: Arc<Vec<Origin>>,
 }
 
 /// Node services a plugin instance is wired to.
@@ -90,6 +109,10 @@ pub struct Services {
     pub runtime: Arc<super::engine::Runtime>,
     /// The wall clock behind `timers.now-ms`.
     pub clock: Arc<dyn crate::primitives::timers::Clock>,
+    /// The plugins of this node, for `plugins.call`.
+    pub directory: Arc<dyn Directory>,
+    /// The pooled client behind `outbound-http`.
+    pub http: Arc<OutboundClient>,
 }
 
 /// Where a plugin is in its life.
@@ -198,6 +221,10 @@ pub enum Mail {
     Request {
         /// The request.
         req: Request,
+        /// How many times it was forwarded to get here.
+        hops: u8,
+        /// When its client stops waiting.
+        deadline: Instant,
         /// Where the response goes.
         reply: oneshot::Sender<Result<Response, CallError>>,
     },
@@ -243,10 +270,13 @@ pub struct PluginEnv {
     services: Services,
     limits: PluginLimits,
     capabilities: BTreeSet<Capability>,
+    access: Access,
     config_json: Mutex<String>,
     generation: AtomicU64,
     /// Where instances report submissions that failed.
     drops: mpsc::UnboundedSender<Dropped>,
+    /// Where instances' calls report their outcomes.
+    replies: mpsc::UnboundedSender<Done>,
     status: Mutex<PluginStatus>,
     metrics: Mutex<PluginMetrics>,
 }
@@ -333,6 +363,8 @@ pub struct Channels {
     pub mailbox: mpsc::WeakSender<Mail>,
     /// Submissions that failed.
     pub drops: mpsc::UnboundedSender<Dropped>,
+    /// Outcomes of calls.
+    pub replies: mpsc::UnboundedSender<Done>,
 }
 
 /// A store for one instance of plugin `name`: its WASI context (no files,
@@ -340,16 +372,23 @@ pub struct Channels {
 /// contexts of every interface, wired to `services`. Timers, local messages
 /// and failed submissions go to `channels`, tagged with `generation`;
 /// `applied` is the plugin's delivery cursor in the log.
+#[allow(clippy::too_many_arguments)]
 pub fn new_store(
     prepared: &Prepared,
     name: &str,
     services: &Services,
     limits: &PluginLimits,
+    access: &Access,
     channels: Channels,
     generation: u64,
     applied: u64,
 ) -> Store<PluginState> {
-    let Channels { mailbox, drops } = channels;
+    let Channels {
+        mailbox,
+        drops,
+        replies,
+    } = channels;
+    let calls = Calls::new(generation, limits.quota.max_in_flight, replies);
     let waited = WaitClock::default();
     let mut consensus =
         ConsensusCtx::new(name, services.log.clone(), services.call_limits, applied)
@@ -374,9 +413,26 @@ pub fn new_store(
                 plugin: name.to_string(),
             }),
             waited.clone(),
+            calls.clone(),
         ),
         timers: TimersCtx::new(services.clock.clone(), mailbox, generation),
         log: LogCtx::new(name, &prepared.version),
+        plugins: PluginsCtx::new(
+            calls.clone(),
+            name,
+            access.plugins.clone(),
+            services.directory.clone(),
+            services.view.clone(),
+            services.transport.clone(),
+            services.call_limits,
+        ),
+        outbound: OutboundCtx::new(
+            calls.clone(),
+            services.http.clone(),
+            access.outbound.clone(),
+            limits.quota.max_response_bytes,
+        ),
+        calls,
         waited,
         call_started: Instant::now(),
         cpu_budget: limits.cpu,
@@ -421,9 +477,11 @@ impl Instance {
             &env.name,
             services,
             &env.limits,
+            &env.access,
             Channels {
                 mailbox,
                 drops: env.drops.clone(),
+                replies: env.replies.clone(),
             },
             generation,
             applied,
@@ -449,7 +507,7 @@ impl Instance {
             node: services.view.local().to_string(),
             name: env.name.clone(),
             version: inst.prepared.version.clone(),
-            limits: services.call_limits.to_wit(),
+            limits: services.call_limits.to_wit(env.limits.quota),
         };
         inst.begin();
         let r = inst
@@ -506,6 +564,7 @@ impl Instance {
     }
 
     fn begin(&mut self) {
+        self.store.data().calls.begin();
         self.store.data_mut().call_started = Instant::now();
         self.store.data().waited.reset();
         self.store.set_epoch_deadline(1);
@@ -582,6 +641,8 @@ impl Instance {
             }
             Err(e) => {
                 self.store.data_mut().storage.discard();
+                // What it said to clients goes with its writes.
+                let _ = self.store.data().calls.take_said();
                 let msg = describe(hook, &e, &env.limits);
                 tracing::warn!(plugin = %env.name, version = %self.prepared.version, "hook failed: {msg}");
                 env.update(|s| {
@@ -598,13 +659,23 @@ impl Instance {
         self.store.data().consensus.delivered
     }
 
-    /// Hands `answers` to the requests waiting on them. A request whose
-    /// entry was applied without an answer gets a 500.
-    fn route(&mut self, answers: Vec<Answer>) {
-        for a in answers {
-            self.inherited.remove(&a.ticket);
-            if let Some(w) = self.waiting.remove(&a.ticket) {
-                let _ = w.send(Ok(a.response));
+    /// Sends the answers the last hook gave (`replies.answer`) and moves
+    /// the clients it chained to other tickets. A request whose entry was
+    /// applied without an answer gets a 500.
+    fn route(&mut self) {
+        let said = self.store.data().calls.take_said();
+        for (from, to) in said.chains {
+            if let Some(w) = self.waiting.remove(&from) {
+                if self.inherited.remove(&from) {
+                    self.inherited.insert(to);
+                }
+                self.waiting.insert(to, w);
+            }
+        }
+        for (ticket, response) in said.answers {
+            self.inherited.remove(&ticket);
+            if let Some(w) = self.waiting.remove(&ticket) {
+                let _ = w.send(Ok(response));
             }
         }
         for t in std::mem::take(&mut self.store.data_mut().consensus.surfaced) {
@@ -630,13 +701,26 @@ impl Instance {
     /// Takes over the writes `old` has in flight and the requests waiting
     /// on them, at a swap: their entries are applied by this instance, and
     /// every client is answered once, with the write's real outcome.
+    ///
+    /// A client waiting on anything else (a call whose outcome had not come
+    /// by the end of the drain, or a ticket from `replies.hold`) is
+    /// answered 504 here: the new version never learns of it.
     fn inherit(&mut self, old: &mut Instance) {
         let tickets = old.store.data_mut().consensus.take_submitted();
+        for (ticket, w) in old.waiting.drain() {
+            if tickets.contains(&ticket) || old.inherited.contains(&ticket) {
+                self.inherited.insert(ticket);
+                self.waiting.insert(ticket, w);
+            } else {
+                let _ = w.send(Ok(error_response(
+                    504,
+                    "outcome unknown: the plugin was swapped while a call made for this request was in flight",
+                )));
+            }
+        }
         self.inherited.extend(tickets.iter().copied());
-        self.inherited.extend(old.waiting.keys().copied());
         self.inherited.extend(old.inherited.drain());
         self.store.data_mut().consensus.inherit(tickets);
-        self.waiting.extend(old.waiting.drain());
     }
 
     /// Answers every request still waiting on this instance, which is
@@ -653,6 +737,12 @@ impl Instance {
     /// Requests waiting for an entry, and submissions not yet delivered.
     fn outstanding(&self) -> bool {
         !self.waiting.is_empty() || self.store.data().consensus.in_flight() > 0
+    }
+
+    /// Whether a request handler may return `pending(ticket)`.
+    fn may_wait_on(&self, ticket: u64) -> bool {
+        let data = self.store.data();
+        data.consensus.knows(ticket) || data.calls.may_wait_on(ticket)
     }
 }
 
@@ -685,6 +775,8 @@ pub struct PluginSpec {
     pub limits: PluginLimits,
     /// The `config` table as JSON.
     pub config_json: String,
+    /// Whom it may call.
+    pub access: Access,
 }
 
 impl PluginHandle {
@@ -697,6 +789,7 @@ impl PluginHandle {
     ) -> Result<PluginHandle, LoadError> {
         let (tx, rx) = mpsc::channel(spec.limits.mailbox.max(1));
         let (drops_tx, drops) = mpsc::unbounded_channel();
+        let (replies_tx, replies) = mpsc::unbounded_channel();
         let commits = services
             .log
             .subscribe(&spec.name)
@@ -726,9 +819,11 @@ impl PluginHandle {
             services,
             limits: spec.limits,
             capabilities: spec.capabilities,
+            access: spec.access,
             config_json: Mutex::new(spec.config_json),
             generation: AtomicU64::new(0),
             drops: drops_tx,
+            replies: replies_tx,
         });
         let config = env.config();
         let instance = Instance::start(&env, prepared, tx.downgrade(), config).await?;
@@ -742,6 +837,7 @@ impl PluginHandle {
             commits,
             commits_open: true,
             drops,
+            replies,
             instance: Some(instance),
             last_prepared: None,
             failures: 0,
@@ -789,9 +885,26 @@ impl PluginHandle {
 
     /// Delivers a client request and waits up to `timeout` for the answer.
     pub async fn request(&self, req: Request, timeout: Duration) -> Result<Response, CallError> {
+        self.forwarded(req, 0, timeout).await
+    }
+
+    /// Delivers a request that was forwarded `hops` times and waits up to
+    /// `timeout` for the answer.
+    pub async fn forwarded(
+        &self,
+        req: Request,
+        hops: u8,
+        timeout: Duration,
+    ) -> Result<Response, CallError> {
         let deadline = Instant::now() + timeout;
         let (reply, rx) = oneshot::channel();
-        self.send(Mail::Request { req, reply }, deadline).await?;
+        let mail = Mail::Request {
+            req,
+            hops,
+            deadline,
+            reply,
+        };
+        self.send(mail, deadline).await?;
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(CallError::Stopped),
@@ -917,6 +1030,8 @@ struct Actor {
     commits_open: bool,
     /// Submissions that failed after `submit` returned.
     drops: mpsc::UnboundedReceiver<Dropped>,
+    /// Outcomes of calls.
+    replies: mpsc::UnboundedReceiver<Done>,
     instance: Option<Instance>,
     /// What to restart from after the instance died.
     last_prepared: Option<Prepared>,
@@ -928,6 +1043,7 @@ enum Next {
     Capture(CaptureReply),
     Commits,
     Dropped(Dropped),
+    Reply(Done),
     Closed,
 }
 
@@ -964,6 +1080,7 @@ impl Actor {
                         Next::Commits
                     }
                     Some(dropped) = self.drops.recv() => Next::Dropped(dropped),
+                    Some(done) = self.replies.recv() => Next::Reply(done),
                     Some(reply) = self.captures.recv() => Next::Capture(reply),
                     mail = self.rx.recv(), if !saturated => mail.map_or(Next::Closed, Next::Mail),
                 }
@@ -971,6 +1088,7 @@ impl Actor {
             match next {
                 Next::Commits => {}
                 Next::Dropped(d) => self.dropped(d),
+                Next::Reply(done) => self.reply(done).await,
                 Next::Capture(reply) => self.capture(reply).await,
                 Next::Closed => break,
                 Next::Mail(mail) => {
@@ -1271,12 +1389,134 @@ impl Actor {
             .instrument(span)
             .await;
         match inst.finish(&self.env, "apply", r).await {
-            Ok(answers) => {
-                inst.route(answers);
+            Ok(()) => {
+                inst.route();
                 self.succeeded();
             }
             Err(_) => self.kill(),
         }
+    }
+
+    /// A call's outcome: to the guest's `on-reply` if the instance that
+    /// made the call is still running and has not had it yet.
+    async fn reply(&mut self, done: Done) {
+        let env = self.env.clone();
+        let Some(inst) = self.instance.as_mut() else {
+            return;
+        };
+        if !inst.store.data().calls.settle(&done) {
+            return;
+        }
+        inst.begin();
+        let span = tracing::debug_span!("hook", hook = "on-reply", plugin = %env.name, version = %inst.prepared.version, ticket = done.ticket);
+        let r = inst
+            .bindings
+            .plexus_cluster_pattern()
+            .call_on_reply(&mut inst.store, done.ticket, &done.outcome)
+            .instrument(span)
+            .await;
+        let r = inst.finish(&env, "on-reply", r).await;
+        if r.is_ok() {
+            inst.route();
+        }
+        self.after(&r);
+    }
+
+    /// Sends a request the plugin forwarded to its instance on `to.node`,
+    /// whose answer goes to the client directly. The actor does not wait.
+    fn forward(
+        &mut self,
+        mut req: Request,
+        hops: u8,
+        deadline: Instant,
+        to: ForwardTo,
+        reply: oneshot::Sender<Result<Response, CallError>>,
+    ) {
+        let env = &self.env;
+        let refuse = |reply: oneshot::Sender<_>, status, msg: &str| {
+            let _ = reply.send(Ok(error_response(status, msg)));
+        };
+        if !env.capabilities.contains(&Capability::Messaging) {
+            return refuse(
+                reply,
+                500,
+                "the plugin forwarded a request, which needs the `messaging` capability",
+            );
+        }
+        if hops >= MAX_HOPS {
+            return refuse(
+                reply,
+                508,
+                &format!("the request was forwarded {hops} times without an answer; giving up"),
+            );
+        }
+        req.headers.extend(to.headers);
+        let local = env.services.view.local();
+        req.source = super::bindings::types::RequestSource::Forwarded(local.to_string());
+        if to.node == local {
+            let Some(tx) = self.mailbox.upgrade() else {
+                return refuse(reply, 503, "the plugin is stopping");
+            };
+            let mail = Mail::Request {
+                req,
+                hops: hops + 1,
+                deadline,
+                reply,
+            };
+            if let Err(mpsc::error::TrySendError::Full(Mail::Request { reply, .. })) =
+                tx.try_send(mail)
+            {
+                let _ = reply.send(Ok(error_response(503, "the plugin's mailbox is full")));
+            }
+            return;
+        }
+        let Some(transport) = env.services.transport.clone() else {
+            return refuse(
+                reply,
+                502,
+                &format!(
+                    "cannot forward to `{}`: this node is not in a cluster",
+                    to.node
+                ),
+            );
+        };
+        if !env.services.view.is_reachable(&to.node) {
+            return refuse(
+                reply,
+                502,
+                &format!("cannot forward to `{}`: not a reachable member", to.node),
+            );
+        }
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let body = postcard::to_allocvec(&Forwarded {
+            plugin: env.name.clone(),
+            hops: hops + 1,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            request: WireRequest::from_request(req),
+        })
+        .expect("a forwarded request encodes");
+        let node = to.node;
+        tokio::spawn(async move {
+            let sent = transport.request(&node, KIND_FORWARD, body, timeout).await;
+            let response = match Answered::from_transport(sent) {
+                Answered::Response(r) => r.into(),
+                Answered::NoSuchPlugin(p) => error_response(
+                    502,
+                    &format!("forwarded to `{node}`, which does not run `{p}`"),
+                ),
+                Answered::Failed(why) => error_response(
+                    502,
+                    &format!("forwarded to `{node}`, which failed it: {why}"),
+                ),
+                Answered::Unknown(why) => error_response(
+                    504,
+                    &format!(
+                        "outcome unknown: forwarded to `{node}`, which did not answer in time ({why})"
+                    ),
+                ),
+            };
+            let _ = reply.send(Ok(response));
+        });
     }
 
     /// A submission failed: answer its request and tell the guest with
@@ -1307,9 +1547,9 @@ impl Actor {
         }
     }
 
-    /// Before a local swap: lets the old version finish the writes it has
-    /// in flight, so their requests are answered by the code that accepted
-    /// them. Bounded by [`DRAIN_LIMIT`].
+    /// Before a local swap: lets the old version finish the writes and
+    /// calls it has in flight, so their clients are answered by the code
+    /// that accepted them. Bounded by [`DRAIN_LIMIT`].
     async fn drain(&mut self) {
         let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
         while tokio::time::Instant::now() < deadline {
@@ -1317,7 +1557,7 @@ impl Actor {
             let Some(inst) = self.instance.as_ref() else {
                 return;
             };
-            if !inst.outstanding() {
+            if !inst.outstanding() && inst.store.data().calls.in_flight() == 0 {
                 return;
             }
             let target = *self.commits.borrow_and_update();
@@ -1332,6 +1572,29 @@ impl Actor {
                     }
                 }
                 Some(d) = self.drops.recv() => self.dropped(d),
+                Some(done) = self.replies.recv() => self.reply(done).await,
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    /// Before a cluster-wide swap, which happens at a fixed place in the
+    /// log: lets the old version have the outcomes of its calls (its
+    /// writes in flight are handed over). Later entries wait meanwhile.
+    /// Bounded by [`DRAIN_LIMIT`].
+    async fn drain_calls(&mut self) {
+        let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+        while tokio::time::Instant::now() < deadline {
+            self.collect().await;
+            let Some(inst) = self.instance.as_ref() else {
+                return;
+            };
+            if inst.store.data().calls.in_flight() == 0 {
+                return;
+            }
+            tokio::select! {
+                Some(d) = self.drops.recv() => self.dropped(d),
+                Some(done) = self.replies.recv() => self.reply(done).await,
                 _ = tokio::time::sleep_until(deadline) => return,
             }
         }
@@ -1344,7 +1607,10 @@ impl Actor {
         let env = self.env.clone();
         let outcome = match Control::decode(data) {
             None => Err("undecodable control entry".to_string()),
-            Some(Control::Swap { component, config }) => self.cluster_swap(component, config).await,
+            Some(Control::Swap { component, config }) => {
+                self.drain_calls().await;
+                self.cluster_swap(component, config).await
+            }
         };
         match &outcome {
             Ok(report) => {
@@ -1395,7 +1661,12 @@ impl Actor {
         };
         let version = inst.prepared.version.clone();
         match mail {
-            Mail::Request { req, reply } => {
+            Mail::Request {
+                req,
+                hops,
+                deadline,
+                reply,
+            } => {
                 env.update(|s| s.requests += 1);
                 inst.begin();
                 let span = tracing::debug_span!("hook", hook = "on-request", plugin = %env.name, %version, path = %req.path);
@@ -1407,19 +1678,26 @@ impl Actor {
                     .await;
                 match inst.finish(&env, "on-request", r).await {
                     Ok(Reply::Done(response)) => {
+                        inst.route();
                         self.succeeded();
                         let _ = reply.send(Ok(response));
                     }
                     Ok(Reply::Pending(ticket)) => {
-                        if inst.store.data().consensus.knows(ticket) {
+                        if inst.may_wait_on(ticket) {
                             inst.waiting.insert(ticket, reply);
                         } else {
                             let msg = format!(
-                                "the plugin answered pending on ticket {ticket}, which it never submitted"
+                                "the plugin answered pending on ticket {ticket}, which no call of this request returned"
                             );
                             let _ = reply.send(Ok(error_response(500, &msg)));
                         }
+                        inst.route();
                         self.succeeded();
+                    }
+                    Ok(Reply::Forward(to)) => {
+                        inst.route();
+                        self.succeeded();
+                        self.forward(req, hops, deadline, to, reply);
                     }
                     Err(e) => {
                         self.kill();
@@ -1442,6 +1720,9 @@ impl Actor {
                     .instrument(span)
                     .await;
                 let r = inst.finish(&env, "on-message", r).await;
+                if r.is_ok() {
+                    inst.route();
+                }
                 self.after(&r);
                 if let Some(reply) = reply {
                     let _ = reply.send(r);
@@ -1464,6 +1745,9 @@ impl Actor {
                     .instrument(span)
                     .await;
                 let r = inst.finish(&env, "on-timer", r).await;
+                if r.is_ok() {
+                    inst.route();
+                }
                 self.after(&r);
             }
             Mail::Membership(events) => {
@@ -1474,6 +1758,9 @@ impl Actor {
                     .call_on_membership(&mut inst.store, &events)
                     .await;
                 let r = inst.finish(&env, "on-membership", r).await;
+                if r.is_ok() {
+                    inst.route();
+                }
                 self.after(&r);
             }
             Mail::Swap { next, reply } => {

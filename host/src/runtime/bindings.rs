@@ -12,5 +12,11 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use exports::plexus::cluster::pattern;
 pub use plexus::cluster::types;
+
+/// The `pattern` export, with the request and response types it shares
+/// with the host's interfaces.
+pub mod pattern {
+    pub use super::exports::plexus::cluster::pattern::*;
+    pub use super::plexus::cluster::types::{Caller, Method, Request, RequestSource, Response};
+}

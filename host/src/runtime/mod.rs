@@ -24,7 +24,7 @@ use state::PluginState;
 /// The WIT package the host implements.
 pub const WIT_PACKAGE: &str = "plexus:cluster";
 /// Its version.
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.2.0";
 
 /// An interface of `plexus:cluster` that a plugin may be granted.
 #[derive(
@@ -44,17 +44,24 @@ pub enum Capability {
     Timers,
     /// `log`
     Log,
+    /// `plugins`: calls to the plugins listed in `allowed_plugins`.
+    Plugins,
+    /// `outbound-http`: requests to the origins listed in
+    /// `allowed_outbound_hosts`.
+    OutboundHttp,
 }
 
 impl Capability {
     /// Every capability.
-    pub const ALL: [Capability; 6] = [
+    pub const ALL: [Capability; 8] = [
         Capability::Membership,
         Capability::Consensus,
         Capability::Messaging,
         Capability::Storage,
         Capability::Timers,
         Capability::Log,
+        Capability::Plugins,
+        Capability::OutboundHttp,
     ];
 
     /// The interface name in WIT.
@@ -66,6 +73,8 @@ impl Capability {
             Capability::Storage => "storage",
             Capability::Timers => "timers",
             Capability::Log => "log",
+            Capability::Plugins => "plugins",
+            Capability::OutboundHttp => "outbound-http",
         }
     }
 }
@@ -106,6 +115,14 @@ pub enum LoadError {
         /// What it exports instead.
         exports: String,
     },
+    /// Built against an earlier, incompatible version of the contract.
+    #[error(
+        "component was built against {WIT_PACKAGE}@{found}, and this host runs {WIT_PACKAGE}@{WIT_VERSION}, which changed the contract (calls return tickets answered in `on-reply`; `apply` answers with `replies.answer`): rebuild the plugin with plexus-sdk 0.2 (`cargo update -p plexus-sdk`, then `cargo build --release --target wasm32-wasip2`); nothing was loaded or swapped"
+    )]
+    OldContract {
+        /// The version it was built against.
+        found: String,
+    },
     /// Imports an interface that was not granted.
     #[error(
         "component imports `{interface}`, which the plugin is not granted; add \"{capability}\" to its capabilities"
@@ -138,7 +155,16 @@ fn split_interface(name: &str) -> Option<(&str, &str, Option<&str>)> {
 
 fn compatible(ver: Option<&str>) -> bool {
     // 0.x versions are compatible within the same minor, as in semver.
-    ver.is_some_and(|v| v.starts_with("0.1."))
+    ver.is_some_and(|v| v.starts_with("0.2."))
+}
+
+/// The version of `plexus:cluster` a component was built against, when it
+/// is not this host's.
+fn foreign_version(names: &[String]) -> Option<String> {
+    names.iter().find_map(|n| {
+        let (pkg, _, ver) = split_interface(n)?;
+        (pkg == WIT_PACKAGE && !compatible(ver)).then(|| ver.unwrap_or("unversioned").to_string())
+    })
 }
 
 /// Checks a component's world against the host and the grants.
@@ -156,6 +182,9 @@ pub fn check_world(
         })
     });
     if !has_pattern {
+        if let Some(found) = foreign_version(&exports) {
+            return Err(LoadError::OldContract { found });
+        }
         let exports = if exports.is_empty() {
             "nothing".to_string()
         } else {
@@ -176,7 +205,7 @@ pub fn check_world(
         if pkg != WIT_PACKAGE || !compatible(ver) {
             return Err(LoadError::UnknownImport(name.to_string()));
         }
-        if iface == "types" {
+        if iface == "types" || iface == "replies" {
             continue;
         }
         let Ok(cap) = iface.parse::<Capability>() else {
@@ -210,6 +239,8 @@ pub fn linker(
             Capability::Storage => primitives::storage::add_to_linker(&mut linker),
             Capability::Timers => primitives::timers::add_to_linker(&mut linker),
             Capability::Log => primitives::log::add_to_linker(&mut linker),
+            Capability::Plugins => primitives::plugins::add_to_linker(&mut linker),
+            Capability::OutboundHttp => primitives::outbound::add_to_linker(&mut linker),
         }
         .map_err(wrap)?;
     }

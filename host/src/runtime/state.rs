@@ -8,10 +8,13 @@ use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::primitives::calls::Calls;
 use crate::primitives::consensus::ConsensusCtx;
 use crate::primitives::log::LogCtx;
 use crate::primitives::membership::MembershipCtx;
 use crate::primitives::messaging::MessagingCtx;
+use crate::primitives::outbound::OutboundCtx;
+use crate::primitives::plugins::PluginsCtx;
 use crate::primitives::storage::StorageCtx;
 use crate::primitives::timers::TimersCtx;
 
@@ -32,6 +35,12 @@ pub struct PluginState {
     pub timers: TimersCtx,
     /// `log` context.
     pub log: LogCtx,
+    /// `plugins` context.
+    pub plugins: PluginsCtx,
+    /// `outbound-http` context.
+    pub outbound: OutboundCtx,
+    /// Calls in flight and the answers of the current hook (`replies`).
+    pub calls: Calls,
     /// Time the current hook call spent suspended in async host calls.
     pub(crate) waited: WaitClock,
     /// When the current hook call started; the epoch callback compares the

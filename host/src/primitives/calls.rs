@@ -1,0 +1,250 @@
+//! Calls that never hold a plugin, and the answers to requests it did not
+//! answer at once (`plexus:cluster/replies`).
+//!
+//! A call that waits on another party (`messaging.call`, `plugins.call`,
+//! `outbound-http.fetch`) gets a ticket from [`Calls::start`] and runs as
+//! a task of its own; its outcome comes back to the plugin's actor as one
+//! [`Done`], which the actor hands to the guest's `on-reply` if the
+//! instance that made the call is still the one running.
+//!
+//! Answers given with `replies.answer` are buffered in the [`Book`] and
+//! sent by the actor when the hook returns, so a hook that traps answers
+//! nobody.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::runtime::bindings::plexus::cluster::replies;
+use crate::runtime::bindings::plexus::cluster::types::{CallOutcome, Response};
+use crate::runtime::state::PluginState;
+
+/// The outcome of one call, on its way to the actor.
+#[derive(Debug)]
+pub struct Done {
+    /// The instance that made the call.
+    pub generation: u64,
+    /// The call's ticket.
+    pub ticket: u64,
+    /// What came of it.
+    pub outcome: CallOutcome,
+}
+
+/// One instance's calls in flight and the answers of its current hook.
+#[derive(Debug, Default)]
+pub struct Book {
+    generation: u64,
+    max_in_flight: u32,
+    /// Calls whose outcome has not reached the guest yet.
+    in_flight: HashSet<u64>,
+    /// Tickets issued during the current hook: a request handler may
+    /// return `pending` on any of them.
+    fresh: HashSet<u64>,
+    /// `replies.answer` calls of the current hook.
+    answers: Vec<(u64, Response)>,
+    /// `replies.chain` calls of the current hook.
+    chains: Vec<(u64, u64)>,
+    done: Option<mpsc::UnboundedSender<Done>>,
+}
+
+/// What a hook asked of the host's waiting clients, taken when it
+/// returned.
+#[derive(Debug, Default)]
+pub struct Said {
+    /// Clients to answer, by ticket.
+    pub answers: Vec<(u64, Response)>,
+    /// Clients that now wait on another ticket: (from, to).
+    pub chains: Vec<(u64, u64)>,
+}
+
+/// A shared handle to an instance's [`Book`]: every interface that makes
+/// calls holds one.
+#[derive(Debug, Clone, Default)]
+pub struct Calls(Arc<Mutex<Book>>);
+
+/// Why [`Calls::start`] refused a call: the instance has this many in
+/// flight already.
+#[derive(Debug, Clone, Copy)]
+pub struct Busy(pub u32);
+
+impl Calls {
+    /// A book for the instance `generation`, reporting outcomes to `done`.
+    pub fn new(generation: u64, max_in_flight: u32, done: mpsc::UnboundedSender<Done>) -> Calls {
+        Calls(Arc::new(Mutex::new(Book {
+            generation,
+            max_in_flight,
+            done: Some(done),
+            ..Book::default()
+        })))
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.0.lock().expect("call book poisoned")
+    }
+
+    /// Starts a call: `work` runs as a task, and its outcome, or
+    /// `late` once `deadline` has passed, reaches the actor.
+    pub fn start<F>(&self, deadline: Duration, work: F, late: CallOutcome) -> Result<u64, Busy>
+    where
+        F: Future<Output = CallOutcome> + Send + 'static,
+    {
+        let mut book = self.book();
+        if book.in_flight.len() >= book.max_in_flight as usize {
+            return Err(Busy(book.max_in_flight));
+        }
+        let Some(done) = book.done.clone() else {
+            return Err(Busy(0));
+        };
+        let ticket = super::consensus::next_ticket();
+        book.in_flight.insert(ticket);
+        book.fresh.insert(ticket);
+        let generation = book.generation;
+        drop(book);
+        tokio::spawn(async move {
+            let outcome = tokio::time::timeout(deadline, work).await.unwrap_or(late);
+            let _ = done.send(Done {
+                generation,
+                ticket,
+                outcome,
+            });
+        });
+        Ok(ticket)
+    }
+
+    /// Takes `done` for delivery if it belongs to this instance and was
+    /// not delivered yet.
+    pub fn settle(&self, done: &Done) -> bool {
+        let mut book = self.book();
+        book.generation == done.generation && book.in_flight.remove(&done.ticket)
+    }
+
+    /// Calls in flight.
+    pub fn in_flight(&self) -> usize {
+        self.book().in_flight.len()
+    }
+
+    /// Whether a request handler may return `pending(ticket)`: the ticket
+    /// was issued in this hook, or is a call still in flight.
+    pub fn may_wait_on(&self, ticket: u64) -> bool {
+        let book = self.book();
+        book.fresh.contains(&ticket) || book.in_flight.contains(&ticket)
+    }
+
+    /// A hook call starts.
+    pub fn begin(&self) {
+        let mut book = self.book();
+        book.fresh.clear();
+        book.answers.clear();
+        book.chains.clear();
+    }
+
+    /// What the hook that just returned asked for.
+    pub fn take_said(&self) -> Said {
+        let mut book = self.book();
+        Said {
+            answers: std::mem::take(&mut book.answers),
+            chains: std::mem::take(&mut book.chains),
+        }
+    }
+
+    fn hold(&self) -> u64 {
+        let ticket = super::consensus::next_ticket();
+        self.book().fresh.insert(ticket);
+        ticket
+    }
+}
+
+/// Clamps a guest's deadline to 1 ms ..= 60 s.
+pub fn clamp_timeout(timeout_ms: u32) -> Duration {
+    Duration::from_millis(u64::from(timeout_ms.clamp(1, 60_000)))
+}
+
+impl replies::Host for PluginState {
+    fn answer(&mut self, ticket: u64, response: Response) -> wasmtime::Result<()> {
+        self.calls.book().answers.push((ticket, response));
+        Ok(())
+    }
+
+    fn hold(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.calls.hold())
+    }
+
+    fn chain(&mut self, ticket: u64, next: u64) -> wasmtime::Result<()> {
+        self.calls.book().chains.push((ticket, next));
+        Ok(())
+    }
+}
+
+/// Adds `replies`, which every plugin may import.
+pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    replies::add_to_linker::<PluginState, HasSelf<PluginState>>(linker, |s| s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::bindings::plexus::cluster::types::MessagingError;
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_reports_the_late_outcome_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let calls = Calls::new(7, 2, tx);
+        let ticket = calls
+            .start(
+                Duration::from_millis(5),
+                std::future::pending(),
+                CallOutcome::Message(Err(MessagingError::Timeout)),
+            )
+            .unwrap();
+        assert!(calls.may_wait_on(ticket));
+        let done = rx.recv().await.unwrap();
+        assert_eq!(done.ticket, ticket);
+        assert!(matches!(
+            done.outcome,
+            CallOutcome::Message(Err(MessagingError::Timeout))
+        ));
+        assert!(calls.settle(&done));
+        assert!(!calls.settle(&done), "delivered twice");
+        assert_eq!(calls.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn calls_past_the_limit_are_refused_and_other_generations_ignored() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let calls = Calls::new(1, 1, tx);
+        let ok = |bytes: &[u8]| CallOutcome::Message(Ok(bytes.to_vec()));
+        let (gate, opened) = tokio::sync::oneshot::channel::<()>();
+        let first = calls
+            .start(
+                Duration::from_secs(5),
+                async move {
+                    let _ = opened.await;
+                    CallOutcome::Message(Ok(b"x".to_vec()))
+                },
+                ok(b""),
+            )
+            .unwrap();
+        let refused = calls.start(
+            Duration::from_secs(5),
+            async { CallOutcome::Message(Ok(b"y".to_vec())) },
+            ok(b""),
+        );
+        assert!(matches!(refused, Err(Busy(1))), "{refused:?}");
+        gate.send(()).unwrap();
+        let mut done = rx.recv().await.unwrap();
+        assert_eq!(done.ticket, first);
+        done.generation = 2;
+        assert!(!calls.settle(&done), "another instance's outcome");
+        done.generation = 1;
+        assert!(calls.settle(&done));
+        calls.begin();
+        assert!(
+            !calls.may_wait_on(first),
+            "delivered and from an earlier hook"
+        );
+    }
+}

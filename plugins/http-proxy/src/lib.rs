@@ -1,0 +1,165 @@
+//! http-proxy: passes every request under its route to one upstream
+//! service over outbound HTTP and answers with the upstream's response.
+//! The plugin never waits: each request is one call in flight, answered
+//! when the upstream's response arrives, so one instance carries as many
+//! requests at once as `limits.max_calls_in_flight` allows.
+//!
+//! Config: `upstream = "http://HOST:PORT"` (its origin must be in
+//! `allowed_outbound_hosts`), `timeout_ms = 5000`.
+//!
+//! `GET /_proxy/stats` is answered by the plugin itself: requests passed,
+//! answered, and failed by kind. Every other path, with its query, method,
+//! headers and body, goes to the upstream. A failure is answered with a
+//! JSON `{"error", "kind"}`: 502 when the upstream surely did not handle
+//! the request (refused, not allowed, ...), 504 when it may have (no
+//! response in time, connection lost).
+
+use plexus_sdk::http::{FetchError, OutgoingRequest};
+use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, http};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    upstream: String,
+    #[serde(default = "default_timeout")]
+    timeout_ms: u32,
+}
+
+fn default_timeout() -> u32 {
+    5000
+}
+
+#[derive(Default, serde::Serialize, Deserialize)]
+struct Stats {
+    passed: u64,
+    answered: u64,
+    unknown_outcome: u64,
+    failed: u64,
+}
+
+struct Proxy {
+    upstream: String,
+    timeout_ms: u32,
+    stats: Stats,
+}
+
+/// Headers that describe one hop, not the request: not passed on.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+];
+
+fn passed_on(headers: &[(String, String)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()) && name != "content-length")
+        .cloned()
+        .collect()
+}
+
+/// The answer for a failed fetch: 504 when the upstream may have handled
+/// the request, 502 when it surely did not.
+fn failure(e: &FetchError) -> Response {
+    let (status, kind, why) = match e {
+        FetchError::Timeout => (
+            504,
+            "timeout",
+            "no response from the upstream in time".to_string(),
+        ),
+        FetchError::Broken(why) => (504, "broken", why.clone()),
+        FetchError::TooLarge(max) => (
+            502,
+            "too-large",
+            format!("response larger than {max} bytes"),
+        ),
+        FetchError::Connect(why) => (502, "connect", why.clone()),
+        FetchError::NotAllowed(origin) => (
+            502,
+            "not-allowed",
+            format!("{origin} is not in allowed_outbound_hosts"),
+        ),
+        FetchError::InvalidRequest(why) => (502, "invalid-request", why.clone()),
+        FetchError::Busy(max) => (503, "busy", format!("{max} requests already in flight")),
+    };
+    Response::json(status, &serde_json::json!({ "error": why, "kind": kind }))
+}
+
+impl Pattern for Proxy {
+    type Output = ();
+
+    fn init(ctx: InitContext) -> Result<Self, String> {
+        let settings: Settings =
+            serde_json::from_str(&ctx.config).map_err(|e| format!("config: {e}"))?;
+        Ok(Proxy {
+            upstream: settings.upstream.trim_end_matches('/').to_string(),
+            timeout_ms: settings.timeout_ms,
+            stats: Stats::default(),
+        })
+    }
+
+    fn on_request(&mut self, req: Request) -> Reply {
+        if req.path == "/_proxy/stats" {
+            return Response::json(200, &self.stats).into();
+        }
+        let mut url = format!("{}{}", self.upstream, req.path);
+        if !req.query.is_empty() {
+            url.push('?');
+            url.push_str(&req.query);
+        }
+        let out = OutgoingRequest {
+            method: req.method,
+            url,
+            headers: passed_on(&req.headers),
+            body: req.body,
+        };
+        self.stats.passed += 1;
+        let sent = http::fetch(
+            self,
+            out,
+            self.timeout_ms,
+            |this: &mut Proxy, result| match result {
+                Ok(mut response) => {
+                    this.stats.answered += 1;
+                    response.headers = passed_on(&response.headers);
+                    response
+                }
+                Err(e) => {
+                    match e {
+                        FetchError::Timeout | FetchError::Broken(_) => {
+                            this.stats.unknown_outcome += 1
+                        }
+                        _ => this.stats.failed += 1,
+                    }
+                    failure(&e)
+                }
+            },
+        );
+        match sent {
+            Ok(pending) => pending.into(),
+            Err(e) => {
+                self.stats.failed += 1;
+                failure(&e).into()
+            }
+        }
+    }
+
+    fn snapshot(&mut self) -> Vec<u8> {
+        serde_json::to_vec(&self.stats).unwrap_or_default()
+    }
+
+    fn restore(&mut self, state: Vec<u8>) -> Result<(), String> {
+        if !state.is_empty() {
+            self.stats = serde_json::from_slice(&state).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+export_pattern!(Proxy);
