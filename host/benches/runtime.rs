@@ -10,7 +10,11 @@
 //! - compile time of a plugin, load time from the compile cache, and
 //!   instantiate time of a cached (pre-linked) plugin;
 //! - hot-swap pause p50 / p99 / max under a steady request load, and the
-//!   requests lost or failed meanwhile.
+//!   requests lost or failed meanwhile;
+//! - calls that never hold a plugin: a request answered through one
+//!   `messaging.call` (to the node itself) against one answered at once,
+//!   and how many `plugins.call`s one instance keeps in flight, at what
+//!   memory per call.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -374,6 +378,181 @@ async fn main() -> anyhow::Result<()> {
         "  requests ok {served}, failed {}, lost 0 (every request got an answer)",
         failed.load(Ordering::Relaxed)
     );
+    bench_calls(&node, scale).await?;
     node.shutdown().await;
+    Ok(())
+}
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Requests from `clients` concurrent tasks, `n` in all; returns the time.
+async fn drive(
+    node: &Arc<Node>,
+    plugin: &str,
+    path: &str,
+    n: u64,
+    clients: u64,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let node = node.clone();
+        let (plugin, path) = (plugin.to_string(), path.to_string());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / clients {
+                let r = node
+                    .request(
+                        &plugin,
+                        request(Method::Post, &path, b"ping"),
+                        Duration::from_secs(60),
+                    )
+                    .await?;
+                anyhow::ensure!(
+                    r.status == 200,
+                    "{path}: {}",
+                    String::from_utf8_lossy(&r.body)
+                );
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(t.elapsed())
+}
+
+fn request(method: Method, path: &str, body: &[u8]) -> Request {
+    Request {
+        method,
+        path: path.into(),
+        query: String::new(),
+        headers: Vec::new(),
+        body: body.to_vec(),
+        source: plexus::runtime::bindings::pattern::RequestSource::Client,
+    }
+}
+
+async fn bench_calls(node: &Arc<Node>, scale: usize) -> anyhow::Result<()> {
+    let relay = plexus::bundled::get("relay").expect("relay is bundled");
+    let grant: std::collections::BTreeSet<Capability> = [
+        Capability::Messaging,
+        Capability::Plugins,
+        Capability::OutboundHttp,
+    ]
+    .into_iter()
+    .collect();
+    let limits = PluginLimits {
+        mailbox: 8192,
+        quota: plexus::primitives::CallQuota {
+            max_in_flight: 65_536,
+            ..Default::default()
+        },
+        ..PluginLimits::default()
+    };
+    for name in ["relay", "peer"] {
+        node.load(LoadSpec {
+            name: name.into(),
+            component: Arc::from(relay),
+            capabilities: grant.clone(),
+            limits,
+            config_json: r#"{"timeout_ms": 60000}"#.into(),
+            access: plexus::runtime::actor::Access {
+                plugins: Arc::new(["peer".to_string()].into_iter().collect()),
+                ..Default::default()
+            },
+        })
+        .await?;
+    }
+    let n = 100_000 / scale as u64;
+    drive(node, "relay", "/echo/x", n / 10, 64).await?;
+    drive(node, "relay", "/ask/node-1", n / 10, 64).await?;
+    let at_once = drive(node, "relay", "/echo/x", n, 64).await?;
+    let called = drive(node, "relay", "/ask/node-1", n, 64).await?;
+    let per = |d: Duration| d.as_nanos() as f64 / n as f64;
+    println!();
+    println!("calls that never hold a plugin (relay plugin, 64 concurrent clients, {n} requests):");
+    println!(
+        "  answered at once                              {:>10.0} req/s {:>8.0} ns/req",
+        n as f64 / at_once.as_secs_f64(),
+        per(at_once)
+    );
+    println!(
+        "  answered through one messaging.call to self   {:>10.0} req/s {:>8.0} ns/req",
+        n as f64 / called.as_secs_f64(),
+        per(called)
+    );
+    println!(
+        "  a call costs {:.0} ns more: its ticket, its task, a mailbox round trip, on-message and on-reply",
+        per(called) - per(at_once)
+    );
+
+    // Calls in flight: relay calls peer, which parks every request.
+    let held = 50_000 / scale as u64;
+    let before = rss();
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..held {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            node.request(
+                "relay",
+                request(Method::Post, "/call/peer/hold", b""),
+                Duration::from_secs(120),
+            )
+            .await
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = node
+            .request(
+                "relay",
+                request(Method::Get, "/stats", b""),
+                Duration::from_secs(60),
+            )
+            .await?;
+        let stats: serde_json::Value = serde_json::from_slice(&r.body)?;
+        if stats["calls"].as_u64().unwrap_or(0) >= held {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {stats} of {held} calls out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let issued = t.elapsed();
+    let grown = rss().saturating_sub(before);
+    let t = Instant::now();
+    node.request(
+        "peer",
+        request(Method::Post, "/release", b""),
+        Duration::from_secs(60),
+    )
+    .await?;
+    for task in tasks {
+        let r = task.await??;
+        anyhow::ensure!(r.status == 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let drained = t.elapsed();
+    println!(
+        "  {held} plugins.call in flight from one instance: out in {:.0} ms ({:.0} calls/s), \
+         {:.1} KiB resident per call in flight (client task, caller and callee state), \
+         all answered {:.0} ms after the callee released them",
+        issued.as_secs_f64() * 1e3,
+        held as f64 / issued.as_secs_f64(),
+        grown as f64 / held as f64 / 1024.0,
+        drained.as_secs_f64() * 1e3
+    );
     Ok(())
 }

@@ -13,6 +13,37 @@
 //!
 //! A client nobody answers gets a 504 from the host at the node's request
 //! timeout.
+//!
+//! ```no_run
+//! use plexus_sdk::http::{self, OutgoingRequest, Params};
+//! use plexus_sdk::{consensus, CommittedEntry, InitContext, Pattern, Pending, Reply, Request, Response};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Remember(Vec<u8>);
+//!
+//! struct Cache { last: Vec<u8> }
+//!
+//! impl Pattern for Cache {
+//!     type Output = ();
+//!     fn init(_: InitContext) -> Result<Self, String> { Ok(Cache { last: Vec::new() }) }
+//!     fn apply(&mut self, entry: CommittedEntry) {
+//!         if let Ok(Remember(bytes)) = consensus::decode(&entry) { self.last = bytes; }
+//!     }
+//! }
+//!
+//! // Fetch, then write what came back through the log, then answer.
+//! fn refresh(c: &mut Cache, _: &Request, _: &Params) -> http::Result<Pending> {
+//!     let get = OutgoingRequest::get("http://127.0.0.1:8080/users/7");
+//!     http::fetch(c, get, 2000, |this, r| -> Reply {
+//!         let Ok(user) = r else { return Response::error(502, "the user service failed").into() };
+//!         match consensus::submit(this, &Remember(user.body), |_, _| Response::text(200, "remembered")) {
+//!             Ok(pending) => pending.into(), // the client now waits on the write
+//!             Err(e) => Response::error(503, &format!("{e:?}")).into(),
+//!         }
+//!     })
+//!     .map_err(|e| Response::error(502, &format!("{e:?}")))
+//! }
+//! ```
 
 use std::any::Any;
 use std::cell::RefCell;

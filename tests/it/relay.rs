@@ -359,3 +359,50 @@ async fn calls_across_three_processes_forward_ask_and_call_between_nodes() {
         serde_json::json!({ "plugin": "relay", "node": "node-1" })
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_are_answered_by_a_later_hook_and_504_at_a_swap() {
+    let n = Arc::new(relay_node(&[], "{}").await);
+    let all = caps(&["messaging", "plugins", "outbound-http"]);
+    n.load_with(
+        "peer",
+        "relay",
+        all,
+        PluginLimits::default(),
+        "{}",
+        Access::default(),
+    )
+    .await;
+    let park = |plugin: &'static str, path: &'static str| {
+        let n = n.clone();
+        tokio::spawn(async move { n.call(plugin, Method::Post, path, b"").await })
+    };
+    // A long poll answered by a later request, and a plugin call kept in
+    // flight by the callee parking it.
+    let direct = park("peer", "/hold");
+    let called = park("relay", "/call/peer/hold");
+    n.wait_requests("peer", 2).await;
+    let released = n.call("peer", Method::Post, "/release", b"").await;
+    assert_eq!(body_json(&released)["released"], 2);
+    for r in [direct.await.unwrap(), called.await.unwrap()] {
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"released"[..]));
+    }
+
+    // A request parked at a swap: the new version does not know its
+    // ticket, so the host answers it at once, and only once.
+    let parked = park("peer", "/hold");
+    n.wait_requests("peer", 4).await;
+    n.node
+        .swap("peer", plexus_tests::variant(&wasm("relay"), 1), None)
+        .await
+        .unwrap();
+    let r = parked.await.unwrap();
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("swapped"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let released = n.call("peer", Method::Post, "/release", b"").await;
+    assert_eq!(body_json(&released)["released"], 0);
+}

@@ -734,9 +734,12 @@ impl Instance {
         }
     }
 
-    /// Requests waiting for an entry, and submissions not yet delivered.
+    /// Whether writes it submitted or calls it made are still out: what a
+    /// local swap waits for. (A request parked with `replies.hold` waits on
+    /// nothing the host could wait for.)
     fn outstanding(&self) -> bool {
-        !self.waiting.is_empty() || self.store.data().consensus.in_flight() > 0
+        let data = self.store.data();
+        data.consensus.in_flight() > 0 || data.calls.in_flight() > 0
     }
 
     /// Whether a request handler may return `pending(ticket)`.
@@ -1557,7 +1560,7 @@ impl Actor {
             let Some(inst) = self.instance.as_ref() else {
                 return;
             };
-            if !inst.outstanding() && inst.store.data().calls.in_flight() == 0 {
+            if !inst.outstanding() {
                 return;
             }
             let target = *self.commits.borrow_and_update();

@@ -15,14 +15,17 @@
 //!   the callee's response, or 502/504 and the error.
 //! - `GET /fetch?url=URL`: `outbound-http.fetch` of URL; answers with its
 //!   response, or 502/504 and the error kind.
+//! - `* /hold`: parks the request (`replies::hold`) until `POST /release`
+//!   answers every parked one with 200 (a long poll, or a callee that keeps
+//!   its callers' calls in flight).
 //! - `GET /stats`: calls made and outcomes received.
 //!
 //! Config: `timeout_ms` (default 2000) for every call.
 
 use plexus_sdk::http::{FetchError, OutgoingRequest};
 use plexus_sdk::{
-    InitContext, Method, Pattern, Reply, Request, RequestSource, Response, export_pattern, http,
-    messaging, plugins,
+    InitContext, Method, Pattern, Pending, Reply, Request, RequestSource, Response, export_pattern,
+    http, messaging, plugins, replies,
 };
 use serde::Deserialize;
 
@@ -48,6 +51,7 @@ struct Relay {
     node: String,
     timeout_ms: u32,
     stats: Stats,
+    held: Vec<Pending>,
 }
 
 fn source(s: &RequestSource) -> serde_json::Value {
@@ -194,6 +198,7 @@ impl Pattern for Relay {
             node: ctx.node,
             timeout_ms: settings.timeout_ms,
             stats: Stats::default(),
+            held: Vec::new(),
         })
     }
 
@@ -240,6 +245,18 @@ impl Pattern for Relay {
                 Some(url) => self.fetch(&url),
                 None => error(400, "bad-request", "?url= is required".into()).into(),
             },
+            ("hold", _) => {
+                let pending = replies::hold();
+                self.held.push(pending);
+                pending.into()
+            }
+            ("release", Method::Post) => {
+                let n = self.held.len();
+                for pending in self.held.drain(..) {
+                    replies::answer(pending, Response::text(200, "released"));
+                }
+                Response::json(200, &serde_json::json!({ "released": n })).into()
+            }
             ("stats", Method::Get) => Response::json(200, &self.stats).into(),
             _ => error(
                 404,

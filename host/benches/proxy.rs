@@ -1,0 +1,490 @@
+//! Proxy benchmark: a program that prints figures.
+//!
+//!     cargo bench -p plexus --bench proxy -- --nginx PATH --haproxy PATH --wrk PATH
+//!         [--seconds 10 --rounds 3 --connections 64,256 --forward-seconds 10]
+//!
+//! The proxy path, side by side in one run: an nginx with one worker
+//! answers a small body; `wrk` (two threads, keep-alive connections) loads
+//! it directly, through HAProxy (one thread), and through a `plexus` node
+//! running the `http-proxy` plugin, which makes one outbound HTTP call per
+//! request. The three phases alternate in `--rounds` rounds, each in a
+//! different order, so that the machine speeding up or slowing down falls
+//! on all alike. For each proxy it prints requests per second, the p50 and
+//! p99 latency it adds over the direct phase, and its CPU time (user and
+//! system, from `/proc`) per request.
+//!
+//! Then forwarding between nodes: three `plexus` processes on loopback run
+//! the `relay` plugin; the same request is sent straight to the node that
+//! answers it, and to another node that forwards it there
+//! (`reply::forward`), alternating.
+//!
+//! `PLEXUS_BIN=path` runs another `plexus` build.
+//! `host/benches/proxy-vs-haproxy.sh [ARGS]` installs nginx, HAProxy and
+//! wrk when missing and runs this.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn args() -> Vec<String> {
+    std::env::args().collect()
+}
+
+fn arg_str(name: &str) -> Option<String> {
+    let args = args();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    arg_str(name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// CPU time (user + system) the processes `pids` have used so far.
+fn cpu_time(pids: &[u32]) -> Duration {
+    const TICKS: u64 = 100;
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            field(11).unwrap_or(0) + field(12).unwrap_or(0)
+        })
+        .sum();
+    Duration::from_millis(ticks * 1000 / TICKS)
+}
+
+/// Processes killed when dropped.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// Waits until `GET path` on `addr` answers 200 (through wrk's own
+/// client would be overkill: one plain request).
+fn wait_ok(addr: SocketAddr, path: &str) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            let mut out = String::new();
+            if s.write_all(req.as_bytes()).is_ok()
+                && s.read_to_string(&mut out).is_ok()
+                && out.starts_with("HTTP/1.1 200")
+            {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{addr}{path} did not answer 200");
+}
+
+fn start_nginx(nginx: &str, dir: &Path) -> (Child, u16) {
+    let port = free_port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n\
+             client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"hello, world\\n\"; }}\n  }}\n}}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nginx");
+    wait_port(local(port));
+    (child, port)
+}
+
+fn start_haproxy(haproxy: &str, dir: &Path, backend: u16) -> (Child, u16) {
+    let port = free_port();
+    let conf = dir.join("haproxy.cfg");
+    std::fs::write(
+        &conf,
+        format!(
+            "global\n  nbthread 1\n  maxconn 20000\n\
+             defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
+             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
+             backend b\n  server s1 127.0.0.1:{backend}\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(haproxy)
+        .arg("-f")
+        .arg(&conf)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn haproxy");
+    wait_port(local(port));
+    (child, port)
+}
+
+fn plexus_bin() -> String {
+    std::env::var("PLEXUS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_plexus").into())
+}
+
+fn spawn_plexus(dir: &Path, config: &Path) -> Child {
+    Command::new(plexus_bin())
+        .arg("up")
+        .arg(config)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn plexus")
+}
+
+fn start_plexus_proxy(dir: &Path, backend: u16) -> (Child, u16) {
+    let port = free_port();
+    let config = dir.join("proxy-node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n[node]\nid = \"proxy\"\ndata_dir = \"proxy-data\"\nhttp = \"127.0.0.1:{port}\"\n\
+             max_connections_per_client = 4096\n\
+             [[plugins]]\nname = \"proxy\"\ncomponent = \"bundled:http-proxy\"\ncapabilities = [\"outbound-http\"]\n\
+             allowed_outbound_hosts = [\"http://127.0.0.1:{backend}\"]\n\
+             limits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+             config = {{ upstream = \"http://127.0.0.1:{backend}\" }}\n"
+        ),
+    )
+    .unwrap();
+    let child = spawn_plexus(dir, &config);
+    wait_ok(local(port), "/v1/plugins/proxy/");
+    (child, port)
+}
+
+/// What one wrk run reported.
+#[derive(Debug, Default, Clone)]
+struct Run {
+    requests: u64,
+    seconds: f64,
+    errors: u64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu: Duration,
+}
+
+fn micros(value: &str) -> Option<f64> {
+    let (num, unit) = value
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| value.split_at(i))?;
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        _ => return None,
+    })
+}
+
+/// Runs wrk against `url` with `connections` for `seconds`, measuring the
+/// CPU time of `pids` meanwhile.
+fn wrk(wrk: &str, url: &str, connections: u64, seconds: u64, pids: &[u32]) -> Run {
+    let before = cpu_time(pids);
+    let started = Instant::now();
+    let out = Command::new(wrk)
+        .args(["-t", "2", "-c", &connections.to_string()])
+        .args([
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            "--timeout",
+            "10s",
+        ])
+        .arg(url)
+        .output()
+        .expect("running wrk");
+    let cpu = cpu_time(pids) - before;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut run = Run {
+        cpu,
+        seconds: started.elapsed().as_secs_f64(),
+        ..Run::default()
+    };
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => run.p50_us = micros(v).unwrap_or(f64::NAN),
+            ["99%", v] => run.p99_us = micros(v).unwrap_or(f64::NAN),
+            [n, "requests", "in", secs, ..] => {
+                run.requests = n.parse().unwrap_or(0);
+                run.seconds = secs
+                    .trim_end_matches(',')
+                    .trim_end_matches('s')
+                    .parse()
+                    .unwrap_or(run.seconds);
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => {
+                run.errors += n.parse::<u64>().unwrap_or(0)
+            }
+            ["Socket", "errors:", rest @ ..] => {
+                run.errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    if run.requests == 0 {
+        eprintln!(
+            "wrk printed nothing usable for {url}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    run
+}
+
+/// Runs of one target, summed over rounds.
+#[derive(Default)]
+struct Totals {
+    runs: Vec<Run>,
+}
+
+impl Totals {
+    fn rps(&self) -> f64 {
+        let reqs: u64 = self.runs.iter().map(|r| r.requests).sum();
+        let secs: f64 = self.runs.iter().map(|r| r.seconds).sum();
+        reqs as f64 / secs.max(1e-9)
+    }
+
+    fn median(&self, f: impl Fn(&Run) -> f64) -> f64 {
+        let mut v: Vec<f64> = self.runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    fn cpu_per_request_us(&self) -> f64 {
+        let cpu: f64 = self.runs.iter().map(|r| r.cpu.as_secs_f64()).sum();
+        let reqs: u64 = self.runs.iter().map(|r| r.requests).sum();
+        cpu * 1e6 / reqs.max(1) as f64
+    }
+
+    fn errors(&self) -> u64 {
+        self.runs.iter().map(|r| r.errors).sum()
+    }
+}
+
+fn proxy_path(dir: &Path, nginx: &str, haproxy: &str, wrk_bin: &str) {
+    let seconds = arg("--seconds", 10);
+    let rounds = arg("--rounds", 3);
+    let connections: Vec<u64> = arg_str("--connections")
+        .unwrap_or_else(|| "64,256".into())
+        .split(',')
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let (nginx_child, backend) = start_nginx(nginx, dir);
+    let (haproxy_child, hport) = start_haproxy(haproxy, dir, backend);
+    let (plexus_child, pport) = start_plexus_proxy(dir, backend);
+    let (hpid, ppid) = (haproxy_child.id(), plexus_child.id());
+    let _procs = Procs(vec![nginx_child, haproxy_child, plexus_child]);
+    let targets = [
+        (
+            "direct (nginx)",
+            format!("http://127.0.0.1:{backend}/"),
+            vec![],
+        ),
+        ("HAProxy", format!("http://127.0.0.1:{hport}/"), vec![hpid]),
+        (
+            "plexus http-proxy",
+            format!("http://127.0.0.1:{pport}/v1/plugins/proxy/"),
+            vec![ppid],
+        ),
+    ];
+    // Warm up every path: connection pools, caches, the plugin.
+    for (_, url, pids) in &targets {
+        wrk(wrk_bin, url, 64, 2, pids);
+    }
+    println!("proxy path: wrk -t2, {seconds} s per phase, {rounds} rounds, phases alternating");
+    for &c in &connections {
+        let mut totals: Vec<Totals> = (0..targets.len()).map(|_| Totals::default()).collect();
+        for round in 0..rounds as usize {
+            for k in 0..targets.len() {
+                let i = (k + round) % targets.len();
+                let (_, url, pids) = &targets[i];
+                totals[i].runs.push(wrk(wrk_bin, url, c, seconds, pids));
+            }
+        }
+        let direct = (
+            totals[0].median(|r| r.p50_us),
+            totals[0].median(|r| r.p99_us),
+        );
+        println!("\n{c} connections:");
+        println!(
+            "  {:<20} {:>10} {:>12} {:>12} {:>14} {:>8}",
+            "target", "req/s", "added p50", "added p99", "CPU/request", "errors"
+        );
+        for (i, (name, _, pids)) in targets.iter().enumerate() {
+            let t = &totals[i];
+            let (added50, added99) = if i == 0 {
+                (0.0, 0.0)
+            } else {
+                (
+                    t.median(|r| r.p50_us) - direct.0,
+                    t.median(|r| r.p99_us) - direct.1,
+                )
+            };
+            let cpu = if pids.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.1} us", t.cpu_per_request_us())
+            };
+            println!(
+                "  {name:<20} {:>10.0} {:>9.0} us {:>9.0} us {:>14} {:>8}",
+                t.rps(),
+                added50,
+                added99,
+                cpu,
+                t.errors()
+            );
+        }
+        println!(
+            "  plexus / HAProxy: {:.2}x req/s (direct p50 {:.0} us, p99 {:.0} us)",
+            totals[2].rps() / totals[1].rps().max(1e-9),
+            direct.0,
+            direct.1
+        );
+    }
+}
+
+fn forwarding(dir: &Path, wrk_bin: &str) {
+    let seconds = arg("--forward-seconds", 10);
+    let rounds = arg("--rounds", 3);
+    let http: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut children = Vec::new();
+    for i in 0..3 {
+        let peers: Vec<String> = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| format!("\"node-{}@127.0.0.1:{}\"", j + 1, peer[j]))
+            .collect();
+        let config = dir.join(format!("fwd-{}.toml", i + 1));
+        std::fs::write(
+            &config,
+            format!(
+                "version = 1\n[node]\nid = \"node-{n}\"\ndata_dir = \"fwd-data-{n}\"\nhttp = \"127.0.0.1:{h}\"\n\
+                 max_connections_per_client = 4096\n\
+                 [cluster]\nlisten = \"127.0.0.1:{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n\
+                 [[plugins]]\nname = \"relay\"\ncomponent = \"bundled:relay\"\n\
+                 capabilities = [\"messaging\", \"plugins\", \"outbound-http\"]\nlimits = {{ mailbox = 8192 }}\n",
+                n = i + 1,
+                h = http[i],
+                l = peer[i],
+                p = peers.join(", ")
+            ),
+        )
+        .unwrap();
+        children.push(spawn_plexus(dir, &config));
+    }
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let _procs = Procs(children);
+    // node-2 answers `/on/node-2/...` itself; node-1 forwards it there.
+    let path = "/v1/plugins/relay/on/node-2/k";
+    wait_ok(local(http[1]), path);
+    wait_ok(local(http[0]), path);
+    let targets = [
+        (
+            "straight to the owner",
+            format!("http://127.0.0.1:{}{path}", http[1]),
+        ),
+        (
+            "forwarded by another node",
+            format!("http://127.0.0.1:{}{path}", http[0]),
+        ),
+    ];
+    for (_, url) in &targets {
+        wrk(wrk_bin, url, 64, 2, &pids);
+    }
+    println!(
+        "\nforwarding between nodes: 3 plexus processes, relay plugin, 64 connections, {seconds} s per phase, {rounds} rounds"
+    );
+    let mut totals = [Totals::default(), Totals::default()];
+    for round in 0..rounds as usize {
+        for k in 0..2 {
+            let i = (k + round) % 2;
+            totals[i]
+                .runs
+                .push(wrk(wrk_bin, &targets[i].1, 64, seconds, &pids));
+        }
+    }
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let t = &totals[i];
+        println!(
+            "  {name:<26} {:>10.0} req/s  p50 {:>6.0} us  p99 {:>6.0} us  CPU/request (3 nodes) {:>6.1} us  errors {}",
+            t.rps(),
+            t.median(|r| r.p50_us),
+            t.median(|r| r.p99_us),
+            t.cpu_per_request_us(),
+            t.errors()
+        );
+    }
+    println!(
+        "  forwarded / direct: {:.2}x req/s",
+        totals[1].rps() / totals[0].rps().max(1e-9)
+    );
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrk_bin = arg_str("--wrk").unwrap_or_else(|| "wrk".into());
+    match (arg_str("--nginx"), arg_str("--haproxy")) {
+        (Some(nginx), Some(haproxy)) => proxy_path(dir.path(), &nginx, &haproxy, &wrk_bin),
+        _ => println!("proxy path skipped: give --nginx PATH and --haproxy PATH"),
+    }
+    if arg("--forward-seconds", 10) > 0 {
+        forwarding(dir.path(), &wrk_bin);
+    }
+}
