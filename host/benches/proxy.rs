@@ -124,7 +124,7 @@ fn start_nginx(nginx: &str, dir: &Path) -> (Child, u16) {
     std::fs::write(
         &conf,
         format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
              events {{ worker_connections 8192; }}\n\
              http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n\
              client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
@@ -152,7 +152,7 @@ fn start_haproxy(haproxy: &str, dir: &Path, backend: u16) -> (Child, u16) {
     std::fs::write(
         &conf,
         format!(
-            "global\n  nbthread 1\n  maxconn 20000\n\
+            "global\n  nbthread 1\n  maxconn 8000\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
              frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
              backend b\n  server s1 127.0.0.1:{backend}\n"
@@ -326,11 +326,15 @@ fn proxy_path(dir: &Path, nginx: &str, haproxy: &str, wrk_bin: &str) {
         .split(',')
         .filter_map(|c| c.parse().ok())
         .collect();
-    let (nginx_child, backend) = start_nginx(nginx, dir);
-    let (haproxy_child, hport) = start_haproxy(haproxy, dir, backend);
-    let (plexus_child, pport) = start_plexus_proxy(dir, backend);
-    let (hpid, ppid) = (haproxy_child.id(), plexus_child.id());
-    let _procs = Procs(vec![nginx_child, haproxy_child, plexus_child]);
+    let mut procs = Procs(Vec::new());
+    let (child, backend) = start_nginx(nginx, dir);
+    procs.0.push(child);
+    let (child, hport) = start_haproxy(haproxy, dir, backend);
+    let hpid = child.id();
+    procs.0.push(child);
+    let (child, pport) = start_plexus_proxy(dir, backend);
+    let ppid = child.id();
+    procs.0.push(child);
     let targets = [
         (
             "direct (nginx)",

@@ -111,7 +111,6 @@ async fn main() -> anyhow::Result<()> {
     let access = plexus::runtime::actor::Access::default();
     let (tx, _rx) = mpsc::channel::<Mail>(1);
     let (drops, _dropped) = mpsc::unbounded_channel();
-    let (replies, _replied) = mpsc::unbounded_channel();
     let mut inst_times = Vec::new();
     for i in 0..(2000 / scale) {
         let t = Instant::now();
@@ -124,7 +123,6 @@ async fn main() -> anyhow::Result<()> {
             Channels {
                 mailbox: tx.downgrade(),
                 drops: drops.clone(),
-                replies: replies.clone(),
             },
             i as u64,
             0,
@@ -151,7 +149,6 @@ async fn main() -> anyhow::Result<()> {
         Channels {
             mailbox: tx.downgrade(),
             drops: drops.clone(),
-            replies: replies.clone(),
         },
         0,
         0,

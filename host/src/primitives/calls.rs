@@ -2,10 +2,12 @@
 //! answer at once (`plexus:cluster/replies`).
 //!
 //! A call that waits on another party (`messaging.call`, `plugins.call`,
-//! `outbound-http.fetch`) gets a ticket from [`Calls::start`] and runs as
-//! a task of its own; its outcome comes back to the plugin's actor as one
-//! [`Done`], which the actor hands to the guest's `on-reply` if the
-//! instance that made the call is still the one running.
+//! `outbound-http.fetch`) gets a ticket from [`Calls::start`]; its work is
+//! a future that the plugin's actor takes when the hook returns and polls
+//! beside its mailbox (no task of its own, no channel back). Its outcome
+//! arrives as one [`Done`], which the actor hands to the guest's
+//! `on-reply` if the instance that made the call is still the one
+//! running. A hook that traps starts none of its calls.
 //!
 //! Answers given with `replies.answer` are buffered in the [`Book`] and
 //! sent by the actor when the hook returns, so a hook that traps answers
@@ -13,10 +15,10 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::runtime::bindings::plexus::cluster::replies;
@@ -34,8 +36,12 @@ pub struct Done {
     pub outcome: CallOutcome,
 }
 
+/// A call's work, as the actor polls it: `None` for work that answers a
+/// client itself (a forward).
+pub type CallFuture = Pin<Box<dyn Future<Output = Option<Done>> + Send>>;
+
 /// One instance's calls in flight and the answers of its current hook.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Book {
     generation: u64,
     max_in_flight: u32,
@@ -48,7 +54,8 @@ pub struct Book {
     answers: Vec<(u64, Response)>,
     /// `replies.chain` calls of the current hook.
     chains: Vec<(u64, u64)>,
-    done: Option<mpsc::UnboundedSender<Done>>,
+    /// Calls started in the current hook, for the actor to poll.
+    started: Vec<CallFuture>,
 }
 
 /// What a hook asked of the host's waiting clients, taken when it
@@ -63,7 +70,7 @@ pub struct Said {
 
 /// A shared handle to an instance's [`Book`]: every interface that makes
 /// calls holds one.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Calls(Arc<Mutex<Book>>);
 
 /// Why [`Calls::start`] refused a call: the instance has this many in
@@ -72,12 +79,11 @@ pub struct Calls(Arc<Mutex<Book>>);
 pub struct Busy(pub u32);
 
 impl Calls {
-    /// A book for the instance `generation`, reporting outcomes to `done`.
-    pub fn new(generation: u64, max_in_flight: u32, done: mpsc::UnboundedSender<Done>) -> Calls {
+    /// A book for the instance `generation`.
+    pub fn new(generation: u64, max_in_flight: u32) -> Calls {
         Calls(Arc::new(Mutex::new(Book {
             generation,
             max_in_flight,
-            done: Some(done),
             ..Book::default()
         })))
     }
@@ -86,8 +92,9 @@ impl Calls {
         self.0.lock().expect("call book poisoned")
     }
 
-    /// Starts a call: `work` runs as a task, and its outcome, or
-    /// `late` once `deadline` has passed, reaches the actor.
+    /// Starts a call: once the hook returns, the actor polls `work`, and
+    /// its outcome, or `late` once `deadline` has passed, comes back as a
+    /// [`Done`].
     pub fn start<F>(&self, deadline: Duration, work: F, late: CallOutcome) -> Result<u64, Busy>
     where
         F: Future<Output = CallOutcome> + Send + 'static,
@@ -96,23 +103,24 @@ impl Calls {
         if book.in_flight.len() >= book.max_in_flight as usize {
             return Err(Busy(book.max_in_flight));
         }
-        let Some(done) = book.done.clone() else {
-            return Err(Busy(0));
-        };
         let ticket = super::consensus::next_ticket();
         book.in_flight.insert(ticket);
         book.fresh.insert(ticket);
         let generation = book.generation;
-        drop(book);
-        tokio::spawn(async move {
+        book.started.push(Box::pin(async move {
             let outcome = tokio::time::timeout(deadline, work).await.unwrap_or(late);
-            let _ = done.send(Done {
+            Some(Done {
                 generation,
                 ticket,
                 outcome,
-            });
-        });
+            })
+        }));
         Ok(ticket)
+    }
+
+    /// The calls the hook that just returned started.
+    pub fn take_started(&self) -> Vec<CallFuture> {
+        std::mem::take(&mut self.book().started)
     }
 
     /// Takes `done` for delivery if it belongs to this instance and was
@@ -140,6 +148,17 @@ impl Calls {
         book.fresh.clear();
         book.answers.clear();
         book.chains.clear();
+    }
+
+    /// The hook that just ran failed: nothing it said or started happens,
+    /// and the calls it started are not in flight.
+    pub fn discard(&self) {
+        let mut book = self.book();
+        book.answers.clear();
+        book.chains.clear();
+        book.started.clear();
+        let fresh = std::mem::take(&mut book.fresh);
+        book.in_flight.retain(|t| !fresh.contains(t));
     }
 
     /// What the hook that just returned asked for.
@@ -189,10 +208,19 @@ mod tests {
     use super::*;
     use crate::runtime::bindings::plexus::cluster::types::MessagingError;
 
+    fn message(bytes: &[u8]) -> CallOutcome {
+        CallOutcome::Message(Ok(bytes.to_vec()))
+    }
+
+    async fn run_one(calls: &Calls) -> Done {
+        let mut started = calls.take_started();
+        assert_eq!(started.len(), 1);
+        started.pop().unwrap().await.unwrap()
+    }
+
     #[tokio::test]
     async fn a_call_past_its_deadline_reports_the_late_outcome_once() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let calls = Calls::new(7, 2, tx);
+        let calls = Calls::new(7, 2);
         let ticket = calls
             .start(
                 Duration::from_millis(5),
@@ -201,7 +229,7 @@ mod tests {
             )
             .unwrap();
         assert!(calls.may_wait_on(ticket));
-        let done = rx.recv().await.unwrap();
+        let done = run_one(&calls).await;
         assert_eq!(done.ticket, ticket);
         assert!(matches!(
             done.outcome,
@@ -214,28 +242,21 @@ mod tests {
 
     #[tokio::test]
     async fn calls_past_the_limit_are_refused_and_other_generations_ignored() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let calls = Calls::new(1, 1, tx);
-        let ok = |bytes: &[u8]| CallOutcome::Message(Ok(bytes.to_vec()));
-        let (gate, opened) = tokio::sync::oneshot::channel::<()>();
+        let calls = Calls::new(1, 1);
         let first = calls
             .start(
                 Duration::from_secs(5),
-                async move {
-                    let _ = opened.await;
-                    CallOutcome::Message(Ok(b"x".to_vec()))
-                },
-                ok(b""),
+                async { message(b"x") },
+                message(b""),
             )
             .unwrap();
         let refused = calls.start(
             Duration::from_secs(5),
-            async { CallOutcome::Message(Ok(b"y".to_vec())) },
-            ok(b""),
+            async { message(b"y") },
+            message(b""),
         );
         assert!(matches!(refused, Err(Busy(1))), "{refused:?}");
-        gate.send(()).unwrap();
-        let mut done = rx.recv().await.unwrap();
+        let mut done = run_one(&calls).await;
         assert_eq!(done.ticket, first);
         done.generation = 2;
         assert!(!calls.settle(&done), "another instance's outcome");
@@ -246,5 +267,18 @@ mod tests {
             !calls.may_wait_on(first),
             "delivered and from an earlier hook"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_hook_starts_none_of_its_calls() {
+        let calls = Calls::new(1, 4);
+        calls.begin();
+        let ticket = calls
+            .start(Duration::from_secs(1), async { message(b"") }, message(b""))
+            .unwrap();
+        calls.discard();
+        assert!(calls.take_started().is_empty());
+        assert_eq!(calls.in_flight(), 0);
+        assert!(!calls.may_wait_on(ticket));
     }
 }

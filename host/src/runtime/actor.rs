@@ -27,7 +27,7 @@ use super::state::{PluginState, WaitClock};
 use super::{Capability, LoadError, Prepared};
 use crate::cluster::log::{ConsensusBackend, LogError, RestorePoint};
 use crate::cluster::state_store::{KvBackend, Persist, StoreError};
-use crate::primitives::calls::{Calls, Done};
+use crate::primitives::calls::{CallFuture, Calls, Done};
 use crate::primitives::consensus::{ConsensusCtx, Control, Dropped, is_control};
 use crate::primitives::log::LogCtx;
 use crate::primitives::membership::{MembershipCtx, MembershipView};
@@ -38,6 +38,8 @@ use crate::primitives::storage::StorageCtx;
 use crate::primitives::timers::TimersCtx;
 use crate::primitives::wire::{Answered, Forwarded, KIND_FORWARD, MAX_HOPS, WireRequest};
 use crate::primitives::{CallLimits, CallQuota};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 
 /// Hook names, as metric labels.
 const HOOKS: [&str; 9] = [
@@ -275,8 +277,6 @@ pub struct PluginEnv {
     generation: AtomicU64,
     /// Where instances report submissions that failed.
     drops: mpsc::UnboundedSender<Dropped>,
-    /// Where instances' calls report their outcomes.
-    replies: mpsc::UnboundedSender<Done>,
     status: Mutex<PluginStatus>,
     metrics: Mutex<PluginMetrics>,
 }
@@ -363,8 +363,6 @@ pub struct Channels {
     pub mailbox: mpsc::WeakSender<Mail>,
     /// Submissions that failed.
     pub drops: mpsc::UnboundedSender<Dropped>,
-    /// Outcomes of calls.
-    pub replies: mpsc::UnboundedSender<Done>,
 }
 
 /// A store for one instance of plugin `name`: its WASI context (no files,
@@ -383,12 +381,8 @@ pub fn new_store(
     generation: u64,
     applied: u64,
 ) -> Store<PluginState> {
-    let Channels {
-        mailbox,
-        drops,
-        replies,
-    } = channels;
-    let calls = Calls::new(generation, limits.quota.max_in_flight, replies);
+    let Channels { mailbox, drops } = channels;
+    let calls = Calls::new(generation, limits.quota.max_in_flight);
     let waited = WaitClock::default();
     let mut consensus =
         ConsensusCtx::new(name, services.log.clone(), services.call_limits, applied)
@@ -481,7 +475,6 @@ impl Instance {
             Channels {
                 mailbox,
                 drops: env.drops.clone(),
-                replies: env.replies.clone(),
             },
             generation,
             applied,
@@ -642,7 +635,7 @@ impl Instance {
             Err(e) => {
                 self.store.data_mut().storage.discard();
                 // What it said to clients goes with its writes.
-                let _ = self.store.data().calls.take_said();
+                self.store.data().calls.discard();
                 let msg = describe(hook, &e, &env.limits);
                 tracing::warn!(plugin = %env.name, version = %self.prepared.version, "hook failed: {msg}");
                 env.update(|s| {
@@ -792,7 +785,6 @@ impl PluginHandle {
     ) -> Result<PluginHandle, LoadError> {
         let (tx, rx) = mpsc::channel(spec.limits.mailbox.max(1));
         let (drops_tx, drops) = mpsc::unbounded_channel();
-        let (replies_tx, replies) = mpsc::unbounded_channel();
         let commits = services
             .log
             .subscribe(&spec.name)
@@ -826,7 +818,6 @@ impl PluginHandle {
             config_json: Mutex::new(spec.config_json),
             generation: AtomicU64::new(0),
             drops: drops_tx,
-            replies: replies_tx,
         });
         let config = env.config();
         let instance = Instance::start(&env, prepared, tx.downgrade(), config).await?;
@@ -840,7 +831,7 @@ impl PluginHandle {
             commits,
             commits_open: true,
             drops,
-            replies,
+            calls: FuturesUnordered::new(),
             instance: Some(instance),
             last_prepared: None,
             failures: 0,
@@ -1033,8 +1024,9 @@ struct Actor {
     commits_open: bool,
     /// Submissions that failed after `submit` returned.
     drops: mpsc::UnboundedReceiver<Dropped>,
-    /// Outcomes of calls.
-    replies: mpsc::UnboundedReceiver<Done>,
+    /// The work of calls in flight (and of forwards), polled beside the
+    /// mailbox.
+    calls: FuturesUnordered<CallFuture>,
     instance: Option<Instance>,
     /// What to restart from after the instance died.
     last_prepared: Option<Prepared>,
@@ -1064,6 +1056,7 @@ impl Actor {
                 break;
             }
             self.collect().await;
+            self.adopt();
             let Some(inst) = &self.instance else { continue };
             let target = *self.commits.borrow_and_update();
             if target > inst.delivered() {
@@ -1083,7 +1076,10 @@ impl Actor {
                         Next::Commits
                     }
                     Some(dropped) = self.drops.recv() => Next::Dropped(dropped),
-                    Some(done) = self.replies.recv() => Next::Reply(done),
+                    Some(done) = self.calls.next(), if !self.calls.is_empty() => match done {
+                        Some(done) => Next::Reply(done),
+                        None => Next::Commits,
+                    },
                     Some(reply) = self.captures.recv() => Next::Capture(reply),
                     mail = self.rx.recv(), if !saturated => mail.map_or(Next::Closed, Next::Mail),
                 }
@@ -1102,6 +1098,14 @@ impl Actor {
             }
         }
         self.env.update(|s| s.state = RunState::Stopped);
+    }
+
+    /// Takes the calls the last hook started, to poll them beside the
+    /// mailbox.
+    fn adopt(&mut self) {
+        if let Some(inst) = &self.instance {
+            self.calls.extend(inst.store.data().calls.take_started());
+        }
     }
 
     /// Marks the instance dead after a failed hook.
@@ -1129,6 +1133,9 @@ impl Actor {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => break,
+                // Forwards still answer their clients; the dead instance's
+                // call outcomes are dropped.
+                Some(_) = self.calls.next(), if !self.calls.is_empty() => {}
                 mail = self.rx.recv() => match mail {
                     None => return false,
                     Some(Mail::Stop { reply }) => {
@@ -1499,7 +1506,7 @@ impl Actor {
         })
         .expect("a forwarded request encodes");
         let node = to.node;
-        tokio::spawn(async move {
+        self.calls.push(Box::pin(async move {
             let sent = transport.request(&node, KIND_FORWARD, body, timeout).await;
             let response = match Answered::from_transport(sent) {
                 Answered::Response(r) => r.into(),
@@ -1519,7 +1526,8 @@ impl Actor {
                 ),
             };
             let _ = reply.send(Ok(response));
-        });
+            None
+        }));
     }
 
     /// A submission failed: answer its request and tell the guest with
@@ -1557,6 +1565,7 @@ impl Actor {
         let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
         while tokio::time::Instant::now() < deadline {
             self.collect().await;
+            self.adopt();
             let Some(inst) = self.instance.as_ref() else {
                 return;
             };
@@ -1575,7 +1584,11 @@ impl Actor {
                     }
                 }
                 Some(d) = self.drops.recv() => self.dropped(d),
-                Some(done) = self.replies.recv() => self.reply(done).await,
+                Some(done) = self.calls.next(), if !self.calls.is_empty() => {
+                    if let Some(done) = done {
+                        self.reply(done).await;
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => return,
             }
         }
@@ -1589,6 +1602,7 @@ impl Actor {
         let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
         while tokio::time::Instant::now() < deadline {
             self.collect().await;
+            self.adopt();
             let Some(inst) = self.instance.as_ref() else {
                 return;
             };
@@ -1597,7 +1611,11 @@ impl Actor {
             }
             tokio::select! {
                 Some(d) = self.drops.recv() => self.dropped(d),
-                Some(done) = self.replies.recv() => self.reply(done).await,
+                Some(done) = self.calls.next(), if !self.calls.is_empty() => {
+                    if let Some(done) = done {
+                        self.reply(done).await;
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => return,
             }
         }
