@@ -406,3 +406,51 @@ async fn held_requests_are_answered_by_a_later_hook_and_504_at_a_swap() {
     let released = n.call("peer", Method::Post, "/release", b"").await;
     assert_eq!(body_json(&released)["released"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_plugin_calls_stay_in_flight_until_the_callee_answers() {
+    let n = Arc::new(TestNode::new());
+    let all = caps(&["messaging", "plugins", "outbound-http"]);
+    let mut limits = PluginLimits::default();
+    limits.quota.max_in_flight = 65_536;
+    n.load_with(
+        "relay",
+        "relay",
+        all.clone(),
+        limits,
+        r#"{"timeout_ms": 60000}"#,
+        access(&["peer"], &[]),
+    )
+    .await;
+    n.load_with(
+        "peer",
+        "relay",
+        all,
+        PluginLimits::default(),
+        "{}",
+        Access::default(),
+    )
+    .await;
+    let count: u64 = std::env::var("HOLD_COUNT")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(500);
+    let calls: Vec<_> = (0..count)
+        .map(|_| {
+            let n = n.clone();
+            tokio::spawn(async move { n.call("relay", Method::Post, "/call/peer/hold", b"").await })
+        })
+        .collect();
+    n.wait_requests("peer", count).await;
+    let released = n.call("peer", Method::Post, "/release", b"").await;
+    assert_eq!(body_json(&released)["released"], count);
+    for c in calls {
+        let r = c.await.unwrap();
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"released"[..]),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}

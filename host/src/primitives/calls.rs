@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,7 +72,13 @@ pub struct Said {
 /// A shared handle to an instance's [`Book`]: every interface that makes
 /// calls holds one.
 #[derive(Clone, Default)]
-pub struct Calls(Arc<Mutex<Book>>);
+pub struct Calls {
+    book: Arc<Mutex<Book>>,
+    /// Whether the current hook put anything in the book: most hooks make
+    /// no call and answer nobody, and then the actor's bookkeeping around
+    /// them takes no lock.
+    touched: Arc<AtomicBool>,
+}
 
 /// Why [`Calls::start`] refused a call: the instance has this many in
 /// flight already.
@@ -81,15 +88,28 @@ pub struct Busy(pub u32);
 impl Calls {
     /// A book for the instance `generation`.
     pub fn new(generation: u64, max_in_flight: u32) -> Calls {
-        Calls(Arc::new(Mutex::new(Book {
-            generation,
-            max_in_flight,
-            ..Book::default()
-        })))
+        Calls {
+            book: Arc::new(Mutex::new(Book {
+                generation,
+                max_in_flight,
+                ..Book::default()
+            })),
+            touched: Arc::default(),
+        }
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
-        self.0.lock().expect("call book poisoned")
+        self.book.lock().expect("call book poisoned")
+    }
+
+    /// The book, for a change made by the current hook.
+    fn touch(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.touched.store(true, Ordering::Relaxed);
+        self.book()
+    }
+
+    fn touched(&self) -> bool {
+        self.touched.load(Ordering::Relaxed)
     }
 
     /// Starts a call: once the hook returns, the actor polls `work`, and
@@ -99,7 +119,7 @@ impl Calls {
     where
         F: Future<Output = CallOutcome> + Send + 'static,
     {
-        let mut book = self.book();
+        let mut book = self.touch();
         if book.in_flight.len() >= book.max_in_flight as usize {
             return Err(Busy(book.max_in_flight));
         }
@@ -120,6 +140,9 @@ impl Calls {
 
     /// The calls the hook that just returned started.
     pub fn take_started(&self) -> Vec<CallFuture> {
+        if !self.touched() {
+            return Vec::new();
+        }
         std::mem::take(&mut self.book().started)
     }
 
@@ -144,10 +167,16 @@ impl Calls {
 
     /// A hook call starts.
     pub fn begin(&self) {
+        if !self.touched() {
+            return;
+        }
         let mut book = self.book();
         book.fresh.clear();
         book.answers.clear();
         book.chains.clear();
+        // Calls the last hook started stay until the actor takes them.
+        let pending = !book.started.is_empty();
+        self.touched.store(pending, Ordering::Relaxed);
     }
 
     /// The hook that just ran failed: nothing it said or started happens,
@@ -163,6 +192,9 @@ impl Calls {
 
     /// What the hook that just returned asked for.
     pub fn take_said(&self) -> Said {
+        if !self.touched() {
+            return Said::default();
+        }
         let mut book = self.book();
         Said {
             answers: std::mem::take(&mut book.answers),
@@ -172,7 +204,7 @@ impl Calls {
 
     fn hold(&self) -> u64 {
         let ticket = super::consensus::next_ticket();
-        self.book().fresh.insert(ticket);
+        self.touch().fresh.insert(ticket);
         ticket
     }
 }
@@ -184,7 +216,7 @@ pub fn clamp_timeout(timeout_ms: u32) -> Duration {
 
 impl replies::Host for PluginState {
     fn answer(&mut self, ticket: u64, response: Response) -> wasmtime::Result<()> {
-        self.calls.book().answers.push((ticket, response));
+        self.calls.touch().answers.push((ticket, response));
         Ok(())
     }
 
@@ -193,7 +225,7 @@ impl replies::Host for PluginState {
     }
 
     fn chain(&mut self, ticket: u64, next: u64) -> wasmtime::Result<()> {
-        self.calls.book().chains.push((ticket, next));
+        self.calls.touch().chains.push((ticket, next));
         Ok(())
     }
 }
