@@ -63,6 +63,7 @@ pub mod bindings {
 
 pub mod codec;
 pub mod consensus;
+mod errors;
 pub mod http;
 pub mod log;
 pub mod membership;
@@ -223,4 +224,57 @@ macro_rules! export_pattern {
     $crate::bindings::__export_plugin!(__PlexusExport with_types_in $crate::bindings);
         };
     };
+}
+
+impl InitContext {
+    /// The plugin's `config` table (from the node config) as `T`. With
+    /// `#[serde(deny_unknown_fields)]` on `T`, a misspelt key is refused.
+    /// The error names the key, as `config.KEY: what is wrong`; returned
+    /// from `init`, it refuses the load or the swap with that message.
+    ///
+    /// ```
+    /// # use plexus_sdk::InitContext;
+    /// #[derive(serde::Deserialize)]
+    /// #[serde(deny_unknown_fields)]
+    /// struct Settings { rate: u32, #[serde(default)] burst: u32 }
+    ///
+    /// # fn ctx(config: &str) -> InitContext {
+    /// #     InitContext { config: config.into(), node: "n1".into(), name: "p".into(), version: "v".into(),
+    /// #         limits: plexus_sdk::Limits { max_entry_bytes: 0, max_value_bytes: 0, max_key_bytes: 0,
+    /// #             max_message_bytes: 0, max_calls_in_flight: 0, max_response_bytes: 0 } }
+    /// # }
+    /// let err = ctx(r#"{"rate": 10, "brust": 4}"#).config::<Settings>().err().unwrap();
+    /// assert_eq!(err, "config.brust: unknown field, expected `rate` or `burst`");
+    /// let err = ctx(r#"{"rate": "fast"}"#).config::<Settings>().err().unwrap();
+    /// assert_eq!(err, r#"config.rate: invalid type: string "fast", expected u32"#);
+    /// ```
+    pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
+        let text = if self.config.trim().is_empty() {
+            "{}"
+        } else {
+            &self.config
+        };
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let mut path = e.path().to_string();
+            let mut message = e.inner().to_string();
+            if let Some(at) = message.rfind(" at line ") {
+                message.truncate(at);
+            }
+            // An unknown key is in the path; say it once.
+            if let Some(rest) = message.strip_prefix("unknown field `")
+                && let Some((key, expected)) = rest.split_once('`')
+            {
+                if path == "." {
+                    path = key.to_string();
+                }
+                message = format!("unknown field{expected}");
+            }
+            if path == "." {
+                format!("config: {message}")
+            } else {
+                format!("config.{path}: {message}")
+            }
+        })
+    }
 }

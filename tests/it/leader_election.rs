@@ -158,3 +158,28 @@ async fn bad_requests_are_rejected_with_400() {
         404
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelt_config_key_is_refused_at_load_naming_the_key() {
+    let n = plexus_tests::TestNode::new();
+    let err = n
+        .node
+        .load(plexus::node::LoadSpec {
+            name: "election".into(),
+            component: plexus_tests::wasm("leader-election"),
+            capabilities: plexus_tests::caps(&["consensus", "storage", "timers", "log"]),
+            limits: plexus::runtime::actor::PluginLimits::default(),
+            config_json: r#"{"campaign": ["primary"], "ttl_mss": 3000}"#.into(),
+            access: Default::default(),
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.ends_with(
+            "init failed: config.ttl_mss: unknown field, expected `campaign` or `ttl_ms`"
+        ),
+        "{err}"
+    );
+    assert!(n.node.plugins().is_empty());
+}

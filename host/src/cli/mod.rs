@@ -463,6 +463,7 @@ async fn plugin(command: PluginCommand, remote: &Remote) -> anyhow::Result<()> {
 }
 
 async fn up(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let baseline = path.as_deref().map(crate::config::reconcile::fingerprint);
     let config = load(path.clone())?;
     let running =
         crate::serve::start_with_progress(&config, |line| eprintln!("plexus: {line}")).await?;
@@ -477,11 +478,18 @@ async fn up(path: Option<PathBuf>) -> anyhow::Result<()> {
             let reconciler =
                 crate::config::reconcile::Reconciler::new(running.node.clone(), &config)?;
             eprintln!("plexus: watching {} for changes", p.display());
-            Some(tokio::spawn(crate::config::reconcile::watch(
-                reconciler,
-                p.clone(),
-                Duration::from_millis(500),
-            )))
+            let (path, started) = (p.clone(), config.clone());
+            let baseline = baseline.flatten();
+            Some(tokio::spawn(async move {
+                crate::config::reconcile::watch(
+                    reconciler,
+                    path,
+                    Duration::from_millis(500),
+                    baseline,
+                    &started,
+                )
+                .await
+            }))
         }
         None => None,
     };

@@ -154,7 +154,12 @@ fn resolve(entry: &PluginEntry, bytes: &[u8]) -> Applied {
 
 /// What the watcher compares between polls: the config's bytes and the
 /// modification times of the component files it names.
-fn fingerprint(path: &Path) -> Option<(Vec<u8>, Vec<Option<SystemTime>>)> {
+pub type Fingerprint = Option<(Vec<u8>, Vec<Option<SystemTime>>)>;
+
+/// The [`Fingerprint`] of the config at `path` now. Take it before the
+/// node starts from the file, so that an edit made while it starts is
+/// seen.
+pub fn fingerprint(path: &Path) -> Fingerprint {
     let text = std::fs::read(path).ok()?;
     let base = path.parent().unwrap_or(Path::new("."));
     let times = Config::load(path)
@@ -174,9 +179,15 @@ fn fingerprint(path: &Path) -> Option<(Vec<u8>, Vec<Option<SystemTime>>)> {
 }
 
 /// Polls `path` every `interval` and reconciles the node whenever the file
-/// (or a component file it names) changes. Runs until the task is dropped.
-pub async fn watch(mut reconciler: Reconciler, path: PathBuf, interval: Duration) {
-    let mut last = fingerprint(&path);
+/// (or a component file it names) differs from `last`, taken when the node
+/// read `started` from it. Runs until the task is dropped.
+pub async fn watch(
+    mut reconciler: Reconciler,
+    path: PathBuf,
+    interval: Duration,
+    mut last: Fingerprint,
+    started: &Config,
+) {
     // `[node]`, `[cluster]` and `[admin]` take effect at a restart; an edit
     // of them is reported, not silently ignored.
     let sections = |c: &Config| {
@@ -186,7 +197,7 @@ pub async fn watch(mut reconciler: Reconciler, path: PathBuf, interval: Duration
             ("admin", format!("{:?}", c.admin)),
         ]
     };
-    let running = Config::load(&path).ok().map(|c| sections(&c));
+    let running = Some(sections(started));
     loop {
         tokio::time::sleep(interval).await;
         let now = fingerprint(&path);

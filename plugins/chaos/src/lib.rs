@@ -132,8 +132,7 @@ impl Pattern for Chaos {
     type Output = ();
 
     fn init(ctx: InitContext) -> Result<Self, String> {
-        let settings: Settings =
-            serde_json::from_str(&ctx.config).map_err(|e| format!("invalid config: {e}"))?;
+        let settings: Settings = ctx.config()?;
         let chaos = Chaos {
             settings,
             node: ctx.node,

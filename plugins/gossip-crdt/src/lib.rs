@@ -196,6 +196,7 @@ struct Local {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Settings {
     #[serde(default = "default_gossip_ms")]
     gossip_ms: u64,
@@ -505,8 +506,7 @@ impl Pattern for Gossip {
     type Output = ();
 
     fn init(ctx: InitContext) -> Result<Self, String> {
-        let settings: Settings =
-            serde_json::from_str(&ctx.config).map_err(|e| format!("invalid config: {e}"))?;
+        let settings: Settings = ctx.config()?;
         if !(10..=60_000).contains(&settings.gossip_ms) {
             return Err("gossip_ms must be in 10..=60000".into());
         }

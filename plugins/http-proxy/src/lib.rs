@@ -9,10 +9,10 @@
 //!
 //! `GET /_proxy/stats` is answered by the plugin itself: requests passed,
 //! answered, and failed by kind. Every other path, with its query, method,
-//! headers and body, goes to the upstream. A failure is answered with a
-//! JSON `{"error", "kind"}`: 502 when the upstream surely did not handle
-//! the request (refused, not allowed, ...), 504 when it may have (no
-//! response in time, connection lost).
+//! headers and body, goes to the upstream. A failure is answered as the
+//! SDK maps it, with a JSON `{"error", "kind"}`: 502 when the upstream
+//! surely did not handle the request (refused, response too large), 504
+//! when it may have (no response in time, connection lost).
 
 use plexus_sdk::http::{FetchError, OutgoingRequest};
 use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, http};
@@ -64,39 +64,11 @@ fn passed_on(headers: &[(String, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The answer for a failed fetch: 504 when the upstream may have handled
-/// the request, 502 when it surely did not.
-fn failure(e: &FetchError) -> Response {
-    let (status, kind, why) = match e {
-        FetchError::Timeout => (
-            504,
-            "timeout",
-            "no response from the upstream in time".to_string(),
-        ),
-        FetchError::Broken(why) => (504, "broken", why.clone()),
-        FetchError::TooLarge(max) => (
-            502,
-            "too-large",
-            format!("response larger than {max} bytes"),
-        ),
-        FetchError::Connect(why) => (502, "connect", why.clone()),
-        FetchError::NotAllowed(origin) => (
-            502,
-            "not-allowed",
-            format!("{origin} is not in allowed_outbound_hosts"),
-        ),
-        FetchError::InvalidRequest(why) => (502, "invalid-request", why.clone()),
-        FetchError::Busy(max) => (503, "busy", format!("{max} requests already in flight")),
-    };
-    Response::json(status, &serde_json::json!({ "error": why, "kind": kind }))
-}
-
 impl Pattern for Proxy {
     type Output = ();
 
     fn init(ctx: InitContext) -> Result<Self, String> {
-        let settings: Settings =
-            serde_json::from_str(&ctx.config).map_err(|e| format!("config: {e}"))?;
+        let settings: Settings = ctx.config()?;
         Ok(Proxy {
             upstream: settings.upstream.trim_end_matches('/').to_string(),
             timeout_ms: settings.timeout_ms,
@@ -137,7 +109,7 @@ impl Pattern for Proxy {
                         }
                         _ => this.stats.failed += 1,
                     }
-                    failure(&e)
+                    e.into()
                 }
             },
         );
@@ -145,7 +117,7 @@ impl Pattern for Proxy {
             Ok(pending) => pending.into(),
             Err(e) => {
                 self.stats.failed += 1;
-                failure(&e).into()
+                Response::from(e).into()
             }
         }
     }

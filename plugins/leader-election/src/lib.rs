@@ -64,6 +64,7 @@ enum Outcome {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Settings {
     #[serde(default)]
     campaign: Vec<String>,
@@ -168,16 +169,6 @@ impl Election {
     }
 }
 
-fn consensus_error(e: &ConsensusError) -> Response {
-    let status = match e {
-        ConsensusError::TooLarge(_) => 413,
-        ConsensusError::Timeout => 504,
-        ConsensusError::NotLeader(_) => 421,
-        _ => 503,
-    };
-    Response::error(status, &e.to_string())
-}
-
 fn respond(role: &str, outcome: Result<Outcome, ConsensusError>) -> Response {
     let now = timers::now_ms();
     match outcome {
@@ -192,7 +183,7 @@ fn respond(role: &str, outcome: Result<Outcome, ConsensusError>) -> Response {
         ),
         Ok(Outcome::Failed(msg)) => Response::error(500, &msg),
         Ok(Outcome::Invalid) => Response::error(500, "entry could not be decoded"),
-        Err(e) => consensus_error(&e),
+        Err(e) => e.into(),
     }
 }
 
@@ -251,8 +242,8 @@ fn release(e: &mut Election, req: &Request, params: &Params) -> http::Result {
 
 fn show(e: &mut Election, _req: &Request, params: &Params) -> http::Result {
     let role = role_of(params)?;
-    consensus::read_barrier(e).map_err(|err| consensus_error(&err))?;
-    match lease(&role).map_err(|err| Response::error(500, &err.to_string()))? {
+    consensus::read_barrier(e)?;
+    match lease(&role)? {
         Some(l) => Ok(Response::json(
             200,
             &lease_json(&role, &l, timers::now_ms()),
@@ -262,9 +253,9 @@ fn show(e: &mut Election, _req: &Request, params: &Params) -> http::Result {
 }
 
 fn list(e: &mut Election, _req: &Request, _: &Params) -> http::Result {
-    consensus::read_barrier(e).map_err(|err| consensus_error(&err))?;
+    consensus::read_barrier(e)?;
     let now = timers::now_ms();
-    let all = storage::scan_all(LEASE).map_err(|err| Response::error(500, &err.to_string()))?;
+    let all = storage::scan_all(LEASE)?;
     let leases: Vec<_> = all
         .iter()
         .filter_map(|kv| {
@@ -280,8 +271,7 @@ impl Pattern for Election {
     type Output = Outcome;
 
     fn init(ctx: InitContext) -> Result<Self, String> {
-        let settings: Settings =
-            serde_json::from_str(&ctx.config).map_err(|e| format!("invalid config: {e}"))?;
+        let settings: Settings = ctx.config()?;
         if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&settings.ttl_ms) {
             return Err(format!("ttl_ms must be in {MIN_TTL_MS}..={MAX_TTL_MS}"));
         }

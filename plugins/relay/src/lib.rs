@@ -192,8 +192,7 @@ impl Pattern for Relay {
     type Output = ();
 
     fn init(ctx: InitContext) -> Result<Self, String> {
-        let settings: Settings =
-            serde_json::from_str(&ctx.config).map_err(|e| format!("config: {e}"))?;
+        let settings: Settings = ctx.config()?;
         Ok(Relay {
             node: ctx.node,
             timeout_ms: settings.timeout_ms,

@@ -17,7 +17,7 @@
 //! - `GET /stats`: entries applied (durable) and writes served by this
 //!   instance lineage (handed over on hot swap).
 
-use plexus_sdk::consensus::{self, Error as ConsensusError, Pending};
+use plexus_sdk::consensus::{self, Pending};
 use plexus_sdk::http::{self, Params, Router};
 use plexus_sdk::{
     CommittedEntry, InitContext, Pattern, Reply, Request, Response, codec, export_pattern, storage,
@@ -131,7 +131,7 @@ impl Kv {
             kv.served += 1;
             answer(done.output)
         })
-        .map_err(|e| consensus_error(&e))
+        .map_err(Response::from)
     }
 }
 
@@ -158,16 +158,6 @@ fn answer(outcome: Outcome) -> Response {
     }
 }
 
-fn consensus_error(e: &ConsensusError) -> Response {
-    let status = match e {
-        ConsensusError::TooLarge(_) => 413,
-        ConsensusError::Timeout => 504,
-        ConsensusError::NotLeader(_) => 421,
-        _ => 503,
-    };
-    Response::error(status, &e.to_string())
-}
-
 fn expected_version(req: &Request) -> Result<Option<u64>, Response> {
     match req.query_param("version") {
         None => Ok(None),
@@ -190,13 +180,13 @@ fn read_barrier(kv: &mut Kv, req: &Request) -> Result<(), Response> {
     if req.query_param("consistency").as_deref() == Some("local") {
         return Ok(());
     }
-    consensus::read_barrier(kv).map_err(|e| consensus_error(&e))
+    consensus::read_barrier(kv).map_err(Response::from)
 }
 
 fn get(kv: &mut Kv, req: &Request, params: &Params) -> http::Result {
     let key = key_of(params)?;
     read_barrier(kv, req)?;
-    match current(&key).map_err(|e| Response::error(500, &e.to_string()))? {
+    match current(&key)? {
         Some(s) => Ok(Response::new(200, "application/octet-stream", s.value)
             .with_header("x-version", &s.version.to_string())),
         None => Ok(Response::error(404, "no such key")),
@@ -231,8 +221,7 @@ fn delete(kv: &mut Kv, req: &Request, params: &Params) -> http::Result<Pending> 
 fn list(kv: &mut Kv, req: &Request, _: &Params) -> http::Result {
     read_barrier(kv, req)?;
     let prefix = req.query_param("prefix").unwrap_or_default();
-    let items = storage::scan_all(format!("{DATA}{prefix}"))
-        .map_err(|e| Response::error(500, &e.to_string()))?;
+    let items = storage::scan_all(format!("{DATA}{prefix}"))?;
     let keys: Vec<_> = items
         .iter()
         .filter_map(|kv| {
