@@ -339,7 +339,7 @@ pub struct Node {
     _consensus: Option<ConsensusThreads>,
 }
 
-/// The threads Raft and the peer transport run on, apart from those of the
+/// The threads Raft and its peer connections run on, apart from those of the
 /// plugins and the HTTP ingress: a replication round trip or a heartbeat
 /// never waits in a run queue behind plugin work, so a busy node neither
 /// slows every commit nor misses its heartbeats and loses its leadership.
@@ -435,6 +435,8 @@ impl Node {
                 })
                 .await??
         };
+        // Plugin traffic between nodes is served where the plugins run.
+        transport.serve_plugins_on(tokio::runtime::Handle::current());
         let view =
             MembershipView::cluster(&opts.id, members.keys().cloned(), opts.metadata.clone());
         if cluster.join {

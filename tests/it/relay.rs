@@ -319,7 +319,7 @@ async fn calls_across_three_processes_forward_ask_and_call_between_nodes() {
     assert_eq!(body["source"], serde_json::json!({ "forwarded": "node-1" }));
     assert_eq!(
         (body["method"].as_str(), body["query"].as_str()),
-        (Some("Method::Put"), Some("y=1"))
+        (Some("PUT"), Some("y=1"))
     );
     assert_eq!(body["body"], "payload");
     let sent: Vec<(String, String)> = serde_json::from_value(body["headers"].clone()).unwrap();

@@ -5,7 +5,7 @@
 //! ephemeral keys on both sides (forward secrecy), and a pre-shared key
 //! derived from the cluster secret mixed in before the first message, so
 //! only a holder of the secret can complete it. The Noise prologue names
-//! the dialler, the listener and the direction; the listener builds its
+//! the dialler, the listener, the direction and the lane; the listener builds its
 //! prologue from its own id and the id the dialler claims, so a handshake
 //! meant for another pair of nodes (a relayed one) fails its first
 //! message's tag. After the handshake every byte travels in records
@@ -15,7 +15,7 @@
 //!
 //! Wire format: the dialler sends a [`Hello`] (a 4-byte big-endian length
 //! and a postcard body, in clear, since the listener needs the claimed id
-//! to build its prologue); then each handshake message and each record is
+//! and the [`Lane`] to build its prologue); then each handshake message and each record is
 //! a 2-byte big-endian length and the Noise message.
 //!
 //! Rotation: a node seals new connections with its first secret and
@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// The Noise protocol of peer links.
 pub const PROTOCOL: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 /// The peer protocol this node speaks; a different one is refused by name.
-pub const PEER_PROTOCOL: u32 = 2;
+pub const PEER_PROTOCOL: u32 = 3;
 /// Largest Noise message.
 const MAX_MESSAGE: usize = 65535;
 /// Bytes the AEAD tag adds to a record.
@@ -91,6 +91,20 @@ pub struct Hello {
     pub from: String,
     /// The id the dialler means to reach.
     pub to: String,
+    /// What the link carries.
+    pub lane: Lane,
+}
+
+/// What a link carries. Two nodes keep one link per lane in each
+/// direction, so plugin traffic (a forwarded request of megabytes, say)
+/// never queues in front of a heartbeat, and each lane is served on the
+/// threads of the work it feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lane {
+    /// Raft: appends, votes, snapshots, proposals.
+    Consensus,
+    /// Plugins: messages, requests, forwarded requests and calls.
+    Plugins,
 }
 
 /// Why a handshake failed.
@@ -123,13 +137,15 @@ pub enum HandshakeError {
     Refused(String),
 }
 
-fn prologue(dialler: &str, listener: &str) -> Vec<u8> {
-    let mut p = b"plexus peer link v2\0dialler\0".to_vec();
+fn prologue(dialler: &str, listener: &str, lane: Lane) -> Vec<u8> {
+    let mut p = b"plexus peer link v3\0dialler\0".to_vec();
     p.extend_from_slice(&(dialler.len() as u32).to_be_bytes());
     p.extend_from_slice(dialler.as_bytes());
     p.extend_from_slice(b"\0listener\0");
     p.extend_from_slice(&(listener.len() as u32).to_be_bytes());
     p.extend_from_slice(listener.as_bytes());
+    p.extend_from_slice(b"\0lane\0");
+    p.push(lane as u8);
     p
 }
 
@@ -157,14 +173,15 @@ async fn read_message(r: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> st
     Ok(())
 }
 
-/// The dialler's side: says hello as `me` to `peer`, runs the handshake
-/// with key number `key` of `keys`, and returns the link's cipher.
+/// The dialler's side: says hello as `me` to `peer` for a link of `lane`,
+/// runs the handshake with key number `key` of `keys`, and returns the
+/// link's cipher.
 pub async fn dial(
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     keys: &Keys,
     key: usize,
-    me: &str,
-    peer: &str,
+    (me, peer): (&str, &str),
+    lane: Lane,
 ) -> Result<Cipher, HandshakeError> {
     let psk = keys
         .psks
@@ -174,11 +191,12 @@ pub async fn dial(
         protocol: PEER_PROTOCOL,
         from: me.to_string(),
         to: peer.to_string(),
+        lane,
     })
     .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
     let mut out = (hello.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&hello);
-    let prologue = prologue(me, peer);
+    let prologue = prologue(me, peer, lane);
     let mut hs = builder(psk, &prologue)
         .and_then(|b| b.build_initiator())
         .map_err(noise)?;
@@ -218,11 +236,14 @@ pub async fn hello(
     }
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await?;
+    // The version first: another version's hello may not decode as ours.
+    let (protocol, _) = postcard::take_from_bytes::<u32>(&body)
+        .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+    if protocol != PEER_PROTOCOL {
+        return Err(HandshakeError::Protocol(protocol));
+    }
     let hello: Hello =
         postcard::from_bytes(&body).map_err(|e| HandshakeError::Malformed(e.to_string()))?;
-    if hello.protocol != PEER_PROTOCOL {
-        return Err(HandshakeError::Protocol(hello.protocol));
-    }
     // Names only, before they reach a log line.
     for name in [&hello.from, &hello.to] {
         if crate::config::check_name(name).is_err() {
@@ -241,16 +262,18 @@ pub async fn hello(
 }
 
 /// The listener's side, after [`hello`]: proves and checks knowledge of a
-/// cluster key bound to `hello.from` → `me`, and returns the link's cipher.
+/// cluster key bound to `hello.from` → `me` on `hello.lane`, and returns
+/// the link's cipher.
 pub async fn accept(
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     keys: &Keys,
-    from: &str,
+    hello: &Hello,
     me: &str,
 ) -> Result<Cipher, HandshakeError> {
     let mut first = Vec::new();
     read_message(stream, &mut first).await?;
-    let prologue = prologue(from, me);
+    let from = hello.from.as_str();
+    let prologue = prologue(from, me, hello.lane);
     let mut payload = vec![0u8; MAX_MESSAGE];
     for psk in keys.psks.iter() {
         let mut hs = builder(psk, &prologue)
@@ -403,12 +426,14 @@ mod tests {
         let listener = tokio::spawn(async move {
             let h = hello(&mut b, "b").await.unwrap();
             assert_eq!(h.from, "a");
-            let c = accept(&mut b, &k, &h.from, "b").await.unwrap();
+            let c = accept(&mut b, &k, &h, "b").await.unwrap();
             let mut o = c.opener(b);
             let got = o.take(200_000).await.unwrap().to_vec();
             assert!(got.iter().enumerate().all(|(i, x)| *x == (i % 251) as u8));
         });
-        let c = dial(&mut a, &keys, 0, "a", "b").await.unwrap();
+        let c = dial(&mut a, &keys, 0, ("a", "b"), Lane::Consensus)
+            .await
+            .unwrap();
         let big: Vec<u8> = (0..200_000).map(|i| (i % 251) as u8).collect();
         c.sealer().write_all(&mut a, &big).await.unwrap();
         listener.await.unwrap();
@@ -421,14 +446,41 @@ mod tests {
         // if it came from c: the prologues differ, so no key opens it.
         let (mut a, mut relay) = tokio::io::duplex(1 << 16);
         let k = keys.clone();
-        let dialler = tokio::spawn(async move { dial(&mut a, &k, 0, "a", "b").await });
+        let dialler =
+            tokio::spawn(async move { dial(&mut a, &k, 0, ("a", "b"), Lane::Consensus).await });
         let h = hello(&mut relay, "b").await.unwrap();
         assert_eq!(h.from, "a");
-        let err = accept(&mut relay, &keys, "c", "b").await.err().unwrap();
+        let relayed = Hello {
+            from: "c".into(),
+            ..h
+        };
+        let err = accept(&mut relay, &keys, &relayed, "b")
+            .await
+            .err()
+            .unwrap();
         assert!(
             matches!(err, HandshakeError::Refused(ref who) if who == "c"),
             "{err}"
         );
+        drop(relay);
+        assert!(dialler.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_handshake_for_one_lane_does_not_open_another() {
+        let keys = Keys::new(&["cluster-secret-0001"]);
+        let (mut a, mut relay) = tokio::io::duplex(1 << 16);
+        let k = keys.clone();
+        let dialler =
+            tokio::spawn(async move { dial(&mut a, &k, 0, ("a", "b"), Lane::Plugins).await });
+        let h = hello(&mut relay, "b").await.unwrap();
+        assert_eq!(h.lane, Lane::Plugins);
+        let moved = Hello {
+            lane: Lane::Consensus,
+            ..h
+        };
+        let err = accept(&mut relay, &keys, &moved, "b").await.err().unwrap();
+        assert!(matches!(err, HandshakeError::Refused(_)), "{err}");
         drop(relay);
         assert!(dialler.await.unwrap().is_err());
     }
@@ -441,18 +493,24 @@ mod tests {
         let k = old_and_new.clone();
         let l = tokio::spawn(async move {
             let h = hello(&mut b, "b").await.unwrap();
-            accept(&mut b, &k, &h.from, "b").await.map(|_| ())
+            accept(&mut b, &k, &h, "b").await.map(|_| ())
         });
-        dial(&mut a, &old, 0, "a", "b").await.unwrap();
+        dial(&mut a, &old, 0, ("a", "b"), Lane::Consensus)
+            .await
+            .unwrap();
         l.await.unwrap().unwrap();
 
         let stranger = Keys::new(&["some-other-secret"]);
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         let l = tokio::spawn(async move {
             let h = hello(&mut b, "b").await.unwrap();
-            accept(&mut b, &old_and_new, &h.from, "b").await.map(|_| ())
+            accept(&mut b, &old_and_new, &h, "b").await.map(|_| ())
         });
-        assert!(dial(&mut a, &stranger, 0, "a", "b").await.is_err());
+        assert!(
+            dial(&mut a, &stranger, 0, ("a", "b"), Lane::Consensus)
+                .await
+                .is_err()
+        );
         assert!(matches!(l.await.unwrap(), Err(HandshakeError::Refused(_))));
     }
 
@@ -463,10 +521,12 @@ mod tests {
         let k = keys.clone();
         let l = tokio::spawn(async move {
             let h = hello(&mut b, "b").await.unwrap();
-            let c = accept(&mut b, &k, &h.from, "b").await.unwrap();
+            let c = accept(&mut b, &k, &h, "b").await.unwrap();
             (c, b)
         });
-        let c = dial(&mut a, &keys, 0, "a", "b").await.unwrap();
+        let c = dial(&mut a, &keys, 0, ("a", "b"), Lane::Consensus)
+            .await
+            .unwrap();
         let (cb, b) = l.await.unwrap();
         // Seal a record, flip one bit, and deliver it.
         let mut sealed = Vec::new();
@@ -487,6 +547,7 @@ mod tests {
             protocol,
             from: from.into(),
             to: to.into(),
+            lane: Lane::Consensus,
         })
         .unwrap();
         w.write_all(&(body.len() as u32).to_be_bytes())
@@ -533,6 +594,7 @@ mod tests {
                     protocol: PEER_PROTOCOL,
                     from: "a".into(),
                     to: "b".into(),
+                    lane: Lane::Plugins,
                 })
                 .unwrap();
                 input = (hello.len() as u32).to_be_bytes().to_vec();
@@ -546,7 +608,7 @@ mod tests {
             let mut io = tokio::io::join(&mut r, &mut w);
             let outcome = async {
                 let h = hello(&mut io, "b").await?;
-                accept(&mut io, &keys, &h.from, "b").await
+                accept(&mut io, &keys, &h, "b").await
             }
             .await;
             assert!(outcome.is_err());
@@ -564,9 +626,11 @@ mod tests {
             let k = keys.clone();
             let l = tokio::spawn(async move {
                 let h = hello(&mut b, "b").await.unwrap();
-                (accept(&mut b, &k, &h.from, "b").await.unwrap(), b)
+                (accept(&mut b, &k, &h, "b").await.unwrap(), b)
             });
-            let c = dial(&mut a, &keys, 0, "a", "b").await.unwrap();
+            let c = dial(&mut a, &keys, 0, ("a", "b"), Lane::Consensus)
+                .await
+                .unwrap();
             let (cb, b) = l.await.unwrap();
             let plain = rng.bytes(150_000);
             let mut sealed = Vec::new();

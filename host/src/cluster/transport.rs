@@ -1,9 +1,12 @@
 //! Peer transport: authenticated, sealed, length-delimited frames over TCP.
 //!
-//! Each node dials every peer once and keeps that connection (redialling
-//! with backoff when it drops); requests and their replies are multiplexed
-//! on it by id, so consensus and plugin messaging share one connection per
-//! direction. Frames are a 4-byte big-endian length and a postcard body,
+//! Each node dials every peer once per [`Lane`] and keeps those
+//! connections (redialling when one drops); requests and their replies are
+//! multiplexed on them by id. Raft's frames travel on the consensus lane,
+//! whose connections are served on the consensus threads; plugin frames
+//! (kinds from [`PLUGIN_KINDS`] up) on the plugin lane, served on the
+//! threads of the plugins they feed, so a forwarded request crosses no
+//! thread it does not need and never queues in front of a heartbeat. Frames are a 4-byte big-endian length and a postcard body,
 //! at most [`MAX_FRAME`] bytes, carried inside the sealed records of
 //! [`super::secure`].
 //!
@@ -27,7 +30,21 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::junk;
 use super::log::BoxFuture;
+pub use super::secure::Lane;
 use super::secure::{self, Cipher, Keys, Opener, Sealer};
+
+/// Frame kinds from this one up carry plugin traffic and travel on the
+/// plugin lane; those below carry Raft's.
+pub const PLUGIN_KINDS: u8 = 20;
+
+/// The lane a frame of `kind` travels on.
+pub fn lane_of(kind: u8) -> Lane {
+    if kind >= PLUGIN_KINDS {
+        Lane::Plugins
+    } else {
+        Lane::Consensus
+    }
+}
 
 /// Largest frame accepted, in bytes.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -139,22 +156,47 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>, String>>>>
 
 struct Peer {
     addr: SocketAddr,
-    /// Frames to write on the current connection; replaced on redial.
-    out: Mutex<Option<mpsc::Sender<Frame>>>,
-    pending: Pending,
-    dialing: tokio::sync::Mutex<()>,
+    /// The outgoing connection of each lane, by `Lane as usize`.
+    links: [Link; 2],
     /// Set when the peer is removed or moved: its incoming links close.
     gone: std::sync::atomic::AtomicBool,
+}
+
+/// A lane's outgoing connection to a peer.
+#[derive(Default)]
+struct Link {
+    /// The current connection; replaced on redial.
+    out: Mutex<Option<Conn>>,
+    dialing: tokio::sync::Mutex<()>,
+}
+
+/// One outgoing connection.
+#[derive(Clone)]
+struct Conn {
+    /// Frames to write on it.
+    tx: mpsc::Sender<Frame>,
+    /// Requests sent on it and waiting for their replies: failed together
+    /// when it closes.
+    pending: Pending,
 }
 
 impl Peer {
     fn new(addr: SocketAddr) -> Peer {
         Peer {
             addr,
-            out: Mutex::new(None),
-            pending: Arc::new(Mutex::new(HashMap::new())),
-            dialing: tokio::sync::Mutex::new(()),
+            links: Default::default(),
             gone: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn link(&self, lane: Lane) -> &Link {
+        &self.links[lane as usize]
+    }
+
+    /// Drops both outgoing connections: their writers end and close them.
+    fn hang_up(&self) {
+        for link in &self.links {
+            link.out.lock().expect("peer poisoned").take();
         }
     }
 }
@@ -167,9 +209,11 @@ pub struct Transport {
     peers: RwLock<HashMap<String, Arc<Peer>>>,
     next_id: AtomicU64,
     handler: Mutex<Option<Arc<dyn Handler>>>,
-    /// Where the connections' tasks run: the runtime the transport was
-    /// made on, whichever task dials or accepts.
+    /// Where the consensus lane's tasks (and the listener) run: the
+    /// runtime the transport was made on, whichever task dials or accepts.
     tasks: tokio::runtime::Handle,
+    /// Where the plugin lane's tasks run, once set; until then, `tasks`.
+    plugin_tasks: std::sync::OnceLock<tokio::runtime::Handle>,
     /// The address peers are accepted on; connections to peers are made
     /// from its IP (when it names one), so a peer sees this node's traffic
     /// come from the address it knows it by, and a firewall rule can name
@@ -231,8 +275,23 @@ impl Transport {
             next_id: AtomicU64::new(1),
             handler: Mutex::new(None),
             tasks: tokio::runtime::Handle::current(),
+            plugin_tasks: std::sync::OnceLock::new(),
             local_ip: Mutex::new(None),
         })
+    }
+
+    /// Serves the plugin lane's connections on `runtime`: the runtime the
+    /// plugins run on. Connections already open stay where they are.
+    pub fn serve_plugins_on(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.plugin_tasks.set(runtime);
+    }
+
+    /// The runtime a lane's connections are served on.
+    fn runtime(&self, lane: Lane) -> &tokio::runtime::Handle {
+        match lane {
+            Lane::Consensus => &self.tasks,
+            Lane::Plugins => self.plugin_tasks.get().unwrap_or(&self.tasks),
+        }
     }
 
     /// Sets what incoming frames are handed to.
@@ -269,7 +328,7 @@ impl Transport {
             // Dropping the sender ends the old connection's writer, which
             // closes it; its incoming links close at their next frame.
             old.gone.store(true, Ordering::Relaxed);
-            old.out.lock().expect("peer poisoned").take();
+            old.hang_up();
         }
     }
 
@@ -279,7 +338,7 @@ impl Transport {
         if let Some(old) = self.peers.write().expect("peers poisoned").remove(id) {
             tracing::info!(peer = id, "peer removed");
             old.gone.store(true, Ordering::Relaxed);
-            old.out.lock().expect("peer poisoned").take();
+            old.hang_up();
         }
     }
 
@@ -367,7 +426,7 @@ impl Transport {
         source: SourceSlot,
     ) -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
-        let (peer, known, cipher) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (hello, known, cipher) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
             let hello = secure::hello(&mut stream, &self.node).await?;
             let Some(known) = self.peer(&hello.from) else {
                 return Err(secure::HandshakeError::Malformed(format!(
@@ -375,12 +434,42 @@ impl Transport {
                     hello.from
                 )));
             };
-            let cipher = secure::accept(&mut stream, &self.keys, &hello.from, &self.node).await?;
-            Ok((hello.from, known, cipher))
+            let cipher = secure::accept(&mut stream, &self.keys, &hello, &self.node).await?;
+            Ok((hello, known, cipher))
         })
         .await
         .map_err(|_| std::io::Error::other("handshake timed out"))?
         .map_err(std::io::Error::other)?;
+        let lane = self.runtime(hello.lane);
+        if lane.id() == tokio::runtime::Handle::current().id() {
+            return self
+                .serve_link(stream, cipher, hello.from, known, (permit, source))
+                .await;
+        }
+        // Moved to the lane's runtime: its reactor then wakes the link's
+        // tasks on the threads that serve them. The handshake read exactly
+        // its own bytes, so nothing is left behind in a buffer.
+        let stream = stream.into_std()?;
+        let this = self.clone();
+        lane.spawn(async move {
+            let stream = TcpStream::from_std(stream)?;
+            this.serve_link(stream, cipher, hello.from, known, (permit, source))
+                .await
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Serves an accepted, authenticated connection from `peer` until it
+    /// closes.
+    async fn serve_link(
+        self: Arc<Self>,
+        stream: TcpStream,
+        cipher: Cipher,
+        peer: String,
+        known: Arc<Peer>,
+        (permit, source): (tokio::sync::OwnedSemaphorePermit, SourceSlot),
+    ) -> std::io::Result<()> {
         let (rd, wr) = stream.into_split();
         let mut rd = cipher.opener(tokio::io::BufReader::with_capacity(READ_BUFFER, rd));
         // A dialler sends its first frame right after the handshake. A
@@ -394,7 +483,7 @@ impl Transport {
         drop(permit);
         drop(source);
         let (tx, rx) = mpsc::channel::<Frame>(1024);
-        self.tasks.spawn(writer(wr, cipher.sealer(), rx));
+        tokio::spawn(writer(wr, cipher.sealer(), rx));
         let mut next = Some(first);
         loop {
             let frame = match next.take() {
@@ -413,7 +502,7 @@ impl Transport {
                     };
                     let tx = tx.clone();
                     let from = peer.clone();
-                    self.tasks.spawn(async move {
+                    tokio::spawn(async move {
                         let result = handler.request(from, kind, body).await;
                         let _ = tx.send(Frame::Reply { id, result }).await;
                     });
@@ -436,16 +525,21 @@ impl Transport {
     /// Dials `peer` (named `id`) and runs the handshake, with the first
     /// secret and then, if that one is refused, with each other one (a
     /// peer that has not rotated yet).
-    async fn dial(&self, id: &str, peer: &Peer) -> Result<(TcpStream, Cipher), TransportError> {
+    async fn dial(
+        &self,
+        id: &str,
+        peer: &Peer,
+        lane: Lane,
+    ) -> Result<(TcpStream, Cipher), TransportError> {
         let unreachable = |e: String| TransportError::Unreachable(id.to_string(), e);
         let mut last = String::from("no cluster secret configured");
         for key in 0..self.keys.len() {
-            // Dialled on the transport's runtime, whoever asks: a socket
-            // belongs to the runtime it was made on, and Raft's traffic
+            // Dialled on the lane's runtime, whoever asks: a socket
+            // belongs to the runtime it was made on, and the lane's traffic
             // reuses it.
             let from = *self.local_ip.lock().expect("local ip poisoned");
             let mut stream = self
-                .tasks
+                .runtime(lane)
                 .spawn(tokio::time::timeout(
                     DIAL_TIMEOUT,
                     connect_from(from, peer.addr),
@@ -457,7 +551,7 @@ impl Transport {
             let _ = stream.set_nodelay(true);
             match tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
-                secure::dial(&mut stream, &self.keys, key, &self.node, id),
+                secure::dial(&mut stream, &self.keys, key, (&self.node, id), lane),
             )
             .await
             {
@@ -479,47 +573,50 @@ impl Transport {
         Err(unreachable(last))
     }
 
-    /// The current connection to `peer` (named `id`), dialled if needed.
-    /// The caller passes the `Peer` it registers replies with, so a peer
-    /// replaced meanwhile cannot split the two.
+    /// The current connection of `lane` to `peer` (named `id`), dialled if
+    /// needed. The caller passes the `Peer` it registers replies with, so a
+    /// peer replaced meanwhile cannot split the two.
     async fn connection(
         &self,
         id: &str,
         peer: &Arc<Peer>,
-    ) -> Result<mpsc::Sender<Frame>, TransportError> {
-        if let Some(tx) = peer
-            .out
-            .lock()
-            .expect("peer poisoned")
-            .as_ref()
-            .filter(|tx| !tx.is_closed())
-        {
-            return Ok(tx.clone());
+        lane: Lane,
+    ) -> Result<Conn, TransportError> {
+        let link = peer.link(lane);
+        let current = || {
+            link.out
+                .lock()
+                .expect("peer poisoned")
+                .as_ref()
+                .filter(|c| !c.tx.is_closed())
+                .cloned()
+        };
+        if let Some(tx) = current() {
+            return Ok(tx);
         }
-        let _guard = peer.dialing.lock().await;
-        if let Some(tx) = peer
-            .out
-            .lock()
-            .expect("peer poisoned")
-            .as_ref()
-            .filter(|tx| !tx.is_closed())
-        {
-            return Ok(tx.clone());
+        let _guard = link.dialing.lock().await;
+        if let Some(tx) = current() {
+            return Ok(tx);
         }
-        let (stream, cipher) = self.dial(id, peer).await?;
+        let (stream, cipher) = self.dial(id, peer, lane).await?;
+        let runtime = self.runtime(lane);
         let (rd, wr) = stream.into_split();
         let mut rd = cipher.opener(tokio::io::BufReader::with_capacity(READ_BUFFER, rd));
         let (tx, rx) = mpsc::channel::<Frame>(1024);
-        self.tasks.spawn(writer(wr, cipher.sealer(), rx));
-        let pending = peer.pending.clone();
+        runtime.spawn(writer(wr, cipher.sealer(), rx));
+        let conn = Conn {
+            tx,
+            pending: Pending::default(),
+        };
         let this_peer = peer.clone();
         let peer_id = id.to_string();
-        self.tasks.spawn(async move {
+        let mine = conn.clone();
+        runtime.spawn(async move {
             let reason = loop {
                 match read_frame(&mut rd).await {
                     Ok(Frame::Reply { id, result }) => {
-                        if let Some(waiter) = pending.lock().expect("pending poisoned").remove(&id)
-                        {
+                        let waiter = mine.pending.lock().expect("pending poisoned").remove(&id);
+                        if let Some(waiter) = waiter {
                             let _ = waiter.send(result);
                         }
                     }
@@ -527,17 +624,22 @@ impl Transport {
                     Err(e) => break e.to_string(),
                 }
             };
-            tracing::debug!(peer = %peer_id, "connection closed: {reason}");
-            // Redial on next use, and fail every request still waiting on
-            // this connection.
-            this_peer.out.lock().expect("peer poisoned").take();
-            pending.lock().expect("pending poisoned").clear();
+            tracing::debug!(peer = %peer_id, ?lane, "connection closed: {reason}");
+            // Redial on next use (unless that happened already), and fail
+            // every request still waiting on this connection.
+            let mut out = this_peer.link(lane).out.lock().expect("peer poisoned");
+            if out.as_ref().is_some_and(|c| c.tx.same_channel(&mine.tx)) {
+                out.take();
+            }
+            drop(out);
+            mine.pending.lock().expect("pending poisoned").clear();
         });
-        *peer.out.lock().expect("peer poisoned") = Some(tx.clone());
-        Ok(tx)
+        *link.out.lock().expect("peer poisoned") = Some(conn.clone());
+        Ok(conn)
     }
 
-    /// Sends a request and waits up to `timeout` for the reply.
+    /// Sends a request and waits up to `timeout` for the reply. It travels
+    /// on the lane of its `kind` ([`lane_of`]).
     pub async fn request(
         &self,
         to: &str,
@@ -551,17 +653,15 @@ impl Transport {
         let peer = self
             .peer(to)
             .ok_or_else(|| TransportError::UnknownPeer(to.to_string()))?;
-        let tx = tokio::time::timeout(timeout, self.connection(to, &peer))
-            .await
-            .map_err(|_| TransportError::Timeout(to.to_string()))??;
+        let Conn { tx, pending } =
+            tokio::time::timeout(timeout, self.connection(to, &peer, lane_of(kind)))
+                .await
+                .map_err(|_| TransportError::Timeout(to.to_string()))??;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        peer.pending
-            .lock()
-            .expect("pending poisoned")
-            .insert(id, reply);
+        pending.lock().expect("pending poisoned").insert(id, reply);
         if tx.send(Frame::Request { id, kind, body }).await.is_err() {
-            peer.pending.lock().expect("pending poisoned").remove(&id);
+            pending.lock().expect("pending poisoned").remove(&id);
             return Err(TransportError::Unreachable(
                 to.to_string(),
                 "connection closed".into(),
@@ -572,14 +672,14 @@ impl Transport {
             Ok(Ok(Err(e))) => Err(TransportError::Remote(to.to_string(), e)),
             Ok(Err(_)) => Err(TransportError::Lost(to.to_string())),
             Err(_) => {
-                peer.pending.lock().expect("pending poisoned").remove(&id);
+                pending.lock().expect("pending poisoned").remove(&id);
                 Err(TransportError::Timeout(to.to_string()))
             }
         }
     }
 
-    /// Queues a one-way message. At most once: dropped if the peer cannot
-    /// be reached.
+    /// Queues a one-way message on the lane of its `kind`. At most once:
+    /// dropped if the peer cannot be reached.
     pub async fn send(&self, to: &str, kind: u8, body: Vec<u8>) -> Result<(), TransportError> {
         if body.len() > MAX_FRAME - 64 {
             return Err(TransportError::TooLarge(body.len()));
@@ -587,8 +687,9 @@ impl Transport {
         let peer = self
             .peer(to)
             .ok_or_else(|| TransportError::UnknownPeer(to.to_string()))?;
-        let tx = self.connection(to, &peer).await?;
-        tx.send(Frame::Oneway { kind, body })
+        let conn = self.connection(to, &peer, lane_of(kind)).await?;
+        conn.tx
+            .send(Frame::Oneway { kind, body })
             .await
             .map_err(|_| TransportError::Unreachable(to.to_string(), "connection closed".into()))
     }
@@ -734,6 +835,61 @@ mod tests {
         ));
     }
 
+    /// Answers with the name of the thread that handled the request.
+    struct Where;
+
+    impl Handler for Where {
+        fn request(
+            &self,
+            _: String,
+            _: u8,
+            _: Vec<u8>,
+        ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            Box::pin(async move { Ok(name.into_bytes()) })
+        }
+        fn oneway(&self, _: String, _: u8, _: Vec<u8>) {}
+    }
+
+    #[tokio::test]
+    async fn plugin_frames_are_served_on_the_plugin_threads_over_a_link_of_their_own() {
+        let plugins = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lane-plugins")
+            .enable_all()
+            .build()
+            .unwrap();
+        let (a, b) = pair(b"0123456789abcdef").await;
+        b.set_handler(Arc::new(Where));
+        a.serve_plugins_on(plugins.handle().clone());
+        b.serve_plugins_on(plugins.handle().clone());
+        let on = |kind| {
+            let a = a.clone();
+            async move {
+                let name = a
+                    .request("b", kind, Vec::new(), Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                String::from_utf8(name).unwrap()
+            }
+        };
+        assert_eq!(on(PLUGIN_KINDS + 2).await, "lane-plugins");
+        assert_ne!(on(1).await, "lane-plugins");
+        assert_eq!(on(PLUGIN_KINDS + 3).await, "lane-plugins");
+        // One connection per lane, each with its own waiting requests.
+        let peer = a.peer("b").unwrap();
+        for lane in [Lane::Consensus, Lane::Plugins] {
+            assert!(peer.link(lane).out.lock().unwrap().is_some(), "{lane:?}");
+        }
+        // A dropped plugin link fails nothing on the consensus link.
+        peer.link(Lane::Plugins).out.lock().unwrap().take();
+        assert_ne!(on(1).await, "lane-plugins");
+        assert_eq!(on(PLUGIN_KINDS).await, "lane-plugins");
+        drop(a);
+        drop(b);
+        plugins.shutdown_background();
+    }
+
     #[tokio::test]
     async fn a_wrong_secret_is_refused() {
         let (a, _b) = pair(b"another-secret-entirely").await;
@@ -816,6 +972,7 @@ mod tests {
                 protocol: secure::PEER_PROTOCOL,
                 from: "c".into(),
                 to: "b".into(),
+                lane: Lane::Consensus,
             })
             .unwrap();
             let mut out = (forged.len() as u32).to_be_bytes().to_vec();

@@ -96,7 +96,7 @@ impl Relay {
         let body = serde_json::json!({
             "node": self.node,
             "source": source(&req.source),
-            "method": format!("{:?}", req.method),
+            "method": req.method.as_str(),
             "path": path,
             "query": req.query,
             "headers": req.headers,
@@ -260,7 +260,7 @@ impl Pattern for Relay {
             _ => error(
                 404,
                 "no-route",
-                format!("no route {:?} {}", req.method, req.path),
+                format!("no route {} {}", req.method, req.path),
             )
             .into(),
         }
