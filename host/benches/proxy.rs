@@ -1,7 +1,8 @@
 //! Proxy benchmark: a program that prints figures.
 //!
 //!     cargo bench -p plexus --bench proxy -- --nginx PATH --haproxy PATH --wrk PATH
-//!         [--seconds 10 --rounds 3 --connections 64,256 --forward-seconds 10]
+//!         [--seconds 10 --rounds 3 --connections 64,256 --forward-seconds 10
+//!          --forward-connections 64,256]
 //!
 //! The proxy path, side by side in one run: an nginx with one worker
 //! answers a small body; `wrk` (two threads, keep-alive connections) loads
@@ -16,7 +17,7 @@
 //! Then forwarding between nodes: three `plexus` processes on loopback run
 //! the `relay` plugin; the same request is sent straight to the node that
 //! answers it, and to another node that forwards it there
-//! (`reply::forward`), alternating.
+//! (`reply::forward`), alternating, at each of `--forward-connections`.
 //!
 //! `PLEXUS_BIN=path` runs another `plexus` build.
 //! `host/benches/proxy-vs-haproxy.sh [ARGS]` installs nginx, HAProxy and
@@ -321,11 +322,7 @@ impl Totals {
 fn proxy_path(dir: &Path, nginx: &str, haproxy: &str, wrk_bin: &str) {
     let seconds = arg("--seconds", 10);
     let rounds = arg("--rounds", 3);
-    let connections: Vec<u64> = arg_str("--connections")
-        .unwrap_or_else(|| "64,256".into())
-        .split(',')
-        .filter_map(|c| c.parse().ok())
-        .collect();
+    let connections = connection_counts("--connections");
     let mut procs = Procs(Vec::new());
     let (child, backend) = start_nginx(nginx, dir);
     procs.0.push(child);
@@ -404,6 +401,15 @@ fn proxy_path(dir: &Path, nginx: &str, haproxy: &str, wrk_bin: &str) {
     }
 }
 
+/// The connection counts listed after `name` (`64,256` unless given).
+fn connection_counts(name: &str) -> Vec<u64> {
+    arg_str(name)
+        .unwrap_or_else(|| "64,256".into())
+        .split(',')
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
 fn forwarding(dir: &Path, wrk_bin: &str) {
     let seconds = arg("--forward-seconds", 10);
     let rounds = arg("--rounds", 3);
@@ -452,18 +458,24 @@ fn forwarding(dir: &Path, wrk_bin: &str) {
     for (_, url) in &targets {
         wrk(wrk_bin, url, 64, 2, &pids);
     }
-    println!(
-        "\nforwarding between nodes: 3 plexus processes, relay plugin, 64 connections, {seconds} s per phase, {rounds} rounds"
-    );
-    let mut totals = [Totals::default(), Totals::default()];
-    for round in 0..rounds as usize {
-        for k in 0..2 {
-            let i = (k + round) % 2;
-            totals[i]
-                .runs
-                .push(wrk(wrk_bin, &targets[i].1, 64, seconds, &pids));
+    for connections in connection_counts("--forward-connections") {
+        println!(
+            "\nforwarding between nodes: 3 plexus processes, relay plugin, {connections} connections, {seconds} s per phase, {rounds} rounds"
+        );
+        let mut totals = [Totals::default(), Totals::default()];
+        for round in 0..rounds as usize {
+            for k in 0..2 {
+                let i = (k + round) % 2;
+                totals[i]
+                    .runs
+                    .push(wrk(wrk_bin, &targets[i].1, connections, seconds, &pids));
+            }
         }
+        report_forwarding(&targets, &totals);
     }
+}
+
+fn report_forwarding(targets: &[(&str, String); 2], totals: &[Totals; 2]) {
     for (i, (name, _)) in targets.iter().enumerate() {
         let t = &totals[i];
         println!(

@@ -39,13 +39,28 @@ impl Request {
             .map_err(|e| Response::error(400, &format!("invalid JSON body: {e}")))
     }
 
-    /// The value of a query parameter (`a=1&b=2`), not percent-decoded
-    /// beyond `+` to space.
+    /// The value of a query parameter (`a=1&b=2`), percent-decoded and
+    /// with `+` as a space. A value that does not decode to UTF-8 is given
+    /// as it was sent.
     pub fn query_param(&self, name: &str) -> Option<String> {
         self.query.split('&').find_map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == name).then(|| v.replace('+', " "))
+            let v = v.replace('+', " ");
+            (percent_decode(k).as_deref().unwrap_or(k) == name)
+                .then(|| percent_decode(&v).unwrap_or(v))
         })
+    }
+
+    /// A query parameter parsed as `T`: `Ok(None)` when absent, a 400
+    /// naming the parameter when it does not parse.
+    pub fn query<T>(&self, name: &str) -> Result<Option<T>>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        self.query_param(name)
+            .map(|v| parse_named("query parameter", name, &v))
+            .transpose()
     }
 
     /// The first header with this (lower-case) name.
@@ -96,7 +111,9 @@ impl Response {
     }
 }
 
-/// Path parameters captured by a [`Router`] pattern.
+/// Path parameters captured by a [`Router`] pattern, percent-decoded
+/// (`/kv/a%2Fb` gives `{key}` = `a/b`; `%2F` inside a `{name}` segment does
+/// not split it).
 #[derive(Debug, Default, Clone)]
 pub struct Params(Vec<(String, String)>);
 
@@ -108,6 +125,62 @@ impl Params {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// The value captured for `name`, parsed as `T`; a 400 naming the
+    /// parameter and the reason when it does not parse.
+    ///
+    /// ```ignore
+    /// fn show(this: &mut Shards, _: &Request, p: &Params) -> Result {
+    ///     let shard: u32 = p.parse("shard")?;
+    ///     // ...
+    /// }
+    /// ```
+    pub fn parse<T>(&self, name: &str) -> Result<T>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match self.get(name) {
+            Some(v) => parse_named("path parameter", name, v),
+            None => Err(Response::error(
+                500,
+                &format!("the route has no path parameter `{name}`"),
+            )),
+        }
+    }
+}
+
+fn parse_named<T>(what: &str, name: &str, value: &str) -> Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e: T::Err| {
+        Response::error(400, &format!("{what} `{name}`: `{value}` is not valid: {e}"))
+    })
+}
+
+/// Decodes `%XX` escapes; `None` when an escape is malformed or the bytes
+/// are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_string());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// What a route handler returns: `Ok` with a [`Response`] (or a
@@ -177,12 +250,25 @@ impl<P: 'static> Router<P> {
         self.route(Method::Delete, pattern, handler)
     }
 
-    /// Dispatches `req` to the first matching route.
+    /// Dispatches `req` to the first matching route. A path parameter
+    /// whose `%` escapes do not decode to UTF-8 is a 400.
     pub fn handle(&self, pattern: &mut P, req: Request) -> Reply {
         let mut path_matched = false;
         for (method, route, handler) in &self.routes {
             if let Some(params) = match_path(route, &req.path) {
                 if *method == req.method {
+                    let params = match params.decoded() {
+                        Ok(params) => params,
+                        Err(name) => {
+                            return Response::error(
+                                400,
+                                &format!(
+                                    "path parameter `{name}`: malformed %-escape or not UTF-8"
+                                ),
+                            )
+                            .into();
+                        }
+                    };
                     return handler(pattern, &req, &params).unwrap_or_else(Reply::from);
                 }
                 path_matched = true;
@@ -193,6 +279,21 @@ impl<P: 'static> Router<P> {
         } else {
             Response::error(404, &format!("no route for {}", req.path)).into()
         }
+    }
+}
+
+impl Params {
+    /// The same parameters, percent-decoded; the name of the first that
+    /// does not decode.
+    fn decoded(self) -> std::result::Result<Params, String> {
+        self.0
+            .into_iter()
+            .map(|(k, v)| match percent_decode(&v) {
+                Some(v) => Ok((k, v)),
+                None => Err(k),
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map(Params)
     }
 }
 
@@ -305,7 +406,63 @@ pub fn fetch<P: crate::Pattern, R: Into<Reply>>(
 
 #[cfg(test)]
 mod tests {
-    use super::match_path;
+    use super::*;
+
+    fn request(method: Method, path: &str, query: &str) -> Request {
+        Request {
+            method,
+            path: path.into(),
+            query: query.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            source: crate::RequestSource::Client,
+        }
+    }
+
+    fn answered(reply: Reply) -> Response {
+        match reply {
+            Reply::Done(r) => r,
+            _ => panic!("not answered at once"),
+        }
+    }
+
+    fn body(r: &Response) -> String {
+        String::from_utf8(r.body.clone()).unwrap()
+    }
+
+    #[test]
+    fn path_parameters_are_percent_decoded_and_typed() {
+        fn show(_: &mut (), _: &Request, p: &Params) -> Result {
+            let n: u32 = p.parse("n")?;
+            Ok(Response::text(200, &format!("{}:{n}", p.get("key").unwrap())))
+        }
+        let router = Router::<()>::new().get("/kv/{key}/{n}", show);
+        let ok = answered(router.handle(&mut (), request(Method::Get, "/kv/a%2Fb%20c/7", "")));
+        assert_eq!((ok.status, body(&ok)), (200, "a/b c:7".to_string()));
+        let bad = answered(router.handle(&mut (), request(Method::Get, "/kv/k/seven", "")));
+        assert_eq!(bad.status, 400);
+        assert_eq!(
+            body(&bad),
+            r#"{"error":"path parameter `n`: `seven` is not valid: invalid digit found in string"}"#
+        );
+        let bad = answered(router.handle(&mut (), request(Method::Get, "/kv/%ff/1", "")));
+        assert_eq!(bad.status, 400);
+        assert_eq!(
+            body(&bad),
+            r#"{"error":"path parameter `key`: malformed %-escape or not UTF-8"}"#
+        );
+    }
+
+    #[test]
+    fn query_parameters_are_decoded_and_typed() {
+        let req = request(Method::Get, "/", "limit=10&name=a%26b+c&bad=x");
+        assert_eq!(req.query_param("name").as_deref(), Some("a&b c"));
+        assert_eq!(req.query::<u32>("limit").unwrap(), Some(10));
+        assert_eq!(req.query::<u32>("absent").unwrap(), None);
+        let err = req.query::<u32>("bad").unwrap_err();
+        assert_eq!(err.status, 400);
+        assert!(body(&err).contains("query parameter `bad`"), "{}", body(&err));
+    }
 
     #[test]
     fn literal_and_named_segments_match() {

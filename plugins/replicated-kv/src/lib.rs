@@ -158,16 +158,6 @@ fn answer(outcome: Outcome) -> Response {
     }
 }
 
-fn expected_version(req: &Request) -> Result<Option<u64>, Response> {
-    match req.query_param("version") {
-        None => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| Response::error(400, "version must be an unsigned integer")),
-    }
-}
-
 fn key_of(params: &Params) -> Result<String, Response> {
     let key = params.get("key").unwrap_or_default();
     if key.is_empty() || key.len() > 1024 {
@@ -196,7 +186,7 @@ fn get(kv: &mut Kv, req: &Request, params: &Params) -> http::Result {
 fn put(kv: &mut Kv, req: &Request, params: &Params) -> http::Result<Pending> {
     let key = key_of(params)?;
     let value = req.body.clone();
-    kv.write(match expected_version(req)? {
+    kv.write(match req.query::<u64>("version")? {
         Some(expected) => Command::Cas {
             key,
             expected,
@@ -208,7 +198,7 @@ fn put(kv: &mut Kv, req: &Request, params: &Params) -> http::Result<Pending> {
 
 fn delete(kv: &mut Kv, req: &Request, params: &Params) -> http::Result<Pending> {
     let key = key_of(params)?;
-    kv.write(match expected_version(req)? {
+    kv.write(match req.query::<u64>("version")? {
         Some(expected) => Command::Cas {
             key,
             expected,
