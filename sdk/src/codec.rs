@@ -77,7 +77,8 @@ pub struct Versioned<'a> {
 impl Versioned<'_> {
     /// Decodes the body as `T`, the type of this version's format.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
-        decode(self.body).map_err(|e| CodecError(format!("snapshot format {}: {}", self.version, e.0)))
+        decode(self.body)
+            .map_err(|e| CodecError(format!("snapshot format {}: {}", self.version, e.0)))
     }
 }
 
@@ -132,7 +133,10 @@ mod tests {
         // Made without a version, or empty: version 0.
         let plain = encode(&V1 { count: 3 });
         let snap = versioned(&plain).unwrap();
-        assert_eq!((snap.version, snap.decode::<V1>().unwrap()), (0, V1 { count: 3 }));
+        assert_eq!(
+            (snap.version, snap.decode::<V1>().unwrap()),
+            (0, V1 { count: 3 })
+        );
         assert_eq!(versioned(&[]).unwrap().version, 0);
         assert!(versioned(b"PXv\x01\x02").is_err());
     }

@@ -156,7 +156,10 @@ where
     T::Err: std::fmt::Display,
 {
     value.parse().map_err(|e: T::Err| {
-        Response::error(400, &format!("{what} `{name}`: `{value}` is not valid: {e}"))
+        Response::error(
+            400,
+            &format!("{what} `{name}`: `{value}` is not valid: {e}"),
+        )
     })
 }
 
@@ -434,7 +437,10 @@ mod tests {
     fn path_parameters_are_percent_decoded_and_typed() {
         fn show(_: &mut (), _: &Request, p: &Params) -> Result {
             let n: u32 = p.parse("n")?;
-            Ok(Response::text(200, &format!("{}:{n}", p.get("key").unwrap())))
+            Ok(Response::text(
+                200,
+                &format!("{}:{n}", p.get("key").unwrap()),
+            ))
         }
         let router = Router::<()>::new().get("/kv/{key}/{n}", show);
         let ok = answered(router.handle(&mut (), request(Method::Get, "/kv/a%2Fb%20c/7", "")));
@@ -461,7 +467,11 @@ mod tests {
         assert_eq!(req.query::<u32>("absent").unwrap(), None);
         let err = req.query::<u32>("bad").unwrap_err();
         assert_eq!(err.status, 400);
-        assert!(body(&err).contains("query parameter `bad`"), "{}", body(&err));
+        assert!(
+            body(&err).contains("query parameter `bad`"),
+            "{}",
+            body(&err)
+        );
     }
 
     #[test]
