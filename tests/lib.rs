@@ -71,11 +71,21 @@ impl TestNode {
 
     /// Opens a fresh node whose plugins read the wall clock from `clock`.
     pub fn with_clock(clock: Arc<dyn Clock>) -> TestNode {
+        TestNode::open(clock, plexus::runtime::engine::DEFAULT_INSTANCE_SLOTS)
+    }
+
+    /// Opens a fresh node that holds at most `slots` plugin instances.
+    pub fn with_instance_slots(slots: usize) -> TestNode {
+        TestNode::open(Arc::new(SystemClock), slots)
+    }
+
+    fn open(clock: Arc<dyn Clock>, slots: usize) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = Node::open(NodeOptions {
             id: "node-1".into(),
             data_dir: dir.path().to_path_buf(),
             call_limits: CallLimits::default(),
+            max_plugin_instances: slots,
             metadata: Vec::new(),
             clock,
         })

@@ -58,13 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
     let dir = tempfile::tempdir()?;
-    let node = Node::open(NodeOptions {
-        id: "bench".into(),
-        data_dir: dir.path().to_path_buf(),
-        call_limits: CallLimits::default(),
-        metadata: Vec::new(),
-        clock: Arc::new(plexus::primitives::timers::SystemClock),
-    })?;
+    let node = open_node("bench", dir.path())?;
     let chaos: Arc<[u8]> = Arc::from(plexus::bundled::get("chaos").expect("chaos plugin"));
     let kv: Arc<[u8]> = Arc::from(plexus::bundled::get("replicated-kv").expect("kv plugin"));
     let all: std::collections::BTreeSet<Capability> = Capability::ALL.into_iter().collect();
@@ -76,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     println!();
 
     // Compile and cache.
-    let uncached = Runtime::new(None)?;
+    let uncached = Runtime::new(None, 4)?;
     let mut compile = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
@@ -84,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         compile.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let cache_dir = dir.path().join("bench-cache");
-    let cached = Runtime::new(Some(cache_dir))?;
+    let cached = Runtime::new(Some(cache_dir), 64)?;
     cached.compile(&kv).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut from_cache = Vec::new();
     for _ in 0..20 {
@@ -377,7 +371,73 @@ async fn main() -> anyhow::Result<()> {
     );
     bench_calls(&node, scale).await?;
     node.shutdown().await;
+    bench_many_plugins(&kv, 1000 / scale).await?;
     Ok(())
+}
+
+/// Loads `count` copies of replicated-kv into a fresh node, one after
+/// another, and reports the load times and the memory each idle copy
+/// holds.
+async fn bench_many_plugins(kv: &Arc<[u8]>, count: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = open_node("many", dir.path())?;
+    let caps = [Capability::Consensus, Capability::Storage, Capability::Log]
+        .into_iter()
+        .collect::<std::collections::BTreeSet<_>>();
+    let spec = |name: String| LoadSpec {
+        name,
+        component: kv.clone(),
+        capabilities: caps.clone(),
+        limits: PluginLimits::default(),
+        config_json: "{}".into(),
+        access: Default::default(),
+    };
+    // The first load compiles (or reads the compile cache); the rest
+    // instantiate the same compiled component.
+    node.load(spec("kv-0".into())).await?;
+    let before = rss();
+    let mut times = Vec::with_capacity(count);
+    for i in 1..count {
+        let t = Instant::now();
+        node.load(spec(format!("kv-{i}"))).await?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let last = times.last().copied().unwrap_or(0.0);
+    let grown = rss().saturating_sub(before);
+    let r = node
+        .request(
+            &format!("kv-{}", count - 1),
+            request(Method::Put, "/kv/k", b"v"),
+            Duration::from_secs(10),
+        )
+        .await?;
+    anyhow::ensure!(r.status == 200, "the last copy did not serve: {}", r.status);
+    let (p50, p99, max) = summary(times);
+    println!("\n{count} copies of replicated-kv on one node, loaded one after another:");
+    println!(
+        "  load p50 {:.0} us, p99 {:.0} us, max {:.0} us; the {count}th took {:.0} us",
+        p50, p99, max, last
+    );
+    println!(
+        "  {:.0} KiB resident per idle copy ({:.1} MiB for {} copies); the last one serves",
+        grown as f64 / 1024.0 / (count - 1) as f64,
+        grown as f64 / (1 << 20) as f64,
+        count - 1
+    );
+    node.shutdown().await;
+    Ok(())
+}
+
+/// A node of this process with its data in `dir`.
+fn open_node(id: &str, dir: &std::path::Path) -> anyhow::Result<Arc<Node>> {
+    Node::open(NodeOptions {
+        id: id.into(),
+        data_dir: dir.to_path_buf(),
+        call_limits: CallLimits::default(),
+        max_plugin_instances: plexus::runtime::engine::DEFAULT_INSTANCE_SLOTS,
+        metadata: Vec::new(),
+        clock: Arc::new(plexus::primitives::timers::SystemClock),
+    })
 }
 
 /// Resident memory of this process, in bytes.

@@ -38,6 +38,8 @@ pub struct NodeOptions {
     pub call_limits: CallLimits,
     /// Metadata announced in the member list.
     pub metadata: Vec<(String, String)>,
+    /// Plugin instances the node holds at once.
+    pub max_plugin_instances: usize,
     /// The wall clock plugins read ([`SystemClock`](crate::primitives::timers::SystemClock)
     /// but in tests).
     pub clock: Arc<dyn crate::primitives::timers::Clock>,
@@ -526,7 +528,7 @@ impl Node {
         consensus: Option<ConsensusThreads>,
     ) -> anyhow::Result<Arc<Node>> {
         use anyhow::Context;
-        let runtime = Runtime::new(Some(opts.data_dir.join("cache")))?;
+        let runtime = Runtime::new(Some(opts.data_dir.join("cache")), opts.max_plugin_instances)?;
         let kv = RedbKv::open(&opts.data_dir.join("state.redb"))
             .with_context(|| format!("opening {}", opts.data_dir.join("state.redb").display()))?;
         let plugins = Arc::new(PluginMap::default());

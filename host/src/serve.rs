@@ -44,6 +44,7 @@ pub async fn start_with_progress(
         id: config.node.id.clone(),
         data_dir: config.node.data_dir.clone(),
         call_limits: CallLimits::default(),
+        max_plugin_instances: config.node.max_plugin_instances,
         metadata: config.node.metadata.clone().into_iter().collect(),
         clock: Arc::new(crate::primitives::timers::SystemClock),
     };

@@ -2,6 +2,7 @@
 //! files, real `plexus` processes on 127.0.0.1.
 
 mod bad_input;
+mod capacity;
 mod chaos;
 mod cluster;
 mod config_golden;

@@ -247,7 +247,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up { config } => up(config).await,
         Command::Check { config } => {
             let config = load(Some(config))?;
-            let runtime = crate::runtime::engine::Runtime::new(None)?;
+            let runtime =
+                crate::runtime::engine::Runtime::new(None, config.node.max_plugin_instances)?;
             for p in &config.plugins {
                 let bytes = p.component_bytes(&config.base_dir)?;
                 crate::runtime::prepare(&runtime, &bytes, &p.capabilities)

@@ -109,6 +109,11 @@ pub struct NodeSection {
     /// closed.
     #[serde(default)]
     pub max_connections_per_client: Option<usize>,
+    /// Plugin instances the node holds at once: a plugin holds one, two
+    /// while it is swapped. Each takes a slot of address space reserved
+    /// at start; an idle plugin's memory is what its instance touched.
+    #[serde(default = "default_max_plugin_instances")]
+    pub max_plugin_instances: usize,
     /// Metadata announced to other members.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -126,6 +131,7 @@ impl Default for NodeSection {
             body_read_timeout_ms: default_body_read_timeout(),
             max_connections: default_max_connections(),
             max_connections_per_client: None,
+            max_plugin_instances: default_max_plugin_instances(),
             metadata: BTreeMap::new(),
         }
     }
@@ -154,6 +160,9 @@ fn default_body_read_timeout() -> u64 {
 }
 fn default_max_connections() -> usize {
     4096
+}
+fn default_max_plugin_instances() -> usize {
+    crate::runtime::engine::DEFAULT_INSTANCE_SLOTS
 }
 
 impl NodeSection {
@@ -539,6 +548,12 @@ impl Config {
             return Err((
                 "node.max_connections_per_client".into(),
                 "must be in 1..=node.max_connections".into(),
+            ));
+        }
+        if !(1..=16_384).contains(&self.node.max_plugin_instances) {
+            return Err((
+                "node.max_plugin_instances".into(),
+                "must be in 1..=16384".into(),
             ));
         }
         if self.node.max_body_bytes == 0 || self.node.max_body_bytes > 256 << 20 {

@@ -19,21 +19,36 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Largest linear memory any plugin may be configured with.
 pub const MAX_MEMORY_BYTES: u64 = 1 << 30;
 
+/// Plugin instances a node holds at once unless its config says
+/// otherwise (`node.max_plugin_instances`).
+pub const DEFAULT_INSTANCE_SLOTS: usize = 1024;
+
 /// The engine, its epoch ticker, and the compiled-component cache.
 pub struct Runtime {
     engine: Engine,
     cache_dir: Option<PathBuf>,
+    slots: usize,
 }
 
 impl Runtime {
-    /// Builds the engine. `cache_dir`, when given, keeps precompiled
-    /// components across restarts.
-    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Arc<Runtime>> {
+    /// Builds the engine with room for `slots` plugin instances at once
+    /// (a plugin holds one, two while it is swapped). `cache_dir`, when
+    /// given, keeps precompiled components across restarts.
+    ///
+    /// Instances come from a pool sized here, which makes instantiating
+    /// one a matter of microseconds. Its slots reserve address space, not
+    /// memory: a slot's pages are touched only by the instance in it.
+    pub fn new(cache_dir: Option<PathBuf>, slots: usize) -> anyhow::Result<Arc<Runtime>> {
+        let slots = slots.max(1);
+        let slots32 = u32::try_from(slots).unwrap_or(u32::MAX);
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(256)
-            .total_core_instances(512)
-            .total_memories(256)
-            .total_tables(512)
+        // A plugin built for wasm32-wasip2 is one component of about three
+        // core instances (its module, the WASI adapter, shims), each with
+        // up to a memory and a table or two.
+        pool.total_component_instances(slots32)
+            .total_core_instances(slots32.saturating_mul(4))
+            .total_memories(slots32.saturating_mul(2))
+            .total_tables(slots32.saturating_mul(4))
             .max_memory_size(MAX_MEMORY_BYTES as usize)
             .max_memories_per_component(4)
             .max_tables_per_component(8);
@@ -58,12 +73,21 @@ impl Runtime {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })?;
-        Ok(Arc::new(Runtime { engine, cache_dir }))
+        Ok(Arc::new(Runtime {
+            engine,
+            cache_dir,
+            slots,
+        }))
     }
 
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// How many plugin instances the engine holds at once.
+    pub fn slots(&self) -> usize {
+        self.slots
     }
 
     /// The content hash of a component, as shown to people (first 12 hex

@@ -119,6 +119,25 @@ pub fn new_store(
     store
 }
 
+/// Why an instance could not be made; when the engine's pool is full, in
+/// words that say which setting to change.
+fn instantiate_failed_words(e: &wasmtime::Error, slots: usize) -> String {
+    let detail = format!("{e:#}");
+    if detail.contains("maximum concurrent") {
+        format!(
+            "no room for another plugin instance: this node holds at most {slots} at once \
+             (node.max_plugin_instances; a plugin holds one, two while it is swapped); \
+             raise it or unload plugins ({detail})"
+        )
+    } else {
+        format!("instantiation failed: {detail}")
+    }
+}
+
+fn instantiation_failed(e: &wasmtime::Error, slots: usize) -> LoadError {
+    LoadError::Init(instantiate_failed_words(e, slots))
+}
+
 impl Instance {
     /// Instantiates `prepared` and runs `init` with `config_json` and the
     /// first membership event. Nothing is shared with a running instance
@@ -152,7 +171,7 @@ impl Instance {
             .pre
             .instantiate_async(&mut store)
             .await
-            .map_err(|e| LoadError::Init(format!("instantiation failed: {e:#}")))?;
+            .map_err(|e| instantiation_failed(&e, services.runtime.slots()))?;
         let mut inst = Instance {
             store,
             bindings,
