@@ -75,7 +75,8 @@ async fn kv_keeps_serving_while_a_neighbour_loops() {
         };
         node.request("chaos", req, Duration::from_secs(20)).await
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The loop's request is taken: the guest is in its loop from now on.
+    n.wait_requests("chaos", 1).await;
     // The looping guest yields at every epoch tick, so the kv plugin's
     // requests go through meanwhile.
     for i in 0..10 {

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plexus_tests::{Process, cluster_node_config, free_port, http, loopback_addrs};
@@ -387,6 +388,8 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
     let mut c = Cluster::start(3000).await;
     c.leader().await;
     let writer_addr = c.http[0];
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = done.clone();
     let writes = tokio::spawn(async move {
         let mut acked = Vec::new();
         let mut failed = 0;
@@ -394,6 +397,7 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
             let key = format!("s{}", i % 10);
             let value = format!("v{i}");
             if put(writer_addr, &key, &value).await {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 acked.retain(|(k, _): &(String, String)| *k != key);
                 acked.push((key, value));
             } else {
@@ -402,7 +406,12 @@ async fn a_cluster_wide_swap_switches_every_node_at_one_index_under_writes() {
         }
         (acked, failed)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The writes are under way before the swap.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.load(std::sync::atomic::Ordering::Relaxed) < 10 {
+        assert!(Instant::now() < deadline, "no writes acknowledged");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let (index, version) = swap_cluster_wide(c.http[1], 42).await;
 
     let (acked, failed) = writes.await.unwrap();
