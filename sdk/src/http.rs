@@ -1,6 +1,8 @@
 //! Client requests: helpers on [`Request`] and [`Response`], and a tiny
 //! router for [`crate::Pattern::on_request`].
 
+use std::borrow::Cow;
+
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{Method, Reply, Request, Response};
@@ -45,9 +47,16 @@ impl Request {
     pub fn query_param(&self, name: &str) -> Option<String> {
         self.query.split('&').find_map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if percent_decode(k).as_deref().unwrap_or(k) != name {
+                return None;
+            }
             let v = v.replace('+', " ");
-            (percent_decode(k).as_deref().unwrap_or(k) == name)
-                .then(|| percent_decode(&v).unwrap_or(v))
+            // Malformed escapes: the value as it was sent.
+            let decoded = match percent_decode(&v) {
+                Some(Cow::Owned(d)) => Some(d),
+                _ => None,
+            };
+            Some(decoded.unwrap_or(v))
         })
     }
 
@@ -163,11 +172,11 @@ where
     })
 }
 
-/// Decodes `%XX` escapes; `None` when an escape is malformed or the bytes
-/// are not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+/// Decodes `%XX` escapes (borrowing when there are none); `None` when an
+/// escape is malformed or the bytes are not UTF-8.
+fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
     if !s.contains('%') {
-        return Some(s.to_string());
+        return Some(Cow::Borrowed(s));
     }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -183,7 +192,7 @@ fn percent_decode(s: &str) -> Option<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 /// What a route handler returns: `Ok` with a [`Response`] (or a
@@ -291,9 +300,13 @@ impl Params {
     fn decoded(self) -> std::result::Result<Params, String> {
         self.0
             .into_iter()
-            .map(|(k, v)| match percent_decode(&v) {
-                Some(v) => Ok((k, v)),
-                None => Err(k),
+            .map(|(k, v)| {
+                let decoded = match percent_decode(&v) {
+                    None => return Err(k),
+                    Some(Cow::Owned(d)) => Some(d),
+                    Some(Cow::Borrowed(_)) => None,
+                };
+                Ok((k, decoded.unwrap_or(v)))
             })
             .collect::<std::result::Result<_, _>>()
             .map(Params)

@@ -5,18 +5,18 @@
 //! ephemeral keys on both sides (forward secrecy), and a pre-shared key
 //! derived from the cluster secret mixed in before the first message, so
 //! only a holder of the secret can complete it. The Noise prologue names
-//! the dialler, the listener, the direction and the lane; the listener builds its
-//! prologue from its own id and the id the dialler claims, so a handshake
-//! meant for another pair of nodes (a relayed one) fails its first
-//! message's tag. After the handshake every byte travels in records
+//! the dialler, the listener, the direction and the lane; the listener
+//! builds its prologue from its own id and the id and lane the dialler
+//! claims, so a handshake meant for another pair of nodes (a relayed one)
+//! or another lane fails its first message's tag. After the handshake every byte travels in records
 //! sealed with ChaCha20-Poly1305 under per-direction keys and counters: a
 //! changed, dropped, replayed or injected record fails to open and closes
 //! the connection.
 //!
 //! Wire format: the dialler sends a [`Hello`] (a 4-byte big-endian length
 //! and a postcard body, in clear, since the listener needs the claimed id
-//! and the [`Lane`] to build its prologue); then each handshake message and each record is
-//! a 2-byte big-endian length and the Noise message.
+//! and the [`Lane`] to build its prologue); then each handshake message
+//! and each record is a 2-byte big-endian length and the Noise message.
 //!
 //! Rotation: a node seals new connections with its first secret and
 //! accepts any of its secrets; a dialler whose first secret is refused

@@ -6,8 +6,9 @@
 //! whose connections are served on the consensus threads; plugin frames
 //! (kinds from [`PLUGIN_KINDS`] up) on the plugin lane, served on the
 //! threads of the plugins they feed, so a forwarded request crosses no
-//! thread it does not need and never queues in front of a heartbeat. Frames are a 4-byte big-endian length and a postcard body,
-//! at most [`MAX_FRAME`] bytes, carried inside the sealed records of
+//! thread it does not need and never queues in front of a heartbeat.
+//! Frames are a 4-byte big-endian length and a postcard body, at most
+//! [`MAX_FRAME`] bytes, carried inside the sealed records of
 //! [`super::secure`].
 //!
 //! Authentication: a Noise handshake keyed by the cluster secret that
@@ -440,8 +441,8 @@ impl Transport {
         .await
         .map_err(|_| std::io::Error::other("handshake timed out"))?
         .map_err(std::io::Error::other)?;
-        let lane = self.runtime(hello.lane);
-        if lane.id() == tokio::runtime::Handle::current().id() {
+        let runtime = self.runtime(hello.lane);
+        if runtime.id() == tokio::runtime::Handle::current().id() {
             return self
                 .serve_link(stream, cipher, hello.from, known, (permit, source))
                 .await;
@@ -451,13 +452,14 @@ impl Transport {
         // its own bytes, so nothing is left behind in a buffer.
         let stream = stream.into_std()?;
         let this = self.clone();
-        lane.spawn(async move {
-            let stream = TcpStream::from_std(stream)?;
-            this.serve_link(stream, cipher, hello.from, known, (permit, source))
-                .await
-        })
-        .await
-        .map_err(std::io::Error::other)?
+        runtime
+            .spawn(async move {
+                let stream = TcpStream::from_std(stream)?;
+                this.serve_link(stream, cipher, hello.from, known, (permit, source))
+                    .await
+            })
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     /// Serves an accepted, authenticated connection from `peer` until it
@@ -574,8 +576,7 @@ impl Transport {
     }
 
     /// The current connection of `lane` to `peer` (named `id`), dialled if
-    /// needed. The caller passes the `Peer` it registers replies with, so a
-    /// peer replaced meanwhile cannot split the two.
+    /// needed, with the map its requests wait for their replies in.
     async fn connection(
         &self,
         id: &str,
@@ -591,12 +592,12 @@ impl Transport {
                 .filter(|c| !c.tx.is_closed())
                 .cloned()
         };
-        if let Some(tx) = current() {
-            return Ok(tx);
+        if let Some(conn) = current() {
+            return Ok(conn);
         }
         let _guard = link.dialing.lock().await;
-        if let Some(tx) = current() {
-            return Ok(tx);
+        if let Some(conn) = current() {
+            return Ok(conn);
         }
         let (stream, cipher) = self.dial(id, peer, lane).await?;
         let runtime = self.runtime(lane);

@@ -121,9 +121,9 @@ pub fn new_store(
 
 /// Why an instance could not be made; when the engine's pool is full, in
 /// words that say which setting to change.
-fn instantiate_failed_words(e: &wasmtime::Error, slots: usize) -> String {
+fn instantiation_failed(e: &wasmtime::Error, slots: usize) -> LoadError {
     let detail = format!("{e:#}");
-    if detail.contains("maximum concurrent") {
+    LoadError::Init(if detail.contains("maximum concurrent") {
         format!(
             "no room for another plugin instance: this node holds at most {slots} at once \
              (node.max_plugin_instances; a plugin holds one, two while it is swapped); \
@@ -131,11 +131,7 @@ fn instantiate_failed_words(e: &wasmtime::Error, slots: usize) -> String {
         )
     } else {
         format!("instantiation failed: {detail}")
-    }
-}
-
-fn instantiation_failed(e: &wasmtime::Error, slots: usize) -> LoadError {
-    LoadError::Init(instantiate_failed_words(e, slots))
+    })
 }
 
 impl Instance {
