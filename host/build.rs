@@ -1,7 +1,8 @@
 //! Builds every crate under `plugins/` into a wasm32-wasip2 component and
 //! embeds them (`plexus::bundled`). The binary and the tests share this one
-//! step. A plugin without an integration test under `tests/it/` fails the
-//! build.
+//! step. A plugin fails the build without an integration test under
+//! `tests/it/` that loads its real `.wasm`, or without native unit tests
+//! in its own crate.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,16 +23,7 @@ fn main() {
 
     let plugins = plugin_dirs(&root.join("plugins"));
     for name in &plugins {
-        let test = root
-            .join("tests/it")
-            .join(format!("{}.rs", name.replace('-', "_")));
-        println!("cargo::rerun-if-changed={}", test.display());
-        if !test.exists() {
-            panic!(
-                "plugin `{name}` has no integration test: add {} that loads its real .wasm",
-                test.display()
-            );
-        }
+        check_tested(&root, name);
     }
 
     ensure_target();
@@ -76,6 +68,48 @@ fn main() {
     }
     generated.push_str("];\n");
     std::fs::write(out.join("bundled.rs"), generated).expect("writing bundled.rs");
+}
+
+/// Panics unless `tests/it/<name>.rs` loads the bundled plugin (names it
+/// outside comments, as `"<name>"` or `bundled:<name>`) and the plugin's
+/// sources hold a `#[test]`.
+fn check_tested(root: &Path, name: &str) {
+    let test = root
+        .join("tests/it")
+        .join(format!("{}.rs", name.replace('-', "_")));
+    println!("cargo::rerun-if-changed={}", test.display());
+    let Ok(source) = std::fs::read_to_string(&test) else {
+        panic!(
+            "plugin `{name}` has no integration test: add {} that loads its real .wasm",
+            test.display()
+        );
+    };
+    let code: String = source
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if !code.contains(&format!("\"{name}\"")) && !code.contains(&format!("bundled:{name}")) {
+        panic!(
+            "{} does not load plugin `{name}`: it must name it, as `wasm(\"{name}\")`, \
+             a load of \"{name}\" or `component = \"bundled:{name}\"`",
+            test.display()
+        );
+    }
+    let src = root.join("plugins").join(name).join("src");
+    let has_tests = std::fs::read_dir(&src)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .any(|s| s.contains("#[test]"));
+    if !has_tests {
+        panic!(
+            "plugin `{name}` has no native unit tests: add a `#[cfg(test)]` module in {} \
+             that runs it on `plexus_sdk::testing::TestHost`",
+            src.display()
+        );
+    }
 }
 
 fn plugin_dirs(dir: &Path) -> Vec<String> {

@@ -19,6 +19,7 @@ async fn main() -> std::process::ExitCode {
             .json()
             .with_writer(std::io::stderr)
             .init();
+        plexus::primitives::log::write_json_lines(true);
     } else {
         // Colour only for a person at a terminal: a log file or a pipe
         // gets plain text (and NO_COLOR turns it off everywhere).

@@ -287,6 +287,9 @@ pub enum NodeError {
     /// A voter change failed.
     #[error("changing the voters failed: {0}")]
     Members(crate::cluster::log::LogError),
+    /// A plugin's storage could not be purged.
+    #[error("purging storage: {0}")]
+    Purge(String),
 }
 
 /// Takes a plugin's state for a consensus snapshot from its actor.
@@ -811,6 +814,49 @@ impl Node {
             .ok_or_else(|| NodeError::NoSuchPlugin(name.to_string()))?;
         handle.stop().await;
         Ok(())
+    }
+
+    /// Records on plugin `name` (if loaded) why a change of its config
+    /// entry was refused, or that one was applied.
+    pub fn set_reload_error(&self, name: &str, error: Option<String>) {
+        if let Ok(handle) = self.get(name) {
+            handle.set_reload_error(error);
+        }
+    }
+
+    /// Deletes this node's storage of plugin `name`, which must not be
+    /// loaded, and moves its delivery cursor to the last committed entry,
+    /// so that a later load starts empty instead of replaying what the
+    /// log already holds for it. Other nodes keep their copies. Returns
+    /// how many keys were removed.
+    pub async fn purge(&self, name: &str) -> Result<usize, NodeError> {
+        if self.plugins.read().contains_key(name) {
+            return Err(NodeError::Purge(format!(
+                "`{name}` is loaded: unload it first (`plexus plugin unload {name} --purge` does both)"
+            )));
+        }
+        let kv = self.services.kv.clone();
+        let through = self.services.log.commit_index();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let (_, items) = kv.export(&name)?;
+            kv.replace(&name, Vec::new(), through)?;
+            Ok::<_, crate::cluster::state_store::StoreError>(items.len())
+        })
+        .await
+        .map_err(|e| NodeError::Purge(e.to_string()))?
+        .map_err(|e| NodeError::Purge(e.to_string()))
+    }
+
+    /// What this node still holds of plugin `name` from an earlier load:
+    /// its applied log index, when it holds any keys.
+    pub fn leftover_storage(&self, name: &str) -> Option<u64> {
+        let kv = &self.services.kv;
+        let has_keys = kv
+            .reader(name)
+            .and_then(|r| r.scan(b"", None, 1))
+            .is_ok_and(|keys| !keys.is_empty());
+        has_keys.then(|| kv.applied_index(name).unwrap_or(0))
     }
 
     /// Sends a client request to a plugin.

@@ -151,12 +151,26 @@ impl Params {
     {
         match self.get(name) {
             Some(v) => parse_named("path parameter", name, v),
-            None => Err(Response::error(
-                500,
-                &format!("the route has no path parameter `{name}`"),
-            )),
+            None => Err(no_such_parameter(name)),
         }
     }
+
+    /// The value captured for `name` as text of 1 to `max_bytes` bytes
+    /// (a key, a role, a topic); a 400 naming the parameter otherwise.
+    pub fn text(&self, name: &str, max_bytes: usize) -> Result<String> {
+        match self.get(name) {
+            Some(v) if !v.is_empty() && v.len() <= max_bytes => Ok(v.to_string()),
+            Some(_) => Err(Response::error(
+                400,
+                &format!("path parameter `{name}` must be 1..={max_bytes} bytes"),
+            )),
+            None => Err(no_such_parameter(name)),
+        }
+    }
+}
+
+fn no_such_parameter(name: &str) -> Response {
+    Response::error(500, &format!("the route has no path parameter `{name}`"))
 }
 
 fn parse_named<T>(what: &str, name: &str, value: &str) -> Result<T>
@@ -390,7 +404,7 @@ impl OutgoingRequest {
 /// ```no_run
 /// # use plexus_sdk::{http::{self, OutgoingRequest}, Pattern, Request, Response, InitContext};
 /// # struct Proxy;
-/// # impl Pattern for Proxy { type Output = (); fn init(_: InitContext) -> Result<Self, String> { Ok(Proxy) } }
+/// # impl Pattern for Proxy { type Command = (); type Output = (); fn init(_: InitContext) -> Result<Self, String> { Ok(Proxy) } }
 /// fn pass(p: &mut Proxy, req: &Request, _: &http::Params) -> http::Result<plexus_sdk::Pending> {
 ///     let url = format!("http://127.0.0.1:8080{}", req.path);
 ///     http::fetch(p, OutgoingRequest::get(&url), 1000, |_p: &mut Proxy, r| match r {
@@ -407,7 +421,7 @@ pub fn fetch<P: crate::Pattern, R: Into<Reply>>(
     then: impl FnOnce(&mut P, std::result::Result<Response, FetchError>) -> R + 'static,
 ) -> std::result::Result<crate::Pending, FetchError> {
     let _ = pattern;
-    let ticket = crate::bindings::plexus::cluster::outbound_http::fetch(&req, timeout_ms)?;
+    let ticket = crate::host::outbound_http::fetch(&req, timeout_ms)?;
     crate::replies::expect::<P>(ticket, move |p, outcome| {
         let result = match outcome {
             crate::CallOutcome::Http(r) => r,

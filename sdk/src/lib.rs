@@ -19,6 +19,7 @@
 //! }
 //!
 //! impl Pattern for Counter {
+//!     type Command = ();
 //!     type Output = ();
 //!
 //!     fn init(_ctx: InitContext) -> Result<Self, String> {
@@ -64,6 +65,7 @@ pub mod bindings {
 pub mod codec;
 pub mod consensus;
 mod errors;
+mod host;
 pub mod http;
 pub mod log;
 pub mod membership;
@@ -72,6 +74,11 @@ pub mod plugins;
 pub mod replies;
 pub mod storage;
 pub mod timers;
+
+#[cfg(not(target_arch = "wasm32"))]
+mod memory;
+#[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
+pub mod testing;
 
 #[doc(hidden)]
 pub mod __private;
@@ -93,11 +100,17 @@ pub use replies::Pending;
 /// keep what must survive in [`storage`] (atomic per hook call), or hand it
 /// over on hot swap with [`Pattern::snapshot`] and [`Pattern::restore`].
 pub trait Pattern: Sized + 'static {
-    /// What [`Pattern::apply`] returns for one entry: handed back to the
-    /// caller of [`consensus::propose`], or to the answer given to
-    /// [`consensus::submit`], on the proposing node; dropped elsewhere. Use
-    /// `()` when the plugin does not use the log.
-    type Output: Default;
+    /// A command of this plugin's log: what [`consensus::propose`] and
+    /// [`consensus::submit`] encode with [`codec`], and what
+    /// [`Pattern::apply`] gets back decoded. Use `()` when the plugin does
+    /// not use the log.
+    type Command: serde::Serialize + serde::de::DeserializeOwned;
+
+    /// What [`Pattern::apply`] returns for a command it accepted: handed
+    /// back to the caller of [`consensus::propose`], or to the answer given
+    /// to [`consensus::submit`], on the proposing node; dropped elsewhere.
+    /// Use `()` when the plugin does not use the log.
+    type Output;
 
     /// Builds the instance. Called once per instance, before any other hook.
     fn init(ctx: InitContext) -> Result<Self, String>;
@@ -117,14 +130,30 @@ pub trait Pattern: Sized + 'static {
         None
     }
 
-    /// Applies one committed entry of this plugin's log stream. Must be
-    /// deterministic: every node applies the same entries in the same order.
+    /// Applies one committed command of this plugin's log stream, at log
+    /// position `index` (the same on every node). Must be deterministic:
+    /// every node applies the same commands in the same order, and must
+    /// come to the same result.
     ///
-    /// The default ignores entries, which is only right for plugins that
-    /// never propose.
-    fn apply(&mut self, entry: CommittedEntry) -> Self::Output {
-        let _ = entry;
-        Self::Output::default()
+    /// An `Err` refuses the command: the proposer's client gets the
+    /// [`consensus::Rejected`] response (a `?` on a storage error gives
+    /// its status). Writes to [`storage`] made before the refusal stay, so
+    /// check before writing. An entry whose bytes do not decode as
+    /// [`Pattern::Command`] (written by a version with another command
+    /// format) is refused by the SDK without calling `apply`.
+    ///
+    /// The default refuses every command, which is only right for plugins
+    /// that never propose.
+    fn apply(
+        &mut self,
+        index: u64,
+        command: Self::Command,
+    ) -> Result<Self::Output, consensus::Rejected> {
+        let _ = (index, command);
+        Err(consensus::Rejected::new(
+            500,
+            "this plugin does not apply log entries",
+        ))
     }
 
     /// Called once after a run of entries was applied (all the entries one
@@ -144,7 +173,8 @@ pub trait Pattern: Sized + 'static {
     /// `None`, lets the host answer 504: the write was applied once, but
     /// its outcome (a conditional write may have been refused) is not known
     /// to the host. A plugin whose answers depend only on the output gives
-    /// the answer its `submit` would have.
+    /// the answer its `submit` would have. A command `apply` refused is
+    /// answered with its [`consensus::Rejected`] response without asking.
     fn answer_inherited(&mut self, done: consensus::Committed<Self::Output>) -> Option<Response> {
         let _ = done;
         None

@@ -3,7 +3,7 @@
 //! Use the macros: `plexus_sdk::info!("elected {}", role; "role" => role)`.
 //! Fields after `;` are key/value pairs.
 
-use crate::bindings::plexus::cluster::log as wit;
+use crate::host::log as wit;
 
 pub use wit::Level;
 

@@ -1,6 +1,6 @@
 //! The cluster's members as this node sees them.
 
-use crate::bindings::plexus::cluster::membership as wit;
+use crate::host::membership as wit;
 use crate::{Member, NodeId};
 
 /// This node's id.

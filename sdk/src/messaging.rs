@@ -1,7 +1,7 @@
 //! Messages to the same plugin on other nodes, and requests forwarded to
 //! it.
 
-use crate::bindings::plexus::cluster::messaging as wit;
+use crate::host::messaging as wit;
 use crate::replies;
 pub use crate::replies::Pending;
 use crate::{CallOutcome, ForwardTo, NodeId, Pattern, Reply};
@@ -36,7 +36,7 @@ pub fn request(node: &str, topic: &str, payload: &[u8], timeout_ms: u32) -> Resu
 /// ```no_run
 /// # use plexus_sdk::{messaging, Pattern, Request, Response, InitContext, http};
 /// # struct Cache;
-/// # impl Pattern for Cache { type Output = (); fn init(_: InitContext) -> Result<Self, String> { Ok(Cache) } }
+/// # impl Pattern for Cache { type Command = (); type Output = (); fn init(_: InitContext) -> Result<Self, String> { Ok(Cache) } }
 /// fn lookup(c: &mut Cache, req: &Request, p: &http::Params) -> http::Result<messaging::Pending> {
 ///     let key = p.get("key").unwrap_or_default().as_bytes().to_vec();
 ///     messaging::call(c, "node-b", "get", &key, 500, |_c: &mut Cache, reply| match reply {

@@ -3,7 +3,7 @@
 //! Needs the `plugins` capability, and the callee's name in the caller's
 //! `allowed_plugins`.
 
-use crate::bindings::plexus::cluster::plugins as wit;
+use crate::host::plugins as wit;
 use crate::replies::{self, Pending};
 use crate::{CallOutcome, Method, Pattern, Reply, Request, RequestSource, Response};
 

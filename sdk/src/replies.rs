@@ -16,7 +16,7 @@
 //!
 //! ```no_run
 //! use plexus_sdk::http::{self, OutgoingRequest, Params};
-//! use plexus_sdk::{consensus, CommittedEntry, InitContext, Pattern, Pending, Reply, Request, Response};
+//! use plexus_sdk::{consensus, InitContext, Pattern, Pending, Reply, Request, Response};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize)]
 //! struct Remember(Vec<u8>);
@@ -24,10 +24,12 @@
 //! struct Cache { last: Vec<u8> }
 //!
 //! impl Pattern for Cache {
+//!     type Command = Remember;
 //!     type Output = ();
 //!     fn init(_: InitContext) -> Result<Self, String> { Ok(Cache { last: Vec::new() }) }
-//!     fn apply(&mut self, entry: CommittedEntry) {
-//!         if let Ok(Remember(bytes)) = consensus::decode(&entry) { self.last = bytes; }
+//!     fn apply(&mut self, _index: u64, Remember(bytes): Remember) -> Result<(), consensus::Rejected> {
+//!         self.last = bytes;
+//!         Ok(())
 //!     }
 //! }
 //!
@@ -38,10 +40,10 @@
 //!         let Ok(user) = r else { return Response::error(502, "the user service failed").into() };
 //!         match consensus::submit(this, &Remember(user.body), |_, _| Response::text(200, "remembered")) {
 //!             Ok(pending) => pending.into(), // the client now waits on the write
-//!             Err(e) => Response::error(503, &format!("{e:?}")).into(),
+//!             Err(e) => Response::from(e).into(),
 //!         }
 //!     })
-//!     .map_err(|e| Response::error(502, &format!("{e:?}")))
+//!     .map_err(Response::from)
 //! }
 //! ```
 
@@ -49,7 +51,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::bindings::plexus::cluster::replies as wit;
+use crate::host::replies as wit;
 use crate::{CallOutcome, Pattern, Reply, Response};
 
 /// A request answered later. Return it from a request handler (it
@@ -120,4 +122,10 @@ pub fn hold() -> Pending {
 /// Answers the client waiting on `pending`, when this hook returns.
 pub fn answer(pending: Pending, response: Response) {
     wit::answer(pending.0, &response);
+}
+
+/// Forgets every closure kept: the instance they belonged to is gone.
+#[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
+pub(crate) fn forget_all() {
+    THEN.with(|t| t.borrow_mut().clear());
 }

@@ -4,7 +4,7 @@
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::bindings::plexus::cluster::storage as wit;
+use crate::host::storage as wit;
 
 pub use wit::{BatchOp, KeyValue, StorageError as Error, Version, Versioned};
 

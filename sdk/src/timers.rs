@@ -1,6 +1,6 @@
 //! Clocks and timers. A fired timer calls [`crate::Pattern::on_timer`].
 
-use crate::bindings::plexus::cluster::timers as wit;
+use crate::host::timers as wit;
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

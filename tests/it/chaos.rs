@@ -288,3 +288,101 @@ async fn an_import_not_granted_is_refused_at_load() {
     assert!(err.contains("not granted"), "{err}");
     assert!(n.node.plugins().is_empty());
 }
+
+/// Where `panic!("{text}")` is in the chaos plugin's source, as a panic
+/// report names it: `plugins/chaos/src/lib.rs:LINE:COLUMN`.
+fn panic_site(text: &str) -> String {
+    let source = include_str!("../../plugins/chaos/src/lib.rs");
+    let (line, column) = source
+        .lines()
+        .enumerate()
+        .find_map(|(i, l)| l.find(&format!("panic!(\"{text}")).map(|c| (i + 1, c + 1)))
+        .unwrap_or_else(|| panic!("no panic!(\"{text}\") in the chaos plugin"));
+    format!("plugins/chaos/src/lib.rs:{line}:{column}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_reaches_the_client_and_the_status_with_its_message_and_place() {
+    let n = node_with(PluginLimits::default(), "{}").await;
+    let msg = trap_message(n.try_call("chaos", Method::Post, "/trap", b"").await);
+    let expected = format!(
+        "on-request: panicked at {}: chaos: trap in on-request",
+        panic_site("chaos: trap in on-request")
+    );
+    assert_eq!(msg, expected);
+    let status = n.node.plugin("chaos").unwrap();
+    assert_eq!(status.last_error.as_deref(), Some(expected.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_that_keeps_trapping_apply_fails_the_plugin_until_a_swap() {
+    use plexus::runtime::actor::RunState;
+    let clock = ManualClock::new(1_700_000_000_000);
+    let n = node_on(
+        TestNode::with_clock(clock.clone()),
+        PluginLimits::default(),
+        "{}",
+    )
+    .await;
+    let before = n.node.plugin("chaos").unwrap().version;
+    // Traps for an hour of the plugin's clock, which stands still.
+    let _ = n
+        .try_call("chaos", Method::Post, "/trap-apply?ms=3600000", b"")
+        .await;
+    wait_chaos(&n, "the plugin failed", |s| s.state == RunState::Failed).await;
+    let status = n.node.plugin("chaos").unwrap();
+    let why = status.last_error.unwrap();
+    let index: u64 = why
+        .strip_prefix("failed at index ")
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("{why}"));
+    assert_eq!(
+        why,
+        format!(
+            "failed at index {index}: apply: panicked at {}: chaos: trap in apply of entry {index}. \
+             The entry is committed and every node applies it, so it failed 5 times in a row; \
+             no instance runs until a version whose apply handles it is swapped in \
+             (`plexus plugin swap chaos FILE`; the same file retries)",
+            panic_site("chaos: trap in apply of entry")
+        )
+    );
+    // No crash loop: requests are answered at once with why.
+    let restarts = status.restarts;
+    assert_eq!(
+        trap_message(n.try_call("chaos", Method::Get, "/ping", b"").await),
+        why
+    );
+    assert_eq!(n.node.plugin("chaos").unwrap().restarts, restarts);
+    // The kv plugin beside it serves.
+    assert_eq!(
+        n.call("kv", Method::Put, "/kv/alive", b"yes").await.status,
+        200
+    );
+
+    // A version that applies the entry (here: the window has passed).
+    clock.advance(Duration::from_secs(7200));
+    let fixed = plexus_tests::variant(&plexus_tests::wasm("chaos"), 9);
+    n.node.swap("chaos", fixed, None).await.unwrap();
+    n.wait_ok("chaos", "/ping", Duration::from_secs(10)).await;
+    let status = n.node.plugin("chaos").unwrap();
+    assert_eq!(status.state, RunState::Running);
+
+    // Traps are counted under the version that trapped, not the one
+    // running now.
+    let (_, metrics) = n
+        .node
+        .plugin_metrics()
+        .into_iter()
+        .find(|(s, _)| s.name == "chaos")
+        .unwrap();
+    let traps = |v: &str| {
+        metrics
+            .versions
+            .iter()
+            .find(|(version, _)| version == v)
+            .map_or(0, |(_, m)| m.traps)
+    };
+    assert!(traps(&before) >= 5, "{metrics:?}");
+    assert_eq!(traps(&status.version), 0, "{metrics:?}");
+}

@@ -201,7 +201,7 @@ async fn replicas_changed_on_every_node_converge() {
         "{peer}"
     );
     let (status, _) = n.call(0, "GET", "/peers/node-9/counters/hits", "").await;
-    assert_eq!(status, 404, "a request to a node that is not a member");
+    assert_eq!(status, 502, "a request to a node that is not a member");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

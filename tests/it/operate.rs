@@ -399,23 +399,41 @@ async fn scaffolded_plugin_builds_loads_and_answers() {
     );
     let wasm = target.join("wasm32-wasip2/release/plexus_plugin_counter.wasm");
 
+    // Its native unit tests pass on the in-memory host. (The plugins'
+    // target directory: the outer build may hold the lock on the main one.)
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tested = std::process::Command::new(cargo)
+        .args(["test", "--offline", "--target-dir"])
+        .arg(&target)
+        .current_dir(&crate_dir)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&tested.stdout);
+    assert!(
+        tested.status.success() && report.contains("5 passed"),
+        "{report}\n{}",
+        String::from_utf8_lossy(&tested.stderr)
+    );
+
+    // `plexus inspect` derives the load command from the imports.
+    let inspected = stdout(
+        &std::process::Command::new(plexus_bin())
+            .args(["inspect", wasm.to_str().unwrap(), "--name", "counter"])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        inspected.contains("capabilities = [\"consensus\", \"storage\", \"log\"]"),
+        "{inspected}"
+    );
+    let load = inspected
+        .lines()
+        .find_map(|l| l.strip_prefix("plexus "))
+        .expect("a load command");
+
     let (_dir, p) = node_with_kv().await;
-    let out = stdout(&cli(
-        p.addr,
-        TOKEN,
-        &[
-            "plugin",
-            "load",
-            "counter",
-            wasm.to_str().unwrap(),
-            "--cap",
-            "consensus",
-            "--cap",
-            "storage",
-            "--cap",
-            "log",
-        ],
-    ));
+    let args: Vec<&str> = load.split_whitespace().collect();
+    let out = stdout(&cli(p.addr, TOKEN, &args));
     assert!(out.starts_with("loaded counter"), "{out}");
     let (status, body) = http(
         p.addr,
@@ -455,10 +473,14 @@ async fn logs_are_plain_in_a_file_and_json_on_request() {
         let path = dir.path().join("node.toml");
         std::fs::write(&path, config(port, KV)).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // Debug for plugins, to see leader-election's events.
         let env: &[(&str, &str)] = if json {
-            &[("PLEXUS_LOG_FORMAT", "json")]
+            &[
+                ("PLEXUS_LOG_FORMAT", "json"),
+                ("PLEXUS_LOG", "info,plugin=debug"),
+            ]
         } else {
-            &[]
+            &[("PLEXUS_LOG", "info,plugin=debug")]
         };
         let p = Process::up_with_env(dir.path(), &path, addr, env).await;
         // An event with fields: a config edit the node reports.
@@ -493,5 +515,197 @@ async fn logs_are_plain_in_a_file_and_json_on_request() {
                 "{line}"
             );
         }
+        // A plugin's event keeps its own fields: leader-election logs
+        // `holding {role}` with the entry's index when it takes a role.
+        let campaigning = format!(
+            "{KV}{}",
+            election_with(r#"{ campaign = ["primary"], ttl_ms = 3000 }"#)
+        );
+        std::fs::write(&path, config(port, &campaigning)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let line = loop {
+            let log = std::fs::read_to_string(&p.log).unwrap();
+            if let Some(l) = log.lines().find(|l| l.contains("holding primary")) {
+                break l.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no plugin event logged: {log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if json {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(
+                (v["level"].as_str(), v["target"].as_str()),
+                (Some("DEBUG"), Some("plugin")),
+                "{line}"
+            );
+            assert_eq!(v["fields"]["plugin"], "election", "{line}");
+            assert!(
+                v["fields"]["index"]
+                    .as_str()
+                    .is_some_and(|i| i.parse::<u64>().is_ok()),
+                "{line}"
+            );
+        } else {
+            assert!(line.contains("holding primary index="), "{line}");
+            assert!(
+                line.contains("plugin=election") && !line.contains('\x1b'),
+                "{line}"
+            );
+        }
     }
+}
+
+/// The election entry with `config` as its inline config table.
+fn election_with(config: &str) -> String {
+    format!(
+        r#"
+[[plugins]]
+name = "election"
+component = "bundled:leader-election"
+capabilities = ["consensus", "storage", "timers", "log"]
+config = {config}
+"#
+    )
+}
+
+/// Where `needle` starts in `text`, as `LINE:COLUMN`.
+fn place(text: &str, needle: &str) -> String {
+    let at = text.find(needle).unwrap();
+    let line = text[..at].matches('\n').count() + 1;
+    let column = at - text[..at].rfind('\n').map_or(0, |nl| nl + 1) + 1;
+    format!("{line}:{column}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_in_a_plugin_config_is_placed_in_the_file_by_check_and_by_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("node.toml");
+    let good = config(port, &format!("{KV}{}", election_with("{ ttl_ms = 3000 }")));
+    let typo = config(
+        port,
+        &format!("{KV}{}", election_with(r#"{ campain = ["x"] }"#)),
+    );
+    let expected = format!(
+        "{}:{}: plugins[1].config.campain: unknown field, expected `campaign` or `ttl_ms`",
+        path.display(),
+        place(&typo, r#"["x"]"#)
+    );
+
+    // `plexus check` runs init and says where.
+    std::fs::write(&path, &typo).unwrap();
+    let checked = std::process::Command::new(plexus_bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!checked.status.success());
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(stderr.trim(), format!("plexus: error: {expected}"));
+    std::fs::write(&path, &good).unwrap();
+    let checked = stdout(
+        &std::process::Command::new(plexus_bin())
+            .args(["check", path.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        checked.contains("config valid: 2 plugin(s), each ran init"),
+        "{checked}"
+    );
+
+    // A live reload with the typo is refused; the plugin runs on, and its
+    // status and `plugin list` say why.
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let p = Process::up(dir.path(), &path, addr).await;
+    std::fs::write(&path, &typo).unwrap();
+    let list = wait_for(addr, "the refused reload", |l| {
+        find(l, "election").is_some_and(|e| e["reload_error"].is_string())
+    })
+    .await;
+    let election = find(&list, "election").unwrap();
+    assert_eq!(election["reload_error"], expected.as_str());
+    assert_eq!(
+        (election["state"].as_str(), election["swaps"].as_u64()),
+        (Some("running"), Some(0))
+    );
+    let shown = stdout(&cli(addr, TOKEN, &["plugin", "list"]));
+    assert!(
+        shown.contains(&format!(
+            "election: config change refused, still running as before: {expected}"
+        )),
+        "{shown}"
+    );
+    // Fixed, it applies and the note goes.
+    std::fs::write(
+        &path,
+        config(port, &format!("{KV}{}", election_with("{ ttl_ms = 4000 }"))),
+    )
+    .unwrap();
+    wait_for(addr, "the fixed reload", |l| {
+        find(l, "election").is_some_and(|e| e["swaps"] == 1 && e["reload_error"].is_null())
+    })
+    .await;
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unload_with_purge_makes_a_later_load_start_empty() {
+    let (_dir, p) = node_with_kv().await;
+    let addr = p.addr;
+    let (status, _) = http(addr, "PUT", "/v1/plugins/kv/kv/a", &[], b"1")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let load = [
+        "plugin",
+        "load",
+        "kv",
+        "bundled:replicated-kv",
+        "--cap",
+        "consensus",
+        "--cap",
+        "storage",
+    ];
+
+    // Unloaded and loaded again, it sees its old data, and is told so.
+    stdout(&cli(addr, TOKEN, &["plugin", "unload", "kv"]));
+    let out = stdout(&cli(addr, TOKEN, &load));
+    let note = out
+        .lines()
+        .find(|l| l.starts_with("note: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        note.starts_with(
+            "note: this node kept storage from an earlier load of `kv` (applied through log index "
+        ) && note.ends_with(
+            "), which the plugin now sees; `plexus plugin unload kv --purge` removes it"
+        ),
+        "{note}"
+    );
+    let (status, body) = http(addr, "GET", "/v1/plugins/kv/kv/a", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_slice()), (200, &b"1"[..]));
+
+    // Purged, the next load starts empty and says nothing.
+    let out = stdout(&cli(addr, TOKEN, &["plugin", "unload", "kv", "--purge"]));
+    assert_eq!(out.trim(), "unloaded kv; purged 2 keys of its storage");
+    let out = stdout(&cli(addr, TOKEN, &load));
+    assert!(!out.contains("note:"), "{out}");
+    let (status, _) = http(addr, "GET", "/v1/plugins/kv/kv/a", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    let (status, _) = http(addr, "PUT", "/v1/plugins/kv/kv/b", &[], b"2")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    // It serves what it writes after the purge.
+    let (status, _) = http(addr, "GET", "/v1/plugins/kv/kv/b", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
 }

@@ -4,6 +4,7 @@ pub mod client;
 pub mod scaffold;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -95,6 +96,16 @@ pub enum Command {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+    /// Print a component's contract version, imports and exports, and the
+    /// `[[plugins]]` entry and load command its imports call for.
+    Inspect {
+        /// The `.wasm` file, or `bundled:NAME`.
+        file: String,
+        /// The plugin name to use in the printed entry (default: from the
+        /// file name).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// List the plugins bundled in this binary.
     Bundled,
 }
@@ -144,6 +155,10 @@ pub enum PluginCommand {
     Unload {
         /// The plugin.
         name: String,
+        /// Also delete this node's storage of it, so that a later load
+        /// under the same name starts empty.
+        #[arg(long)]
+        purge: bool,
     },
 }
 
@@ -239,25 +254,25 @@ fn print_plugins(list: &serde_json::Value) {
             &rows
         )
     );
+    // What needs a person: a failed plugin and a refused config change.
+    for p in list.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or("-");
+        if p["state"] == "failed"
+            && let Some(why) = p["last_error"].as_str()
+        {
+            println!("{name}: {why}");
+        }
+        if let Some(why) = p["reload_error"].as_str() {
+            println!("{name}: config change refused, still running as before: {why}");
+        }
+    }
 }
 
 /// Runs the CLI.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up { config } => up(config).await,
-        Command::Check { config } => {
-            let config = load(Some(config))?;
-            let runtime =
-                crate::runtime::engine::Runtime::new(None, config.node.max_plugin_instances)?;
-            for p in &config.plugins {
-                let bytes = p.component_bytes(&config.base_dir)?;
-                crate::runtime::prepare(&runtime, &bytes, &p.capabilities)
-                    .map_err(|e| anyhow::anyhow!("plugin `{}`: {e}", p.name))?;
-                println!("ok  {:<20} {}", p.name, p.component);
-            }
-            println!("config valid: {} plugin(s)", config.plugins.len());
-            Ok(())
-        }
+        Command::Check { config } => check(config).await,
         Command::Plugin { command, remote } => plugin(command, &remote).await,
         Command::Cluster { command, remote } => cluster(command, &remote).await,
         Command::New { name, dir, sdk } => {
@@ -266,13 +281,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(test) = &done.test {
                 println!("created {}", test.display());
             }
+            println!("created {}", done.entry.display());
+            println!("test:   {}", done.test_command);
             println!("build:  {}", done.build);
             println!(
-                "load:   plexus plugin load {name} {} --cap consensus --cap storage --cap log",
+                "then:   plexus inspect {} --name {name}   (its [[plugins]] entry and load command, from the component's imports)",
                 done.wasm.display()
             );
             Ok(())
         }
+        Command::Inspect { file, name } => inspect(&file, name.as_deref()),
         Command::Bundled => {
             for name in crate::bundled::names() {
                 println!("{name}");
@@ -280,6 +298,117 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `plexus check`: the file parses and validates, and every plugin it
+/// names compiles, links with its capabilities and runs `init` with its
+/// config, on a scratch node in a temporary directory.
+async fn check(path: PathBuf) -> anyhow::Result<()> {
+    let config = load(Some(path))?;
+    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+    let node = crate::node::Node::open(crate::node::NodeOptions {
+        id: config.node.id.clone(),
+        data_dir: scratch.path().to_path_buf(),
+        call_limits: crate::primitives::CallLimits::default(),
+        metadata: Vec::new(),
+        max_plugin_instances: config.node.max_plugin_instances,
+        clock: Arc::new(crate::primitives::timers::SystemClock),
+    })?;
+    let mut failed = Vec::new();
+    for p in &config.plugins {
+        let outcome = match p.component_bytes(&config.base_dir) {
+            Ok(bytes) => node
+                .load(p.load_spec(bytes))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => println!("ok  {:<20} {}", p.name, p.component),
+            Err(e) => failed.push(config.locate_plugin_error(&p.name, &e)),
+        }
+    }
+    for name in config.plugins.iter().map(|p| p.name.clone()) {
+        let _ = node.unload(&name).await;
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("{}", failed.join("\n"));
+    }
+    println!(
+        "config valid: {} plugin(s), each ran init",
+        config.plugins.len()
+    );
+    Ok(())
+}
+
+fn inspect(file: &str, name: Option<&str>) -> anyhow::Result<()> {
+    use crate::runtime::{WIT_PACKAGE, WIT_VERSION};
+    let bytes = match file.strip_prefix("bundled:") {
+        Some(b) => crate::bundled::get(b)
+            .ok_or_else(|| anyhow::anyhow!("no bundled plugin `{b}`"))?
+            .to_vec(),
+        None => std::fs::read(file).with_context(|| format!("reading {file}"))?,
+    };
+    let runtime = crate::runtime::engine::Runtime::new(None, 1)?;
+    let seen =
+        crate::runtime::inspect(&runtime, &bytes).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    let contract = seen.contract.as_deref().unwrap_or("none");
+    println!(
+        "component: {file} ({} bytes, version {})",
+        bytes.len(),
+        crate::runtime::engine::Runtime::version_of(&bytes)
+    );
+    println!("contract:  {WIT_PACKAGE}@{contract} (this host runs {WIT_VERSION})");
+    println!("exports:");
+    for e in &seen.exports {
+        println!("  {e}");
+    }
+    println!("imports:");
+    for i in &seen.imports {
+        println!("  {i}");
+    }
+    if let Some(why) = seen.refused {
+        anyhow::bail!("{file} would be refused: {why}");
+    }
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => std::path::Path::new(file.trim_start_matches("bundled:"))
+            .file_stem()
+            .map(|s| {
+                s.to_string_lossy()
+                    .trim_start_matches("plexus_plugin_")
+                    .replace('_', "-")
+            })
+            .unwrap_or_else(|| "plugin".into()),
+    };
+    let caps: Vec<String> = seen
+        .capabilities
+        .iter()
+        .map(|c| format!("{:?}", c.name()))
+        .collect();
+    let component = if file.starts_with("bundled:") {
+        file.to_string()
+    } else {
+        std::path::Path::new(file)
+            .canonicalize()
+            .map_or_else(|_| file.to_string(), |p| p.display().to_string())
+    };
+    println!();
+    println!("# node.toml");
+    println!("[[plugins]]");
+    println!("name = {name:?}");
+    println!("component = {component:?}");
+    println!("capabilities = [{}]", caps.join(", "));
+    println!();
+    let flags: String = seen
+        .capabilities
+        .iter()
+        .map(|c| format!(" --cap {}", c.name()))
+        .collect();
+    println!("# or, into a running node:");
+    println!("plexus plugin load {name} {component}{flags}");
+    Ok(())
 }
 
 async fn cluster(command: ClusterCommand, remote: &Remote) -> anyhow::Result<()> {
@@ -398,6 +527,9 @@ async fn plugin(command: PluginCommand, remote: &Remote) -> anyhow::Result<()> {
                     "loaded {name} (version {})",
                     status["version"].as_str().unwrap_or("-")
                 );
+                if let Some(note) = status["note"].as_str() {
+                    println!("note: {note}");
+                }
                 return Ok(());
             }
             status
@@ -443,17 +575,21 @@ async fn plugin(command: PluginCommand, remote: &Remote) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        PluginCommand::Unload { name } => {
+        PluginCommand::Unload { name, purge } => {
+            let query = if purge { "?purge=true" } else { "" };
             let answer = client
                 .call(
                     "DELETE",
-                    &format!("/v1/admin/plugins/{name}"),
+                    &format!("/v1/admin/plugins/{name}{query}"),
                     "application/json",
                     Vec::new(),
                 )
                 .await?;
             if !remote.json {
-                println!("unloaded {name}");
+                match answer["purged_keys"].as_u64() {
+                    Some(keys) => println!("unloaded {name}; purged {keys} keys of its storage"),
+                    None => println!("unloaded {name}"),
+                }
                 return Ok(());
             }
             answer

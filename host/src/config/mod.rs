@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -69,6 +70,19 @@ pub struct Config {
     /// Directory of the config file, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file's name and text, to place errors found later (a plugin's
+    /// `init` refusing its config) at their line and column.
+    #[serde(skip)]
+    pub source: Option<Arc<Source>>,
+}
+
+/// The text a [`Config`] was parsed from.
+#[derive(Debug)]
+pub struct Source {
+    /// The file (or `<embedded>`).
+    pub file: String,
+    /// Its text.
+    pub text: String,
 }
 
 /// `[node]`
@@ -462,6 +476,50 @@ impl Config {
         }))
     }
 
+    /// Places an error about plugin `name` in the file: `FILE:LINE:COL:
+    /// plugins[N].KEY: what`. A message naming a key of the plugin's
+    /// config as the SDK does (`config.KEY: what`) points at that key;
+    /// any other at the plugin's entry.
+    pub fn locate_plugin_error(&self, name: &str, message: &str) -> String {
+        let (Some(source), Some(index)) = (
+            &self.source,
+            self.plugins.iter().position(|p| p.name == name),
+        ) else {
+            return message.to_string();
+        };
+        let entry = format!("plugins[{index}]");
+        let found = message
+            .match_indices("config")
+            .filter(|(at, _)| *at == 0 || message[..*at].ends_with(": "))
+            .find_map(|(at, _)| {
+                let rest = &message[at..];
+                let (path, what) = rest.split_once(": ")?;
+                let valid = path == "config"
+                    || path
+                        .strip_prefix("config.")
+                        .is_some_and(|k| !k.is_empty() && !k.contains(char::is_whitespace));
+                valid.then(|| (path.to_string(), what.to_string()))
+            });
+        let (key, what) = match found {
+            Some((path, what)) => (format!("{entry}.{path}"), what),
+            None => (entry.clone(), message.to_string()),
+        };
+        // The deepest part of the key the file holds: a missing key is
+        // placed at the table that lacks it.
+        let mut probe = key.as_str();
+        let span = loop {
+            if let Some(span) = span_of(&source.text, probe) {
+                break Some(span);
+            }
+            match probe.rfind('.') {
+                Some(dot) => probe = &probe[..dot],
+                None => break None,
+            }
+        };
+        let (line, column) = span.map_or((1, 1), |s| line_col(&source.text, s.start));
+        format!("{}:{line}:{column}: {key}: {what}", source.file)
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -497,6 +555,10 @@ impl Config {
             located(key, inner.span(), inner.message().to_string())
         })?;
         config.base_dir = base_dir.to_path_buf();
+        config.source = Some(Arc::new(Source {
+            file: file.to_string(),
+            text: text.to_string(),
+        }));
         if config.node.data_dir.is_relative() {
             config.node.data_dir = base_dir.join(&config.node.data_dir);
         }

@@ -127,9 +127,15 @@ impl Reconciler {
             match action {
                 Ok(a) => {
                     self.applied.insert(name.to_string(), next);
+                    self.node.set_reload_error(name, None);
                     actions.push(a);
                 }
-                Err(e) => actions.push(Action::Failed(name.to_string(), e)),
+                Err(e) => {
+                    let located = config.locate_plugin_error(name, &e);
+                    // Visible in the plugin's status, not only in the log.
+                    self.node.set_reload_error(name, Some(located.clone()));
+                    actions.push(Action::Failed(name.to_string(), located));
+                }
             }
         }
         actions

@@ -29,6 +29,7 @@ use crate::cluster::raft::MemberChange;
 use crate::node::{Node, RequestError};
 use crate::runtime::actor::{CallError, PluginStatus, SwapError};
 use crate::runtime::bindings::pattern;
+use crate::runtime::metrics::VersionMetrics;
 
 /// Ingress settings.
 #[derive(Debug, Clone)]
@@ -338,10 +339,27 @@ async fn admin(node: &Arc<Node>, opts: &IngressOptions, req: hyper::Request<Inco
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
             }
         }
-        (Method::DELETE, ["plugins", name]) => match node.unload(name).await {
-            Ok(()) => json(StatusCode::OK, &serde_json::json!({ "unloaded": name })),
-            Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
-        },
+        (Method::DELETE, ["plugins", name]) => {
+            let purge = req
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .any(|p| p == "purge=true" || p == "purge");
+            if let Err(e) = node.unload(name).await {
+                return error(StatusCode::NOT_FOUND, &e.to_string());
+            }
+            if !purge {
+                return json(StatusCode::OK, &serde_json::json!({ "unloaded": name }));
+            }
+            match node.purge(name).await {
+                Ok(keys) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "unloaded": name, "purged_keys": keys }),
+                ),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
         (Method::GET, ["status"]) => {
             let services = node.services();
             let (epoch, members) = services.view.snapshot();
@@ -545,11 +563,22 @@ async fn admin_load(node: &Arc<Node>, body: &[u8]) -> Resp {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
+    let name = entry.name.clone();
+    let leftover = node.leftover_storage(&name);
     match node.load(entry.load_spec(bytes)).await {
-        Ok(status) => json(
-            StatusCode::CREATED,
-            &serde_json::to_value(status).unwrap_or_default(),
-        ),
+        Ok(status) => {
+            let mut answer = serde_json::to_value(status).unwrap_or_default();
+            if let Some(applied) = leftover {
+                let note = format!(
+                    "this node kept storage from an earlier load of `{name}` (applied through \
+                     log index {applied}), which the plugin now sees; \
+                     `plexus plugin unload {name} --purge` removes it"
+                );
+                tracing::info!(plugin = %name, "{note}");
+                answer["note"] = note.into();
+            }
+            json(StatusCode::CREATED, &answer)
+        }
         Err(e @ crate::node::NodeError::AlreadyLoaded(_)) => {
             error(StatusCode::CONFLICT, &e.to_string())
         }
@@ -580,28 +609,47 @@ fn metrics(node: &Arc<Node>, conns: &limits::Connections) -> Resp {
     use std::fmt::Write;
     let mut out = String::new();
     let plugins = node.plugins();
-    type Family = (&'static str, &'static str, fn(&PluginStatus) -> f64);
-    let families: [Family; 6] = [
+    let all = node.plugin_metrics();
+    // Counts and latencies by the version that ran; gauges by the version
+    // running now.
+    type Counter = (&'static str, &'static str, fn(&VersionMetrics) -> u64);
+    let counters: [Counter; 4] = [
         (
             "plexus_plugin_requests_total",
             "Client requests handled.",
-            |s| s.requests as f64,
+            |m| m.requests,
         ),
         (
             "plexus_plugin_errors_total",
             "Hook calls that failed.",
-            |s| s.errors as f64,
+            |m| m.errors,
         ),
         (
             "plexus_plugin_traps_total",
             "Hook calls that trapped.",
-            |s| s.traps as f64,
+            |m| m.traps,
         ),
         (
             "plexus_plugin_restarts_total",
             "Instances restarted after a failure.",
-            |s| s.restarts as f64,
+            |m| m.restarts,
         ),
+    ];
+    for (name, help, value) in counters {
+        family(&mut out, name, "counter", help);
+        for (s, m) in &all {
+            for (version, v) in &m.versions {
+                let _ = writeln!(
+                    out,
+                    "{name}{{plugin=\"{}\",version=\"{version}\"}} {}",
+                    s.name,
+                    value(v)
+                );
+            }
+        }
+    }
+    type Gauge = (&'static str, &'static str, fn(&PluginStatus) -> f64);
+    let gauges: [Gauge; 2] = [
         (
             "plexus_plugin_mailbox_depth",
             "Mailbox items waiting.",
@@ -613,13 +661,8 @@ fn metrics(node: &Arc<Node>, conns: &limits::Connections) -> Resp {
             |s| s.last_swap_pause_us.map_or(0.0, |us| us as f64 / 1e6),
         ),
     ];
-    for (name, help, value) in families {
-        let kind = if name.ends_with("_total") {
-            "counter"
-        } else {
-            "gauge"
-        };
-        family(&mut out, name, kind, help);
+    for (name, help, value) in gauges {
+        family(&mut out, name, "gauge", help);
         for s in &plugins {
             let _ = writeln!(
                 out,
@@ -630,7 +673,6 @@ fn metrics(node: &Arc<Node>, conns: &limits::Connections) -> Resp {
             );
         }
     }
-    let all = node.plugin_metrics();
     family(
         &mut out,
         "plexus_plugin_call_duration_seconds",
@@ -638,12 +680,14 @@ fn metrics(node: &Arc<Node>, conns: &limits::Connections) -> Resp {
         "Hook call duration, including its storage commit.",
     );
     for (s, m) in &all {
-        for (hook, h) in &m.calls {
-            let labels = format!(
-                "plugin=\"{}\",version=\"{}\",hook=\"{hook}\"",
-                s.name, s.version
-            );
-            h.render(&mut out, "plexus_plugin_call_duration_seconds", &labels);
+        for (version, v) in &m.versions {
+            for (hook, h) in &v.calls {
+                let labels = format!(
+                    "plugin=\"{}\",version=\"{version}\",hook=\"{hook}\"",
+                    s.name
+                );
+                h.render(&mut out, "plexus_plugin_call_duration_seconds", &labels);
+            }
         }
     }
     family(

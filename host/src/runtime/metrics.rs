@@ -58,14 +58,51 @@ impl Histogram {
     }
 }
 
-/// What a plugin's actor measures.
+/// What a plugin's actor measures, by the version that ran.
 #[derive(Debug, Clone, Default)]
 pub struct PluginMetrics {
+    /// The versions that ran, oldest first; at most [`VERSIONS_KEPT`].
+    pub versions: Vec<(String, VersionMetrics)>,
+    /// Pause of each hot swap.
+    pub swap_pause: Histogram,
+}
+
+/// Versions whose series a plugin's metrics keep: after more swaps, the
+/// oldest version's series go.
+pub const VERSIONS_KEPT: usize = 4;
+
+/// What one version of a plugin did.
+#[derive(Debug, Clone, Default)]
+pub struct VersionMetrics {
     /// Duration of hook calls, by hook name, including the commit of their
     /// storage transaction.
     pub calls: BTreeMap<&'static str, Histogram>,
-    /// Pause of each hot swap.
-    pub swap_pause: Histogram,
+    /// Client requests it handled.
+    pub requests: u64,
+    /// Hook calls that failed (traps and failed commits).
+    pub errors: u64,
+    /// Hook calls that trapped (including deadline and memory overruns).
+    pub traps: u64,
+    /// Instances of it started after a failure.
+    pub restarts: u64,
+}
+
+impl PluginMetrics {
+    /// The metrics of `version`, begun if it is new.
+    pub fn version(&mut self, version: &str) -> &mut VersionMetrics {
+        let at = match self.versions.iter().position(|(v, _)| v == version) {
+            Some(at) => at,
+            None => {
+                if self.versions.len() >= VERSIONS_KEPT {
+                    self.versions.remove(0);
+                }
+                self.versions
+                    .push((version.to_string(), VersionMetrics::default()));
+                self.versions.len() - 1
+            }
+        };
+        &mut self.versions[at].1
+    }
 }
 
 #[cfg(test)]
@@ -88,6 +125,21 @@ mod tests {
         assert!(out.contains("x_bucket{p=\"a\",le=\"10\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{p=\"a\",le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count{p=\"a\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn counts_stay_with_the_version_that_ran_and_old_versions_go() {
+        let mut m = PluginMetrics::default();
+        m.version("a").traps += 1;
+        m.version("b").requests += 2;
+        m.version("a").traps += 1;
+        assert_eq!(m.version("a").traps, 2);
+        assert_eq!(m.version("b").traps, 0);
+        for v in ["c", "d", "e"] {
+            m.version(v);
+        }
+        let kept: Vec<&str> = m.versions.iter().map(|(v, _)| v.as_str()).collect();
+        assert_eq!(kept, ["b", "c", "d", "e"]);
     }
 
     #[test]

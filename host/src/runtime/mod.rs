@@ -7,6 +7,7 @@ pub mod bindings;
 pub mod engine;
 pub mod metrics;
 pub mod state;
+pub mod stderr;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -219,6 +220,56 @@ pub fn check_world(
         }
     }
     Ok(())
+}
+
+/// What a component asks of a host and offers it, as `plexus inspect`
+/// prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    /// Every interface it imports, by full name.
+    pub imports: Vec<String>,
+    /// Every interface it exports, by full name.
+    pub exports: Vec<String>,
+    /// The `plexus:cluster` version it was built against, if any.
+    pub contract: Option<String>,
+    /// The capabilities its imports need, in the order of
+    /// [`Capability::ALL`].
+    pub capabilities: Vec<Capability>,
+    /// Why this host would refuse it, whatever it is granted.
+    pub refused: Option<String>,
+}
+
+/// Reads a component's imports and exports, and what it needs granted.
+pub fn inspect(runtime: &Runtime, bytes: &[u8]) -> Result<Inspection, LoadError> {
+    let component = runtime.compile(bytes)?;
+    let ty = component.component_type();
+    let engine = runtime.engine();
+    let imports: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
+    let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+    let contract = imports.iter().chain(&exports).find_map(|n| {
+        let (pkg, _, ver) = split_interface(n)?;
+        (pkg == WIT_PACKAGE).then(|| ver.unwrap_or("unversioned").to_string())
+    });
+    let needed: BTreeSet<Capability> = imports
+        .iter()
+        .filter_map(|n| split_interface(n))
+        .filter(|(pkg, _, _)| *pkg == WIT_PACKAGE)
+        .filter_map(|(_, iface, _)| iface.parse().ok())
+        .collect();
+    let capabilities: Vec<Capability> = Capability::ALL
+        .into_iter()
+        .filter(|c| needed.contains(c))
+        .collect();
+    let refused = check_world(runtime, &component, &needed)
+        .err()
+        .map(|e| e.to_string());
+    Ok(Inspection {
+        imports,
+        exports,
+        contract,
+        capabilities,
+        refused,
+    })
 }
 
 /// Builds a linker holding WASI (no files, sockets or environment) and

@@ -23,6 +23,8 @@ pub struct PluginState {
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
     pub(crate) limits: StoreLimits,
+    /// The guest's stderr, for the report of a panic.
+    pub(crate) stderr: crate::runtime::stderr::GuestStderr,
     /// `storage` context.
     pub storage: StorageCtx,
     /// `consensus` context.

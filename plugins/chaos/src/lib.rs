@@ -11,12 +11,22 @@
 //! `POST /trap-apply?ms=N` (apply traps for N ms of wall time, then
 //! succeeds), `POST /message-big?mb=N`.
 
+use plexus_sdk::consensus::{ProposeError, Rejected};
 use plexus_sdk::http::{self, Params, Router};
 use plexus_sdk::{
-    CommittedEntry, InitContext, MemberEvent, Pattern, Reply, Request, Response, consensus,
-    export_pattern, messaging, timers,
+    InitContext, MemberEvent, Pattern, Reply, Request, Response, consensus, export_pattern,
+    messaging, timers,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+/// What chaos writes to its log.
+#[derive(Serialize, Deserialize)]
+enum Command {
+    /// Bytes that only take room.
+    Fill(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Trap in `apply` until this wall-clock time.
+    TrapUntil(u64),
+}
 
 const TRAP_TIMER: u64 = 13;
 
@@ -73,9 +83,9 @@ fn trap(_: &mut Chaos, _: &Request, _: &Params) -> http::Result {
 fn propose_big(c: &mut Chaos, req: &Request, _: &Params) -> http::Result {
     Ok({
         let data = vec![7u8; mb(req) << 20];
-        match consensus::propose_raw(c, &data) {
+        match consensus::propose(c, &Command::Fill(data)) {
             Ok(done) => Response::json(200, &serde_json::json!({ "index": done.index })),
-            Err(consensus::Error::TooLarge(limit)) => Response::json(
+            Err(ProposeError::Consensus(consensus::Error::TooLarge(limit))) => Response::json(
                 413,
                 &serde_json::json!({ "error": "too-large", "limit": limit }),
             ),
@@ -121,7 +131,7 @@ fn trap_apply(c: &mut Chaos, req: &Request, _: &Params) -> http::Result {
             .and_then(|v| v.parse().ok())
             .unwrap_or(300);
         let until = timers::now_ms() + ms;
-        match consensus::propose_raw(c, &until.to_le_bytes()) {
+        match consensus::propose(c, &Command::TrapUntil(until)) {
             Ok(done) => Response::json(200, &serde_json::json!({ "index": done.index })),
             Err(e) => Response::error(503, &e.to_string()),
         }
@@ -129,6 +139,7 @@ fn trap_apply(c: &mut Chaos, req: &Request, _: &Params) -> http::Result {
 }
 
 impl Pattern for Chaos {
+    type Command = Command;
     type Output = ();
 
     fn init(ctx: InitContext) -> Result<Self, String> {
@@ -168,14 +179,12 @@ impl Pattern for Chaos {
         None
     }
 
-    fn apply(&mut self, entry: CommittedEntry) {
-        let until = entry
-            .data
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_le_bytes);
-        if until != 0 && timers::now_ms() < until {
-            panic!("chaos: trap in apply of entry {}", entry.index);
+    fn apply(&mut self, index: u64, command: Command) -> Result<(), Rejected> {
+        match command {
+            Command::TrapUntil(until) if timers::now_ms() < until => {
+                panic!("chaos: trap in apply of entry {index}")
+            }
+            _ => Ok(()),
         }
     }
 
@@ -213,3 +222,6 @@ impl Pattern for Chaos {
 }
 
 export_pattern!(Chaos);
+
+#[cfg(test)]
+mod tests;

@@ -239,7 +239,7 @@ impl Gossip {
             Some(l) => storage::put_typed(LOCAL_KEY, l).map(drop),
             None => Ok(()),
         });
-        stored.map_err(|e| Response::error(503, &format!("storing the replica: {e}")))?;
+        stored?;
         self.replica = next;
         if let Some(l) = local {
             self.local = l;
@@ -288,17 +288,6 @@ impl Gossip {
     }
 }
 
-fn name(params: &Params, key: &str) -> http::Result<String> {
-    let name = params.get(key).unwrap_or_default();
-    if name.is_empty() || name.len() > MAX_NAME {
-        return Err(Response::error(
-            400,
-            &format!("{key} must be 1..={MAX_NAME} bytes"),
-        ));
-    }
-    Ok(name.to_string())
-}
-
 /// A counter as the client sees it. The sums can pass `i64`: serialised
 /// by serde_json as plain numbers.
 #[derive(Serialize)]
@@ -317,7 +306,7 @@ fn counter_view<'a>(name: &'a str, c: Option<&'a PnCounter>) -> CounterView<'a> 
 }
 
 fn get_counter(g: &mut Gossip, _: &Request, params: &Params) -> http::Result {
-    let name = name(params, "name")?;
+    let name = params.text("name", MAX_NAME)?;
     Ok(Response::json(
         200,
         &counter_view(&name, g.replica.counters.get(&name)),
@@ -335,7 +324,7 @@ fn one() -> u64 {
 }
 
 fn add_to_counter(g: &mut Gossip, req: &Request, params: &Params, up: bool) -> http::Result {
-    let name = name(params, "name")?;
+    let name = params.text("name", MAX_NAME)?;
     let by = if req.body.is_empty() {
         1
     } else {
@@ -386,7 +375,7 @@ fn set_json(name: &str, s: Option<&OrSet>) -> serde_json::Value {
 }
 
 fn get_set(g: &mut Gossip, _: &Request, params: &Params) -> http::Result {
-    let name = name(params, "name")?;
+    let name = params.text("name", MAX_NAME)?;
     Ok(Response::json(
         200,
         &set_json(&name, g.replica.sets.get(&name)),
@@ -394,7 +383,7 @@ fn get_set(g: &mut Gossip, _: &Request, params: &Params) -> http::Result {
 }
 
 fn add_to_set(g: &mut Gossip, req: &Request, params: &Params) -> http::Result {
-    let name = name(params, "name")?;
+    let name = params.text("name", MAX_NAME)?;
     let element = element(req)?;
     let local = Local {
         tag: g.local.tag + 1,
@@ -416,7 +405,7 @@ fn add_to_set(g: &mut Gossip, req: &Request, params: &Params) -> http::Result {
 }
 
 fn remove_from_set(g: &mut Gossip, req: &Request, params: &Params) -> http::Result {
-    let name = name(params, "name")?;
+    let name = params.text("name", MAX_NAME)?;
     let element = element(req)?;
     let mut next = g.replica.clone();
     if let Some(set) = next.sets.get_mut(&name) {
@@ -435,7 +424,7 @@ fn remove_from_set(g: &mut Gossip, req: &Request, params: &Params) -> http::Resu
 }
 
 fn get_register(g: &mut Gossip, _: &Request, params: &Params) -> http::Result {
-    let key = name(params, "key")?;
+    let key = params.text("key", MAX_NAME)?;
     match g.replica.registers.get(&key) {
         Some(Lww {
             value: Some(v),
@@ -472,37 +461,32 @@ fn write_register(g: &mut Gossip, key: String, value: Option<String>) -> http::R
 }
 
 fn put_register(g: &mut Gossip, req: &Request, params: &Params) -> http::Result {
-    let key = name(params, "key")?;
+    let key = params.text("key", MAX_NAME)?;
     let value = String::from_utf8(req.body.clone())
         .map_err(|_| Response::error(400, "the value must be UTF-8"))?;
     write_register(g, key, Some(value))
 }
 
 fn delete_register(g: &mut Gossip, _: &Request, params: &Params) -> http::Result {
-    let key = name(params, "key")?;
+    let key = params.text("key", MAX_NAME)?;
     write_register(g, key, None)
 }
 
 fn peer_counter(g: &mut Gossip, _: &Request, params: &Params) -> http::Result {
-    let node = name(params, "node")?;
-    let counter = name(params, "name")?;
+    let node = params.text("node", MAX_NAME)?;
+    let counter = params.text("name", MAX_NAME)?;
     if node == g.node {
         return Ok(Response::json(
             200,
             &counter_view(&counter, g.replica.counters.get(&counter)),
         ));
     }
-    match messaging::request(&node, COUNTER, counter.as_bytes(), PEER_TIMEOUT_MS) {
-        Ok(answer) => Ok(Response::new(200, "application/json", answer)),
-        Err(messaging::Error::UnknownNode(n)) => {
-            Err(Response::error(404, &format!("no reachable member {n}")))
-        }
-        Err(messaging::Error::Timeout) => Err(Response::error(504, "the peer did not answer")),
-        Err(e) => Err(Response::error(503, &e.to_string())),
-    }
+    let answer = messaging::request(&node, COUNTER, counter.as_bytes(), PEER_TIMEOUT_MS)?;
+    Ok(Response::new(200, "application/json", answer))
 }
 
 impl Pattern for Gossip {
+    type Command = ();
     type Output = ();
 
     fn init(ctx: InitContext) -> Result<Self, String> {
@@ -597,11 +581,12 @@ impl Pattern for Gossip {
     }
 
     fn snapshot(&mut self) -> Vec<u8> {
-        codec::encode(&self.replica)
+        codec::encode_versioned(1, &self.replica)
     }
 
+    // Format 1 and the unversioned format before it hold the same replica.
     fn restore(&mut self, state: Vec<u8>) -> Result<(), String> {
-        let theirs: Replica = codec::decode(&state).map_err(|e| e.to_string())?;
+        let theirs: Replica = codec::versioned(&state)?.decode()?;
         self.absorb(&theirs)?;
         self.dirty = true;
         Ok(())
@@ -609,6 +594,9 @@ impl Pattern for Gossip {
 }
 
 export_pattern!(Gossip);
+
+#[cfg(test)]
+mod hosted;
 
 #[cfg(test)]
 mod tests {

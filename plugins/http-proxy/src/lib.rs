@@ -65,6 +65,7 @@ fn passed_on(headers: &[(String, String)]) -> Vec<(String, String)> {
 }
 
 impl Pattern for Proxy {
+    type Command = ();
     type Output = ();
 
     fn init(ctx: InitContext) -> Result<Self, String> {
@@ -135,3 +136,6 @@ impl Pattern for Proxy {
 }
 
 export_pattern!(Proxy);
+
+#[cfg(test)]
+mod tests;

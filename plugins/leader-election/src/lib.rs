@@ -17,12 +17,11 @@
 //! - `POST /roles/{role}/release` `{"holder": "...", "token": N}`.
 //! - `GET /roles/{role}`, `GET /roles`: current leases.
 
-use plexus_sdk::consensus::{self, Error as ConsensusError};
+use plexus_sdk::consensus::{self, ProposeError, Rejected};
 use plexus_sdk::http::{self, Params, Router};
-use plexus_sdk::{
-    CommittedEntry, InitContext, Pattern, Reply, Request, Response, export_pattern, storage, timers,
-};
+use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, storage, timers};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 const LEASE: &str = "lease/";
 const TOKEN: &str = "token/";
@@ -30,19 +29,34 @@ const CAMPAIGN_TIMER: u64 = 1;
 const MIN_TTL_MS: u64 = 100;
 const MAX_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
+/// An entry of the log. Encoded field by field, so `Claim` and `Held`
+/// keep the layout of the flat fields earlier versions wrote.
 #[derive(Serialize, Deserialize)]
 enum Command {
     Acquire {
         role: String,
-        holder: String,
-        ttl_ms: u64,
+        claim: Claim,
         now_ms: u64,
     },
     Release {
         role: String,
-        holder: String,
-        token: u64,
+        held: Held,
     },
+}
+
+/// A request for a role: `{"holder", "ttl_ms"}`.
+#[derive(Serialize, Deserialize)]
+struct Claim {
+    holder: String,
+    #[serde(default = "default_ttl")]
+    ttl_ms: u64,
+}
+
+/// A role given back: `{"holder", "token"}`.
+#[derive(Serialize, Deserialize)]
+struct Held {
+    holder: String,
+    token: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -52,15 +66,22 @@ struct Lease {
     expires_at_ms: u64,
 }
 
-#[derive(Default)]
-enum Outcome {
-    #[default]
-    Invalid,
-    Granted(Lease),
-    Held(Lease),
-    Released,
-    NotHolder(Option<Lease>),
-    Failed(String),
+/// A lease as clients see it.
+#[derive(Serialize)]
+struct View<'a> {
+    role: &'a str,
+    #[serde(flatten)]
+    lease: &'a Lease,
+    expired: bool,
+}
+
+fn view<'a>(role: &'a str, lease: &'a Lease, now: u64) -> View<'a> {
+    let expired = now >= lease.expires_at_ms;
+    View {
+        role,
+        lease,
+        expired,
+    }
 }
 
 #[derive(Deserialize)]
@@ -76,6 +97,13 @@ fn default_ttl() -> u64 {
     3000
 }
 
+fn check_ttl(ttl_ms: u64) -> Result<(), String> {
+    match (MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) {
+        true => Ok(()),
+        false => Err(format!("ttl_ms must be in {MIN_TTL_MS}..={MAX_TTL_MS}")),
+    }
+}
+
 struct Election {
     node: String,
     settings: Settings,
@@ -85,80 +113,62 @@ fn lease(role: &str) -> Result<Option<Lease>, storage::Error> {
     Ok(storage::get_typed::<Lease>(format!("{LEASE}{role}"))?.map(|(l, _)| l))
 }
 
-fn lease_json(role: &str, l: &Lease, now: u64) -> serde_json::Value {
-    serde_json::json!({
-        "role": role,
-        "holder": l.holder,
-        "token": l.token,
-        "expires_at_ms": l.expires_at_ms,
-        "expired": now >= l.expires_at_ms,
-    })
+/// Grants the role to the claimant if it is free, expired or already
+/// theirs; a new holder gets a token above every earlier one.
+fn acquire(role: &str, claim: Claim, now: u64) -> Result<Lease, Rejected> {
+    let expires_at_ms = now.saturating_add(claim.ttl_ms);
+    let granted = match lease(role)? {
+        Some(l) if now < l.expires_at_ms && l.holder != claim.holder => {
+            return Err(Rejected::json(409, &view(role, &l, now)));
+        }
+        Some(l) if now < l.expires_at_ms => Lease { expires_at_ms, ..l },
+        _ => {
+            let key = format!("{TOKEN}{role}");
+            let token = storage::get_typed::<u64>(&key)?.map_or(0, |(t, _)| t) + 1;
+            storage::put_typed(key, &token)?;
+            Lease {
+                holder: claim.holder,
+                token,
+                expires_at_ms,
+            }
+        }
+    };
+    storage::put_typed(format!("{LEASE}{role}"), &granted)?;
+    Ok(granted)
+}
+
+/// Frees the role if `held` names its current holder and token.
+fn release(role: &str, held: Held) -> Result<Option<Lease>, Rejected> {
+    match lease(role)? {
+        Some(l) if l.holder == held.holder && l.token == held.token => {
+            storage::delete(format!("{LEASE}{role}"))?;
+            Ok(None)
+        }
+        other => {
+            let current = other.as_ref().map(|l| view(role, l, timers::now_ms()));
+            Err(Rejected::json(
+                409,
+                &json!({ "error": "not the holder", "current": current }),
+            ))
+        }
+    }
 }
 
 impl Election {
-    fn run(&mut self, cmd: Command) -> Result<Outcome, storage::Error> {
-        match cmd {
-            Command::Acquire {
-                role,
-                holder,
-                ttl_ms,
-                now_ms,
-            } => {
-                let expires_at_ms = now_ms.saturating_add(ttl_ms);
-                match lease(&role)? {
-                    Some(l) if l.holder == holder && now_ms < l.expires_at_ms => {
-                        let renewed = Lease { expires_at_ms, ..l };
-                        storage::put_typed(format!("{LEASE}{role}"), &renewed)?;
-                        Ok(Outcome::Granted(renewed))
-                    }
-                    Some(l) if now_ms < l.expires_at_ms => Ok(Outcome::Held(l)),
-                    _ => {
-                        let last = storage::get_typed::<u64>(format!("{TOKEN}{role}"))?
-                            .map_or(0, |(t, _)| t);
-                        let token = last + 1;
-                        storage::put_typed(format!("{TOKEN}{role}"), &token)?;
-                        let granted = Lease {
-                            holder,
-                            token,
-                            expires_at_ms,
-                        };
-                        storage::put_typed(format!("{LEASE}{role}"), &granted)?;
-                        Ok(Outcome::Granted(granted))
-                    }
-                }
-            }
-            Command::Release {
-                role,
-                holder,
-                token,
-            } => match lease(&role)? {
-                Some(l) if l.holder == holder && l.token == token => {
-                    storage::delete(format!("{LEASE}{role}"))?;
-                    Ok(Outcome::Released)
-                }
-                other => Ok(Outcome::NotHolder(other)),
-            },
-        }
-    }
-
-    fn propose(&mut self, cmd: Command) -> Result<Outcome, ConsensusError> {
-        consensus::propose(self, &cmd).map(|c| c.output)
-    }
-
     fn campaign(&mut self) {
-        let roles = self.settings.campaign.clone();
-        for role in roles {
-            let cmd = Command::Acquire {
-                role: role.clone(),
+        for role in self.settings.campaign.clone() {
+            let claim = Claim {
                 holder: self.node.clone(),
                 ttl_ms: self.settings.ttl_ms,
+            };
+            let cmd = Command::Acquire {
+                role: role.clone(),
+                claim,
                 now_ms: timers::now_ms(),
             };
-            match self.propose(cmd) {
-                Ok(Outcome::Granted(l)) => {
-                    plexus_sdk::debug!("holding {}", role; "token" => l.token)
-                }
-                Ok(_) => {}
+            match consensus::propose(self, &cmd) {
+                Ok(done) => plexus_sdk::debug!("holding {}", role; "index" => done.index),
+                Err(ProposeError::Rejected(_)) => {}
                 Err(e) => plexus_sdk::warn!("campaign for {} failed: {}", role, e),
             }
         }
@@ -169,87 +179,53 @@ impl Election {
     }
 }
 
-fn respond(role: &str, outcome: Result<Outcome, ConsensusError>) -> Response {
-    let now = timers::now_ms();
-    match outcome {
-        Ok(Outcome::Granted(l)) => Response::json(200, &lease_json(role, &l, now)),
-        Ok(Outcome::Held(l)) => Response::json(409, &lease_json(role, &l, now)),
-        Ok(Outcome::Released) => {
-            Response::json(200, &serde_json::json!({ "role": role, "released": true }))
-        }
-        Ok(Outcome::NotHolder(l)) => Response::json(
-            409,
-            &serde_json::json!({ "error": "not the holder", "current": l.map(|l| lease_json(role, &l, now)) }),
-        ),
-        Ok(Outcome::Failed(msg)) => Response::error(500, &msg),
-        Ok(Outcome::Invalid) => Response::error(500, "entry could not be decoded"),
-        Err(e) => e.into(),
-    }
+/// Proposes `cmd` and answers with the lease granted, or that it was released.
+fn decide(e: &mut Election, role: &str, cmd: Command) -> http::Result {
+    Ok(match consensus::propose(e, &cmd)?.output {
+        Some(l) => Response::json(200, &view(role, &l, timers::now_ms())),
+        None => Response::json(200, &json!({ "role": role, "released": true })),
+    })
 }
 
-#[derive(Deserialize)]
-struct AcquireBody {
-    holder: String,
-    #[serde(default = "default_ttl")]
-    ttl_ms: u64,
-}
-
-#[derive(Deserialize)]
-struct ReleaseBody {
-    holder: String,
-    token: u64,
-}
-
-fn role_of(params: &Params) -> Result<String, Response> {
-    let role = params.get("role").unwrap_or_default();
-    if role.is_empty() || role.len() > 256 {
-        return Err(Response::error(400, "role must be 1..=256 bytes"));
-    }
-    Ok(role.to_string())
-}
-
-fn acquire(e: &mut Election, req: &Request, params: &Params) -> http::Result {
-    let role = role_of(params)?;
-    let body: AcquireBody = req.json()?;
-    if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&body.ttl_ms) {
-        return Err(Response::error(
-            400,
-            &format!("ttl_ms must be in {MIN_TTL_MS}..={MAX_TTL_MS}"),
-        ));
-    }
-    if body.holder.is_empty() {
+fn post_acquire(e: &mut Election, req: &Request, params: &Params) -> http::Result {
+    let role = params.text("role", 256)?;
+    let claim: Claim = req.json()?;
+    check_ttl(claim.ttl_ms).map_err(|why| Response::error(400, &why))?;
+    if claim.holder.is_empty() {
         return Err(Response::error(400, "holder must not be empty"));
     }
-    let cmd = Command::Acquire {
-        role: role.clone(),
-        holder: body.holder,
-        ttl_ms: body.ttl_ms,
-        now_ms: timers::now_ms(),
-    };
-    Ok(respond(&role, e.propose(cmd)))
+    let now_ms = timers::now_ms();
+    decide(
+        e,
+        &role,
+        Command::Acquire {
+            role: role.clone(),
+            claim,
+            now_ms,
+        },
+    )
 }
 
-fn release(e: &mut Election, req: &Request, params: &Params) -> http::Result {
-    let role = role_of(params)?;
-    let body: ReleaseBody = req.json()?;
-    let cmd = Command::Release {
-        role: role.clone(),
-        holder: body.holder,
-        token: body.token,
-    };
-    Ok(respond(&role, e.propose(cmd)))
+fn post_release(e: &mut Election, req: &Request, params: &Params) -> http::Result {
+    let role = params.text("role", 256)?;
+    let held: Held = req.json()?;
+    decide(
+        e,
+        &role,
+        Command::Release {
+            role: role.clone(),
+            held,
+        },
+    )
 }
 
 fn show(e: &mut Election, _req: &Request, params: &Params) -> http::Result {
-    let role = role_of(params)?;
+    let role = params.text("role", 256)?;
     consensus::read_barrier(e)?;
-    match lease(&role)? {
-        Some(l) => Ok(Response::json(
-            200,
-            &lease_json(&role, &l, timers::now_ms()),
-        )),
-        None => Ok(Response::error(404, "role not held")),
-    }
+    Ok(match lease(&role)? {
+        Some(l) => Response::json(200, &view(&role, &l, timers::now_ms())),
+        None => Response::error(404, "role not held"),
+    })
 }
 
 fn list(e: &mut Election, _req: &Request, _: &Params) -> http::Result {
@@ -259,22 +235,22 @@ fn list(e: &mut Election, _req: &Request, _: &Params) -> http::Result {
     let leases: Vec<_> = all
         .iter()
         .filter_map(|kv| {
-            let role = String::from_utf8_lossy(&kv.key[LEASE.len()..]).into_owned();
+            let role = std::str::from_utf8(&kv.key[LEASE.len()..]).ok()?;
             let l: Lease = plexus_sdk::codec::decode(&kv.value.value).ok()?;
-            Some(lease_json(&role, &l, now))
+            serde_json::to_value(view(role, &l, now)).ok()
         })
         .collect();
     Ok(Response::json(200, &leases))
 }
 
 impl Pattern for Election {
-    type Output = Outcome;
+    type Command = Command;
+    /// The lease granted, or `None` when the role was released.
+    type Output = Option<Lease>;
 
     fn init(ctx: InitContext) -> Result<Self, String> {
         let settings: Settings = ctx.config()?;
-        if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&settings.ttl_ms) {
-            return Err(format!("ttl_ms must be in {MIN_TTL_MS}..={MAX_TTL_MS}"));
-        }
+        check_ttl(settings.ttl_ms)?;
         if !settings.campaign.is_empty() {
             timers::set(CAMPAIGN_TIMER, 0);
         }
@@ -288,17 +264,19 @@ impl Pattern for Election {
         Router::new()
             .get("/roles", list)
             .get("/roles/{role}", show)
-            .post("/roles/{role}/acquire", acquire)
-            .post("/roles/{role}/release", release)
+            .post("/roles/{role}/acquire", post_acquire)
+            .post("/roles/{role}/release", post_release)
             .handle(self, req)
     }
 
-    fn apply(&mut self, entry: CommittedEntry) -> Outcome {
-        match consensus::decode::<Command>(&entry) {
-            Ok(cmd) => self
-                .run(cmd)
-                .unwrap_or_else(|e| Outcome::Failed(e.to_string())),
-            Err(_) => Outcome::Invalid,
+    fn apply(&mut self, _index: u64, cmd: Command) -> Result<Option<Lease>, Rejected> {
+        match cmd {
+            Command::Acquire {
+                role,
+                claim,
+                now_ms,
+            } => acquire(&role, claim, now_ms).map(Some),
+            Command::Release { role, held } => release(&role, held),
         }
     }
 
@@ -310,3 +288,6 @@ impl Pattern for Election {
 }
 
 export_pattern!(Election);
+
+#[cfg(test)]
+mod tests;

@@ -189,6 +189,7 @@ fn head(path: &str) -> (&str, &str) {
 }
 
 impl Pattern for Relay {
+    type Command = ();
     type Output = ();
 
     fn init(ctx: InitContext) -> Result<Self, String> {
@@ -276,3 +277,6 @@ impl Pattern for Relay {
 }
 
 export_pattern!(Relay);
+
+#[cfg(test)]
+mod tests;

@@ -3,10 +3,11 @@
 //! Writes are log entries; every node applies them in order into its local
 //! storage, so any node can serve reads. A write is submitted without
 //! waiting and answered when its entry is applied, so one node keeps many
-//! writes in flight and the host batches them into the log. A key's version is the log index of
-//! the entry that last wrote it, the same on every node, which makes
-//! compare-and-swap work across the cluster. Reads wait for a read barrier
-//! unless `?consistency=local` asks for a possibly stale local read.
+//! writes in flight and the host batches them into the log. A key's
+//! version is the log index of the entry that last wrote it, the same on
+//! every node, which makes compare-and-swap work across the cluster. Reads
+//! wait for a read barrier unless `?consistency=local` asks for a possibly
+//! stale local read.
 //!
 //! HTTP (below `/v1/plugins/<name>`):
 //! - `GET /kv/{key}`: the value as the body, its version in `x-version`.
@@ -17,18 +18,20 @@
 //! - `GET /stats`: entries applied (durable) and writes served by this
 //!   instance lineage (handed over on hot swap).
 
-use plexus_sdk::consensus::{self, Pending};
+use plexus_sdk::consensus::{self, Committed, Pending, Rejected};
 use plexus_sdk::http::{self, Params, Router};
-use plexus_sdk::{
-    CommittedEntry, InitContext, Pattern, Reply, Request, Response, codec, export_pattern, storage,
-};
+use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, codec, export_pattern, storage};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 const DATA: &str = "k/";
 const APPLIED: &str = "meta/applied";
+const MAX_KEY: usize = 1024;
 
+/// A write. The variants and their order are the log's format: entries
+/// written by earlier versions must still decode.
 #[derive(Serialize, Deserialize)]
-enum Command {
+enum Write {
     Put {
         key: String,
         #[serde(with = "serde_bytes")]
@@ -37,12 +40,41 @@ enum Command {
     Delete {
         key: String,
     },
+    /// A compare-and-swap against version `expected` (0: the key must not
+    /// exist); `value: None` deletes.
     Cas {
         key: String,
         expected: u64,
         #[serde(with = "serde_bytes")]
         value: Option<Vec<u8>>,
     },
+}
+
+impl Write {
+    fn new(key: String, expected: Option<u64>, value: Option<Vec<u8>>) -> Write {
+        match (expected, value) {
+            (Some(expected), value) => Write::Cas {
+                key,
+                expected,
+                value,
+            },
+            (None, Some(value)) => Write::Put { key, value },
+            (None, None) => Write::Delete { key },
+        }
+    }
+
+    /// The key, the version it must be at, and the value (`None` deletes).
+    fn parts(self) -> (String, Option<u64>, Option<Vec<u8>>) {
+        match self {
+            Write::Put { key, value } => (key, None, Some(value)),
+            Write::Delete { key } => (key, None, None),
+            Write::Cas {
+                key,
+                expected,
+                value,
+            } => (key, Some(expected), value),
+        }
+    }
 }
 
 /// A stored value: the bytes and the log index that wrote them.
@@ -53,21 +85,10 @@ struct Stored {
     value: Vec<u8>,
 }
 
-/// What applying a command did.
-#[derive(Default)]
+/// What an accepted write did.
 enum Outcome {
-    #[default]
-    Invalid,
-    Written {
-        version: u64,
-    },
-    Deleted {
-        existed: bool,
-    },
-    Conflict {
-        current: u64,
-    },
-    Failed(String),
+    Written(u64),
+    Deleted(bool),
 }
 
 struct Kv {
@@ -79,6 +100,10 @@ struct Kv {
     unrecorded: u64,
 }
 
+fn current(key: &str) -> Result<Option<Stored>, storage::Error> {
+    Ok(storage::get_typed::<Stored>(format!("{DATA}{key}"))?.map(|(s, _)| s))
+}
+
 /// Entries applied on this node, as stored.
 fn applied_count() -> u64 {
     storage::get_typed::<u64>(APPLIED)
@@ -87,94 +112,24 @@ fn applied_count() -> u64 {
         .map_or(0, |(n, _)| n)
 }
 
-fn current(key: &str) -> Result<Option<Stored>, storage::Error> {
-    Ok(storage::get_typed::<Stored>(format!("{DATA}{key}"))?.map(|(s, _)| s))
-}
-
-impl Kv {
-    fn execute(&mut self, cmd: Command, index: u64) -> Result<Outcome, storage::Error> {
-        let (key, expected, value) = match cmd {
-            Command::Put { key, value } => (key, None, Some(value)),
-            Command::Delete { key } => (key, None, None),
-            Command::Cas {
-                key,
-                expected,
-                value,
-            } => (key, Some(expected), value),
-        };
-        if let Some(expected) = expected {
-            let now = current(&key)?.map_or(0, |s| s.version);
-            if now != expected {
-                return Ok(Outcome::Conflict { current: now });
-            }
-        }
-        Ok(match value {
-            Some(value) => {
-                storage::put_typed(
-                    format!("{DATA}{key}"),
-                    &Stored {
-                        version: index,
-                        value,
-                    },
-                )?;
-                Outcome::Written { version: index }
-            }
-            None => Outcome::Deleted {
-                existed: storage::delete(format!("{DATA}{key}"))?,
-            },
-        })
-    }
-
-    /// Submits `cmd`; the request is answered once it is applied here.
-    fn write(&mut self, cmd: Command) -> http::Result<Pending> {
-        consensus::submit(self, &cmd, |kv: &mut Kv, done| {
-            kv.served += 1;
-            answer(done.output)
-        })
-        .map_err(Response::from)
+fn answer(kv: &mut Kv, done: Committed<Outcome>) -> Response {
+    kv.served += 1;
+    match done.output {
+        Outcome::Written(version) => Response::json(200, &json!({ "version": version })),
+        Outcome::Deleted(existed) => Response::json(200, &json!({ "deleted": existed })),
     }
 }
 
-#[derive(Serialize)]
-struct Written {
-    version: u64,
-}
-
-#[derive(Serialize)]
-struct Deleted {
-    deleted: bool,
-}
-
-fn answer(outcome: Outcome) -> Response {
-    match outcome {
-        Outcome::Written { version } => Response::json(200, &Written { version }),
-        Outcome::Deleted { existed } => Response::json(200, &Deleted { deleted: existed }),
-        Outcome::Conflict { current } => Response::json(
-            409,
-            &serde_json::json!({ "error": "version mismatch", "current": current }),
-        ),
-        Outcome::Failed(msg) => Response::error(500, &msg),
-        Outcome::Invalid => Response::error(500, "entry could not be decoded"),
+/// Reads wait for every write committed before them, unless asked not to.
+fn read_barrier(kv: &mut Kv, req: &Request) -> http::Result<()> {
+    if req.query_param("consistency").as_deref() != Some("local") {
+        consensus::read_barrier(kv)?;
     }
-}
-
-fn key_of(params: &Params) -> Result<String, Response> {
-    let key = params.get("key").unwrap_or_default();
-    if key.is_empty() || key.len() > 1024 {
-        return Err(Response::error(400, "key must be 1..=1024 bytes"));
-    }
-    Ok(key.to_string())
-}
-
-fn read_barrier(kv: &mut Kv, req: &Request) -> Result<(), Response> {
-    if req.query_param("consistency").as_deref() == Some("local") {
-        return Ok(());
-    }
-    consensus::read_barrier(kv).map_err(Response::from)
+    Ok(())
 }
 
 fn get(kv: &mut Kv, req: &Request, params: &Params) -> http::Result {
-    let key = key_of(params)?;
+    let key = params.text("key", MAX_KEY)?;
     read_barrier(kv, req)?;
     match current(&key)? {
         Some(s) => Ok(Response::new(200, "application/octet-stream", s.value)
@@ -183,41 +138,34 @@ fn get(kv: &mut Kv, req: &Request, params: &Params) -> http::Result {
     }
 }
 
+fn write(
+    kv: &mut Kv,
+    req: &Request,
+    params: &Params,
+    value: Option<Vec<u8>>,
+) -> http::Result<Pending> {
+    let key = params.text("key", MAX_KEY)?;
+    let write = Write::new(key, req.query::<u64>("version")?, value);
+    Ok(consensus::submit(kv, &write, answer)?)
+}
+
 fn put(kv: &mut Kv, req: &Request, params: &Params) -> http::Result<Pending> {
-    let key = key_of(params)?;
-    let value = req.body.clone();
-    kv.write(match req.query::<u64>("version")? {
-        Some(expected) => Command::Cas {
-            key,
-            expected,
-            value: Some(value),
-        },
-        None => Command::Put { key, value },
-    })
+    write(kv, req, params, Some(req.body.clone()))
 }
 
 fn delete(kv: &mut Kv, req: &Request, params: &Params) -> http::Result<Pending> {
-    let key = key_of(params)?;
-    kv.write(match req.query::<u64>("version")? {
-        Some(expected) => Command::Cas {
-            key,
-            expected,
-            value: None,
-        },
-        None => Command::Delete { key },
-    })
+    write(kv, req, params, None)
 }
 
 fn list(kv: &mut Kv, req: &Request, _: &Params) -> http::Result {
     read_barrier(kv, req)?;
     let prefix = req.query_param("prefix").unwrap_or_default();
-    let items = storage::scan_all(format!("{DATA}{prefix}"))?;
-    let keys: Vec<_> = items
+    let keys: Vec<_> = storage::scan_all(format!("{DATA}{prefix}"))?
         .iter()
         .filter_map(|kv| {
-            let key = String::from_utf8_lossy(&kv.key[DATA.len()..]).into_owned();
             let stored: Stored = codec::decode(&kv.value.value).ok()?;
-            Some(serde_json::json!({ "key": key, "version": stored.version }))
+            let key = String::from_utf8_lossy(&kv.key[DATA.len()..]);
+            Some(json!({ "key": key, "version": stored.version }))
         })
         .collect();
     Ok(Response::json(200, &keys))
@@ -226,11 +174,12 @@ fn list(kv: &mut Kv, req: &Request, _: &Params) -> http::Result {
 fn stats(kv: &mut Kv, _: &Request, _: &Params) -> http::Result {
     Ok(Response::json(
         200,
-        &serde_json::json!({ "applied": applied_count(), "served": kv.served }),
+        &json!({ "applied": applied_count(), "served": kv.served }),
     ))
 }
 
 impl Pattern for Kv {
+    type Command = Write;
     type Output = Outcome;
 
     fn init(_ctx: InitContext) -> Result<Self, String> {
@@ -251,24 +200,33 @@ impl Pattern for Kv {
             .handle(self, req)
     }
 
-    // A write the version before a swap accepted is answered as that
-    // version would have: the answer depends on the outcome only.
-    fn answer_inherited(&mut self, done: consensus::Committed<Outcome>) -> Option<Response> {
-        self.served += 1;
-        Some(answer(done.output))
-    }
-
-    fn apply(&mut self, entry: CommittedEntry) -> Outcome {
-        let Ok(cmd) = consensus::decode::<Command>(&entry) else {
-            return Outcome::Invalid;
-        };
-        match self.execute(cmd, entry.index) {
-            Ok(outcome) => {
-                self.unrecorded += 1;
-                outcome
+    fn apply(&mut self, index: u64, write: Write) -> Result<Outcome, Rejected> {
+        let (key, expected, value) = write.parts();
+        if let Some(expected) = expected {
+            let now = current(&key)?.map_or(0, |s| s.version);
+            if now != expected {
+                return Err(Rejected::json(
+                    409,
+                    &json!({ "error": "version mismatch", "current": now }),
+                )
+                .with_header("x-version", &now.to_string()));
             }
-            Err(e) => Outcome::Failed(e.to_string()),
         }
+        self.unrecorded += 1;
+        let key = format!("{DATA}{key}");
+        Ok(match value {
+            Some(value) => {
+                storage::put_typed(
+                    key,
+                    &Stored {
+                        version: index,
+                        value,
+                    },
+                )?;
+                Outcome::Written(index)
+            }
+            None => Outcome::Deleted(storage::delete(key)?),
+        })
     }
 
     fn after_apply(&mut self) {
@@ -279,16 +237,27 @@ impl Pattern for Kv {
         let _ = storage::put_typed(APPLIED, &count);
     }
 
+    // A write the version before a swap accepted is answered as that
+    // version would have: the answer depends on the outcome only.
+    fn answer_inherited(&mut self, done: Committed<Outcome>) -> Option<Response> {
+        Some(answer(self, done))
+    }
+
     fn snapshot(&mut self) -> Vec<u8> {
-        codec::encode(&self.served)
+        codec::encode_versioned(1, &self.served)
     }
 
     fn restore(&mut self, state: Vec<u8>) -> Result<(), String> {
-        if !state.is_empty() {
-            self.served = codec::decode(&state).map_err(|e| e.to_string())?;
+        // Format 1 and the unversioned format before it hold the same u64.
+        let state = codec::versioned(&state)?;
+        if !state.body.is_empty() {
+            self.served = state.decode()?;
         }
         Ok(())
     }
 }
 
 export_pattern!(Kv);
+
+#[cfg(test)]
+mod tests;

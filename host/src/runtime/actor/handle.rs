@@ -31,6 +31,7 @@ impl PluginHandle {
                 errors: 0,
                 swaps: 0,
                 last_swap_pause_us: None,
+                reload_error: None,
                 last_error: None,
                 swapped_at_index: None,
                 restored_at_index: None,
@@ -63,6 +64,8 @@ impl PluginHandle {
             instance: Some(instance),
             last_prepared: None,
             failures: 0,
+            suspect: None,
+            failed: None,
         };
         let span =
             tracing::info_span!("plugin", node = %env.services.view.local(), name = %env.name);
@@ -201,6 +204,12 @@ impl PluginHandle {
         };
         self.tx.send(mail).await.map_err(|_| CallError::Stopped)?;
         rx.await.map_err(|_| SwapError::Call(CallError::Stopped))?
+    }
+
+    /// Records why the last change of the plugin's config entry was
+    /// refused, or (`None`) that one was applied.
+    pub fn set_reload_error(&self, error: Option<String>) {
+        self.env.update(|s| s.reload_error = error);
     }
 
     /// Records that the running version came from the cluster-wide swap at

@@ -3,6 +3,7 @@
 //! storage writes and what it said to clients.
 
 use super::*;
+use crate::runtime::stderr::GuestStderr;
 
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
@@ -10,14 +11,22 @@ pub(super) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-pub(super) fn describe(hook: &str, e: &wasmtime::Error, limits: &PluginLimits) -> String {
+/// Why a hook failed, in words: the guest's own panic report when it
+/// left one on stderr.
+pub(super) fn describe(
+    hook: &str,
+    e: &wasmtime::Error,
+    limits: &PluginLimits,
+    panic: Option<String>,
+) -> String {
     let cause = match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => {
             format!("exceeded its CPU deadline of {} ms", limits.cpu.as_millis())
         }
-        Some(Trap::UnreachableCodeReached) => {
-            "trapped: unreachable executed (the guest panicked or aborted)".into()
-        }
+        Some(Trap::UnreachableCodeReached) => match panic {
+            Some(report) => report,
+            None => "trapped: unreachable executed (the guest panicked or aborted)".into(),
+        },
         Some(trap) => format!("trapped: {trap}"),
         None => {
             let root = e.root_cause().to_string();
@@ -35,7 +44,7 @@ pub(super) fn describe(hook: &str, e: &wasmtime::Error, limits: &PluginLimits) -
 }
 
 /// A store for one instance of plugin `name`: its WASI context (no files,
-/// sockets or environment; stderr goes to the node's), its limits, and the
+/// sockets or environment; stderr logged line by line), its limits, and the
 /// contexts of every interface, wired to `services`. Timers, local messages
 /// and failed submissions go to `channels`, tagged with `generation`;
 /// `applied` is the plugin's delivery cursor in the log.
@@ -57,8 +66,10 @@ pub fn new_store(
         ConsensusCtx::new(name, services.log.clone(), services.call_limits, applied)
             .with_submissions(generation, drops);
     consensus.waited = waited.clone();
+    let stderr = GuestStderr::new(name, &prepared.version);
     let state = PluginState {
-        wasi: WasiCtxBuilder::new().inherit_stderr().build(),
+        wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
+        stderr,
         table: ResourceTable::new(),
         limits: StoreLimitsBuilder::new()
             .memory_size(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX))
@@ -238,13 +249,23 @@ impl Instance {
             .copied()
             .unwrap_or("other");
         let elapsed = started.elapsed().as_secs_f64();
-        env.metrics
-            .lock()
-            .expect("metrics poisoned")
-            .calls
-            .entry(hook)
-            .or_default()
-            .observe(elapsed);
+        let mut metrics = env.metrics.lock().expect("metrics poisoned");
+        // Counted under the version that ran, also while a swap has
+        // another one in the status.
+        let counts = metrics.version(&self.prepared.version);
+        counts.calls.entry(hook).or_default().observe(elapsed);
+        if hook == "on-request" {
+            counts.requests += 1;
+        }
+        match &result {
+            Err(CallError::Trap(_)) => {
+                counts.errors += 1;
+                counts.traps += 1;
+            }
+            Err(_) => counts.errors += 1,
+            Ok(_) => {}
+        }
+        drop(metrics);
         result
     }
 
@@ -295,7 +316,8 @@ impl Instance {
                 self.store.data_mut().storage.discard();
                 // What it said to clients goes with its writes.
                 self.store.data().calls.discard();
-                let msg = describe(hook, &e, &env.limits);
+                let panic = self.store.data().stderr.panic();
+                let msg = describe(hook, &e, &env.limits, panic);
                 tracing::warn!(plugin = %env.name, version = %self.prepared.version, "hook failed: {msg}");
                 env.update(|s| {
                     s.traps += 1;

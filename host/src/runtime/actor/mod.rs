@@ -90,6 +90,9 @@ const HOOKS: [&str; 9] = [
 
 /// Most committed entries handed to one `apply` call.
 const APPLY_BATCH: usize = 256;
+/// Times in a row one entry's `apply` may fail (with restarts and
+/// backoff between) before the plugin is marked failed at its index.
+const APPLY_ATTEMPTS: u32 = 5;
 /// Swap pauses kept per plugin for reporting.
 const PAUSES_KEPT: usize = 4096;
 
@@ -159,6 +162,9 @@ pub enum RunState {
     Running,
     /// Its instance failed; a new one starts after a backoff.
     Restarting,
+    /// A committed entry keeps failing its `apply`: no instance runs
+    /// until a swap brings a version that applies it (see `last_error`).
+    Failed,
     /// Unloaded.
     Stopped,
 }
@@ -190,6 +196,9 @@ pub struct PluginStatus {
     pub last_swap_pause_us: Option<u64>,
     /// The last failure, if any.
     pub last_error: Option<String>,
+    /// Why the last change of its entry in the config file was refused
+    /// (the plugin runs as it was); cleared when a change is applied.
+    pub reload_error: Option<String>,
     /// Log index of the last cluster-wide swap this node applied.
     pub swapped_at_index: Option<u64>,
     /// Stream index of the last consensus snapshot this node's state was
@@ -426,6 +435,12 @@ struct Actor {
     /// What to restart from after the instance died.
     last_prepared: Option<Prepared>,
     failures: u32,
+    /// The entry whose `apply` failed last, and how many times in a row:
+    /// while set, entries are applied one at a time, so the failing one
+    /// is known exactly.
+    suspect: Option<(u64, u32)>,
+    /// Why the plugin is [`RunState::Failed`].
+    failed: Option<String>,
 }
 
 enum Next {

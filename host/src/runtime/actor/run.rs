@@ -6,8 +6,15 @@ use super::*;
 impl Actor {
     pub(super) async fn run(mut self) {
         loop {
-            if self.instance.is_none() && !self.restart().await {
-                break;
+            if self.instance.is_none() {
+                let go_on = if self.failed.is_some() {
+                    self.wait_failed().await
+                } else {
+                    self.restart().await
+                };
+                if !go_on {
+                    break;
+                }
             }
             self.collect().await;
             self.adopt();
@@ -112,6 +119,12 @@ impl Actor {
         match Instance::start(&self.env, prepared, self.mailbox.clone(), config).await {
             Ok(inst) => {
                 tracing::info!(plugin = %self.env.name, %version, "plugin restarted");
+                self.env
+                    .metrics
+                    .lock()
+                    .expect("metrics poisoned")
+                    .version(&version)
+                    .restarts += 1;
                 self.instance = Some(inst);
                 self.env.update(|s| {
                     s.restarts += 1;
@@ -144,6 +157,10 @@ impl Actor {
             state_bytes: 0,
         };
         self.install(next, &report);
+        // The new version gets its own attempts at a suspect entry.
+        if let Some((index, _)) = self.suspect {
+            self.suspect = Some((index, 0));
+        }
         report
     }
 

@@ -6,6 +6,7 @@ use super::*;
 
 impl Actor {
     pub(super) async fn deliver(&mut self, target: u64) {
+        let batch = self.batch();
         let Some(inst) = self.instance.as_mut() else {
             return;
         };
@@ -14,7 +15,7 @@ impl Actor {
             .env
             .services
             .log
-            .entries(&self.env.name, from, target, APPLY_BATCH)
+            .entries(&self.env.name, from, target, batch)
         {
             Ok(e) => e,
             Err(LogError::Compacted(_)) => {
@@ -40,7 +41,7 @@ impl Actor {
             entries.truncate(pos);
             cut = true;
         }
-        let through = if cut || entries.len() >= APPLY_BATCH {
+        let through = if cut || entries.len() >= batch {
             entries.last().map_or(target, |e| e.index)
         } else {
             target
@@ -183,8 +184,93 @@ impl Actor {
             Ok(()) => {
                 inst.route();
                 self.succeeded();
+                self.suspect = None;
             }
-            Err(_) => self.kill(),
+            Err(e) => {
+                self.kill();
+                let first = entries.first().map_or(index, |e| e.index);
+                let why = match e {
+                    CallError::Trap(why) => why,
+                    other => other.to_string(),
+                };
+                self.suspected(first, entries.len() == 1, &why);
+            }
+        }
+    }
+
+    /// How many entries to hand to one `apply`: one at a time while an
+    /// entry is suspected of making it fail.
+    pub(super) fn batch(&self) -> usize {
+        if self.suspect.is_some() {
+            1
+        } else {
+            APPLY_BATCH
+        }
+    }
+
+    /// `apply` failed on a run starting at `first` (that entry alone when
+    /// `alone`). The same entry failing alone [`APPLY_ATTEMPTS`] times in a
+    /// row marks the plugin failed at its index instead of restarting it
+    /// for ever: every node applies that entry, so it will fail the same
+    /// way until a version that handles it is swapped in.
+    fn suspected(&mut self, first: u64, alone: bool, why: &str) {
+        let count = match self.suspect {
+            Some((index, n)) if index == first && alone => n + 1,
+            _ if alone => 1,
+            _ => 0,
+        };
+        self.suspect = Some((first, count));
+        if count < APPLY_ATTEMPTS {
+            return;
+        }
+        let name = &self.env.name;
+        let msg = format!(
+            "failed at index {first}: {why}. The entry is committed and every node applies it, \
+             so it failed {count} times in a row; no instance runs until a version whose apply \
+             handles it is swapped in (`plexus plugin swap {name} FILE`; the same file retries)"
+        );
+        tracing::error!(plugin = %name, index = first, "{msg}");
+        self.failed = Some(msg.clone());
+        self.env.update(|s| {
+            s.state = RunState::Failed;
+            s.last_error = Some(msg);
+        });
+    }
+
+    /// Waits, with no instance, for a swap or a stop; answers requests with
+    /// why the plugin failed. Returns false when told to stop.
+    pub(super) async fn wait_failed(&mut self) -> bool {
+        let why = self.failed.clone().unwrap_or_default();
+        for mail in std::mem::take(&mut self.deferred) {
+            if let Mail::Request { reply, .. } = mail {
+                let _ = reply.send(Err(CallError::Trap(why.clone())));
+            }
+        }
+        loop {
+            tokio::select! {
+                Some(_) = self.calls.next(), if !self.calls.is_empty() => {}
+                mail = self.rx.recv() => match mail {
+                    None => return false,
+                    Some(Mail::Stop { reply }) => {
+                        let _ = reply.send(());
+                        return false;
+                    }
+                    Some(Mail::Swap { next, reply }) => {
+                        self.failed = None;
+                        let _ = reply.send(Ok(self.take_over(*next)));
+                        return true;
+                    }
+                    Some(Mail::Request { reply, .. }) => {
+                        let _ = reply.send(Err(CallError::Trap(why.clone())));
+                    }
+                    Some(Mail::Message { reply: Some(reply), .. }) => {
+                        let _ = reply.send(Err(CallError::Trap(why.clone())));
+                    }
+                    // Timers, messages and membership were for instances
+                    // that are gone; the next one starts afresh.
+                    Some(_) => {}
+                },
+            }
         }
     }
 
