@@ -158,7 +158,7 @@ async fn a_snapshot_compacts_a_stream_behind_the_plugins_state() {
     let dir = tempfile::tempdir().unwrap();
     let mut sm = StateMachine::open(&dir.path().join("a.redb")).unwrap();
     // Stream indexes 1..=6: kv, other, kv, kv (a swap), kv, kv.
-    let swap = crate::primitives::consensus::Control::Swap {
+    let swap = crate::cluster::framing::Control::Swap {
         component: vec![0],
         config: None,
     }
