@@ -296,7 +296,7 @@ pub fn control_in(
     through: u64,
 ) -> Result<Option<(u64, Vec<u8>)>, LogError> {
     find_back(table, stream, through, |r| {
-        (r.data.first() == Some(&crate::primitives::consensus::TAG_CONTROL))
+        (r.data.first() == Some(&crate::cluster::framing::TAG_CONTROL))
             .then(|| (r.index, r.data.to_vec()))
     })
 }
@@ -519,7 +519,7 @@ mod tests {
         {
             let mut t = txn.open_table(RUNS).unwrap();
             let mut runs = Runs::default();
-            let control = [crate::primitives::consensus::TAG_CONTROL, 1];
+            let control = [crate::cluster::framing::TAG_CONTROL, 1];
             runs.push("kv", 3, 1, &control).unwrap();
             runs.push("kv", 5, 1, b"x").unwrap();
             runs.push("kv", 9, 1, b"y").unwrap();

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use sha2::Sha256;
 
 use super::junk;
-use crate::primitives::membership::MembershipView;
+use super::membership::MembershipView;
 use crate::runtime::bindings::types::{MemberEvent, MemberState};
 
 const TAG: usize = 32;
