@@ -79,11 +79,21 @@ impl wit::Host for LogCtx {
             text.push_str(v);
         }
         match level {
-            Level::Trace => tracing::trace!(target: "plugin", plugin, version, "{text}"),
-            Level::Debug => tracing::debug!(target: "plugin", plugin, version, "{text}"),
-            Level::Info => tracing::info!(target: "plugin", plugin, version, "{text}"),
-            Level::Warn => tracing::warn!(target: "plugin", plugin, version, "{text}"),
-            Level::Error => tracing::error!(target: "plugin", plugin, version, "{text}"),
+            Level::Trace => {
+                tracing::trace!(target: "plugin", plugin = %plugin, version = %version, "{text}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "plugin", plugin = %plugin, version = %version, "{text}")
+            }
+            Level::Info => {
+                tracing::info!(target: "plugin", plugin = %plugin, version = %version, "{text}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "plugin", plugin = %plugin, version = %version, "{text}")
+            }
+            Level::Error => {
+                tracing::error!(target: "plugin", plugin = %plugin, version = %version, "{text}")
+            }
         }
         Ok(())
     }
