@@ -266,3 +266,177 @@ impl HasData for Storage {
 pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
     wit::add_to_linker::<PluginState, Storage>(linker, |s| &mut s.storage)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Result`s of storage calls, compared by their debug form (the
+    /// generated error type has no `PartialEq`).
+    fn shown<T: std::fmt::Debug>(v: T) -> String {
+        format!("{v:?}")
+    }
+    use crate::cluster::state_store::{Persist, RedbKv};
+
+    /// A context on a real redb file, and a way to end its hook call.
+    struct Hook {
+        _dir: tempfile::TempDir,
+        backend: Arc<dyn KvBackend>,
+        ctx: StorageCtx,
+    }
+
+    impl Hook {
+        fn new() -> Hook {
+            Hook::with(CallLimits::default())
+        }
+
+        fn with(limits: CallLimits) -> Hook {
+            let dir = tempfile::tempdir().unwrap();
+            let backend: Arc<dyn KvBackend> =
+                Arc::new(RedbKv::open(&dir.path().join("state.redb")).unwrap());
+            let ctx = StorageCtx::new("p", backend.clone(), limits);
+            Hook {
+                _dir: dir,
+                backend,
+                ctx,
+            }
+        }
+
+        /// Commits the hook call's writes, as the actor does when it returns.
+        fn commit(&mut self) {
+            let writes = self.ctx.take_writes();
+            self.backend
+                .commit("p", writes, None, Persist::Now)
+                .unwrap();
+        }
+
+        fn put(&mut self, k: &str, v: &str) -> Version {
+            wit::Host::put(&mut self.ctx, k.into(), v.into())
+                .unwrap()
+                .unwrap()
+        }
+
+        fn get(&mut self, k: &str) -> Option<(Vec<u8>, Version)> {
+            wit::Host::get(&mut self.ctx, k.into())
+                .unwrap()
+                .unwrap()
+                .map(|v| (v.value, v.version))
+        }
+
+        fn scan(&mut self, prefix: &str, limit: u32) -> Vec<String> {
+            wit::Host::scan(&mut self.ctx, prefix.into(), None, limit)
+                .unwrap()
+                .unwrap()
+                .into_iter()
+                .map(|kv| String::from_utf8(kv.key).unwrap())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn cas_with_stale_version_is_rejected_with_the_current_one() {
+        let mut h = Hook::new();
+        let v1 = h.put("k", "a");
+        h.commit();
+        let cas = |h: &mut Hook, expected, value: Option<&str>| {
+            wit::Host::compare_and_swap(&mut h.ctx, b"k".to_vec(), expected, value.map(Into::into))
+                .unwrap()
+        };
+        let stale = shown(Err::<(), _>(StorageError::VersionMismatch(Some(v1))));
+        assert_eq!(shown(cas(&mut h, Some(v1 + 100), Some("b"))), stale);
+        assert_eq!(shown(cas(&mut h, None, Some("b"))), stale);
+        let v2 = cas(&mut h, Some(v1), Some("b")).unwrap().unwrap();
+        assert!(v2 > v1);
+        // Deleting by version; then `None` means "must not exist".
+        assert_eq!(shown(cas(&mut h, Some(v2), None)), "Ok(None)");
+        assert!(cas(&mut h, None, Some("c")).unwrap().is_some());
+        h.commit();
+        assert_eq!(h.get("k").unwrap().0, b"c");
+    }
+
+    #[test]
+    fn a_batch_with_a_failed_check_writes_nothing() {
+        let mut h = Hook::new();
+        let v = h.put("a", "1");
+        h.commit();
+        let ops = vec![
+            BatchOp::Put((b"b".to_vec(), b"2".to_vec())),
+            BatchOp::Check((b"a".to_vec(), Some(v + 1))),
+        ];
+        assert_eq!(
+            shown(wit::Host::batch(&mut h.ctx, ops).unwrap()),
+            shown(Err::<(), _>(StorageError::VersionMismatch(Some(v))))
+        );
+        assert_eq!(h.get("b"), None);
+        let ops = vec![
+            BatchOp::Check((b"a".to_vec(), Some(v))),
+            BatchOp::Put((b"b".to_vec(), b"2".to_vec())),
+            BatchOp::Delete(b"a".to_vec()),
+        ];
+        let versions = wit::Host::batch(&mut h.ctx, ops).unwrap().unwrap();
+        assert_eq!(versions.len(), 1);
+        h.commit();
+        assert_eq!(h.get("a"), None);
+        assert_eq!(h.get("b").unwrap(), (b"2".to_vec(), versions[0]));
+    }
+
+    #[test]
+    fn a_scan_sees_the_hooks_own_writes_and_deletes_merged_with_storage() {
+        let mut h = Hook::new();
+        for k in ["k1", "k2", "k3", "k4"] {
+            h.put(k, "stored");
+        }
+        h.commit();
+        // In the next hook call: two deletes hide stored keys, a new key
+        // and an overwrite show, and the page is still full.
+        wit::Host::delete(&mut h.ctx, b"k1".to_vec())
+            .unwrap()
+            .unwrap();
+        wit::Host::delete(&mut h.ctx, b"k2".to_vec())
+            .unwrap()
+            .unwrap();
+        h.put("k25", "new");
+        h.put("k3", "changed");
+        assert_eq!(h.scan("k", 3), ["k25", "k3", "k4"]);
+        assert_eq!(h.get("k3").unwrap().0, b"changed");
+        // A trap drops them: storage is as it was.
+        h.ctx.discard();
+        assert_eq!(h.scan("k", 10), ["k1", "k2", "k3", "k4"]);
+    }
+
+    #[test]
+    fn keys_values_and_a_hooks_writes_are_bounded() {
+        let limits = CallLimits {
+            max_key_bytes: 16,
+            max_value_bytes: 100,
+            max_txn_bytes: 1000,
+            ..CallLimits::default()
+        };
+        let mut h = Hook::with(limits);
+        let long_key = vec![b'k'; limits.max_key_bytes as usize + 1];
+        assert_eq!(
+            shown(wit::Host::put(&mut h.ctx, long_key, b"v".to_vec()).unwrap()),
+            shown(Err::<(), _>(StorageError::TooLarge(limits.max_key_bytes)))
+        );
+        let big = vec![0u8; limits.max_value_bytes as usize + 1];
+        assert_eq!(
+            shown(wit::Host::put(&mut h.ctx, b"k".to_vec(), big).unwrap()),
+            shown(Err::<(), _>(StorageError::TooLarge(limits.max_value_bytes)))
+        );
+        // Values that fit, until the hook call's total is spent.
+        let value = vec![0u8; limits.max_value_bytes as usize];
+        let mut refused = None;
+        for i in 0..=(limits.max_txn_bytes / limits.max_value_bytes as u64) + 1 {
+            if let Err(e) =
+                wit::Host::put(&mut h.ctx, format!("k{i}").into(), value.clone()).unwrap()
+            {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(refused, Some(StorageError::TooLarge(_))),
+            "{refused:?}"
+        );
+    }
+}
