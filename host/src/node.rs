@@ -1,7 +1,7 @@
 //! A node: the runtime, the storage and log engines, and the plugins it
 //! runs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock, Weak};
@@ -68,7 +68,14 @@ pub struct ClusterOptions {
 struct PeerHandler {
     raft: Arc<RaftLog>,
     node: Weak<Node>,
+    /// Messages from peers for each plugin, handed to it in the order they
+    /// arrived by one task per plugin.
+    inboxes: std::sync::Mutex<HashMap<String, tokio::sync::mpsc::Sender<(String, Envelope)>>>,
 }
+
+/// Peer messages waiting for one plugin's mailbox. Past it, a message is
+/// dropped (messages are at most once).
+const INBOX: usize = 8192;
 
 impl Handler for PeerHandler {
     fn request(
@@ -119,15 +126,30 @@ impl Handler for PeerHandler {
             tracing::warn!(%from, "dropping a malformed plugin message");
             return;
         };
-        let node = self.node.clone();
-        tokio::spawn(async move {
-            if let Some(node) = node.upgrade() {
-                // At most once: a plugin that is not loaded here drops it.
-                let _ = node
-                    .deliver(&env.plugin, &from, &env.topic, env.payload)
-                    .await;
-            }
+        // At most once: a plugin that is not loaded here drops it.
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
+        if node.get(&env.plugin).is_err() {
+            return;
+        }
+        let mut inboxes = self.inboxes.lock().expect("inboxes poisoned");
+        let inbox = inboxes.entry(env.plugin.clone()).or_insert_with(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Envelope)>(INBOX);
+            let node = self.node.clone();
+            tokio::spawn(async move {
+                while let Some((from, env)) = rx.recv().await {
+                    let Some(node) = node.upgrade() else { return };
+                    let _ = node
+                        .deliver(&env.plugin, &from, &env.topic, env.payload)
+                        .await;
+                }
+            });
+            tx
         });
+        if inbox.try_send((from, env)).is_err() {
+            tracing::warn!("inbox full; dropped a peer message");
+        }
     }
 }
 
@@ -518,6 +540,7 @@ impl Node {
         transport.set_handler(Arc::new(PeerHandler {
             raft,
             node: Arc::downgrade(&node),
+            inboxes: Default::default(),
         }));
         Ok(node)
     }

@@ -362,6 +362,49 @@ async fn calls_across_three_processes_forward_ask_and_call_between_nodes() {
     );
 }
 
+/// Messages from one node to another arrive in the order sent, even when
+/// two senders interleave at the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_between_a_pair_of_nodes_arrive_in_the_order_sent() {
+    let (_dir, nodes) = cluster().await;
+    let (a, b, c) = (nodes[0].addr, nodes[1].addr, nodes[2].addr);
+    const N: u64 = 300;
+    // Once the members know each other, both bursts go out at once.
+    until_ok(|| http_full(a, "POST", "/v1/plugins/relay/burst/node-3?n=0", &[], b"")).await;
+    until_ok(|| http_full(b, "POST", "/v1/plugins/relay/burst/node-3?n=0", &[], b"")).await;
+    let burst = format!("/v1/plugins/relay/burst/node-3?n={N}");
+    let (ra, rb) = tokio::join!(
+        http(a, "POST", &burst, &[], b""),
+        http(b, "POST", &burst, &[], b"")
+    );
+    assert_eq!((ra.unwrap().0, rb.unwrap().0), (200, 200));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let seen: Vec<(String, u64)> = loop {
+        let (_, body) = http(c, "GET", "/v1/plugins/relay/seen", &[], b"")
+            .await
+            .unwrap();
+        let seen: Vec<(String, u64)> = serde_json::from_slice(&body).unwrap();
+        if seen.len() as u64 >= 2 * N {
+            break seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} messages arrived",
+            seen.len(),
+            2 * N
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for sender in ["node-1", "node-2"] {
+        let order: Vec<u64> = seen
+            .iter()
+            .filter(|(from, _)| from == sender)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(order, (0..N).collect::<Vec<_>>(), "from {sender}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_requests_are_answered_by_a_later_hook_and_504_at_a_swap() {
     let n = Arc::new(relay_node(&[], "{}").await);

@@ -1,10 +1,12 @@
 //! `plexus:cluster/messaging`: messages between instances of one plugin.
 //!
 //! Messages to this node queue into the plugin's own mailbox; messages to
-//! other members go over the peer transport to the same plugin there. A
-//! `request` to the node itself is refused with `loopback` (the instance
-//! that would answer is the caller).
+//! other members go over the peer transport to the same plugin there, in
+//! the order sent (one outbox per destination). A `request` to the node
+//! itself is refused with `loopback` (the instance that would answer is
+//! the caller).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -27,7 +29,13 @@ pub struct MessagingCtx {
     remote: Option<Remote>,
     waited: WaitClock,
     calls: Calls,
+    /// Messages to each node, sent in order by one task per node.
+    outboxes: HashMap<String, mpsc::Sender<Vec<u8>>>,
 }
+
+/// Messages to one node waiting for the transport. Past it, a message is
+/// dropped (messages are at most once).
+const OUTBOX: usize = 4096;
 
 /// How a plugin reaches its peers on other nodes.
 #[derive(Clone)]
@@ -86,25 +94,38 @@ impl MessagingCtx {
             remote,
             waited,
             calls,
+            outboxes: HashMap::new(),
         }
     }
 
     /// Sends to another node without waiting: at most once.
-    fn deliver_remote(&self, node: String, topic: String, payload: Vec<u8>) {
-        let Some(remote) = self.remote.clone() else {
+    fn deliver_remote(&mut self, node: String, topic: String, payload: Vec<u8>) {
+        let Some(remote) = &self.remote else {
             return;
         };
         let body = postcard::to_allocvec(&Envelope {
-            plugin: remote.plugin,
+            plugin: remote.plugin.clone(),
             topic,
             payload,
         })
         .unwrap_or_default();
-        tokio::spawn(async move {
-            if let Err(e) = remote.transport.send(&node, KIND_MESSAGE, body).await {
-                tracing::debug!("message to {node} dropped: {e}");
-            }
+        let outbox = self.outboxes.entry(node.clone()).or_insert_with(|| {
+            // One sender per destination keeps this instance's messages
+            // to it in order; it ends when the instance goes.
+            let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUTBOX);
+            let transport = remote.transport.clone();
+            tokio::spawn(async move {
+                while let Some(body) = rx.recv().await {
+                    if let Err(e) = transport.send(&node, KIND_MESSAGE, body).await {
+                        tracing::debug!("message to {node} dropped: {e}");
+                    }
+                }
+            });
+            tx
         });
+        if outbox.try_send(body).is_err() {
+            tracing::warn!("outbox full; dropped a message");
+        }
     }
 
     fn check(&self, node: &str, payload: &[u8]) -> Result<(), MessagingError> {

@@ -18,6 +18,9 @@
 //! - `* /hold`: parks the request (`replies::hold`) until `POST /release`
 //!   answers every parked one with 200 (a long poll, or a callee that keeps
 //!   its callers' calls in flight).
+//! - `POST /burst/{node}?n=N`: `messaging.send` of N messages on topic
+//!   `seq` to `{node}`, numbered 0..N; `GET /seen` lists the `seq`
+//!   messages this node received, as `[from, number]` in arrival order.
 //! - `GET /stats`: calls made and outcomes received.
 //!
 //! Config: `timeout_ms` (default 2000) for every call.
@@ -52,6 +55,8 @@ struct Relay {
     timeout_ms: u32,
     stats: Stats,
     held: Vec<Pending>,
+    /// `seq` messages received, in arrival order.
+    seen: Vec<(String, u64)>,
 }
 
 fn source(s: &RequestSource) -> serde_json::Value {
@@ -199,6 +204,7 @@ impl Pattern for Relay {
             timeout_ms: settings.timeout_ms,
             stats: Stats::default(),
             held: Vec::new(),
+            seen: Vec::new(),
         })
     }
 
@@ -257,6 +263,20 @@ impl Pattern for Relay {
                 }
                 Response::json(200, &serde_json::json!({ "released": n })).into()
             }
+            ("burst", Method::Post) => {
+                let (node, _) = head(rest);
+                let n: u64 = req
+                    .query_param("n")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(100);
+                for i in 0..n {
+                    if let Err(e) = messaging::send(node, "seq", &i.to_le_bytes()) {
+                        return error(502, "refused", format!("message {i}: {e:?}")).into();
+                    }
+                }
+                Response::json(200, &serde_json::json!({ "sent": n })).into()
+            }
+            ("seen", Method::Get) => Response::json(200, &self.seen).into(),
             ("stats", Method::Get) => Response::json(200, &self.stats).into(),
             _ => error(
                 404,
@@ -267,7 +287,12 @@ impl Pattern for Relay {
         }
     }
 
-    fn on_message(&mut self, _from: String, topic: String, payload: Vec<u8>) -> Option<Vec<u8>> {
+    fn on_message(&mut self, from: String, topic: String, payload: Vec<u8>) -> Option<Vec<u8>> {
+        if topic == "seq" {
+            let n = <[u8; 8]>::try_from(payload.as_slice()).map_or(u64::MAX, u64::from_le_bytes);
+            self.seen.push((from, n));
+            return None;
+        }
         (topic == "echo").then(|| {
             let mut out = format!("{}:", self.node).into_bytes();
             out.extend_from_slice(&payload);

@@ -97,3 +97,18 @@ fn a_message_on_the_echo_topic_is_answered_with_this_nodes_prefix() {
     assert_eq!(r.message("b", "echo", b"x"), Some(b"a:x".to_vec()));
     assert_eq!(r.message("b", "other", b"x"), None);
 }
+
+#[test]
+fn a_burst_is_numbered_in_order_and_the_receiver_lists_what_came() {
+    let mut r = relay();
+    assert_eq!(body(&r.post("/burst/b?n=3", "")), json!({ "sent": 3 }));
+    let sent: Vec<(Option<String>, Vec<u8>)> =
+        r.sent().into_iter().map(|m| (m.to, m.payload)).collect();
+    let expected: Vec<(Option<String>, Vec<u8>)> = (0..3u64)
+        .map(|i| (Some("b".to_string()), i.to_le_bytes().to_vec()))
+        .collect();
+    assert_eq!(sent, expected);
+    r.message("b", "seq", &7u64.to_le_bytes());
+    assert_eq!(body(&r.get("/seen")), json!([["b", 7]]));
+    assert_eq!(r.post("/burst/nobody?n=1", "").status, 502);
+}
