@@ -386,3 +386,57 @@ async fn an_entry_that_keeps_trapping_apply_fails_the_plugin_until_a_swap() {
     assert!(traps(&before) >= 5, "{metrics:?}");
     assert_eq!(traps(&status.version), 0, "{metrics:?}");
 }
+
+/// A request to `chaos` for `path`, waiting up to `timeout`.
+async fn ask_chaos(
+    node: &plexus::node::Node,
+    method: Method,
+    path: &str,
+    timeout: Duration,
+) -> Result<plexus::runtime::bindings::pattern::Response, RequestError> {
+    let req = plexus::runtime::bindings::pattern::Request {
+        method,
+        path: path.into(),
+        query: String::new(),
+        headers: vec![],
+        body: vec![],
+        source: plexus::runtime::bindings::pattern::RequestSource::Client,
+    };
+    node.request("chaos", req, timeout).await
+}
+
+/// A full mailbox holds a request back until its deadline (504 to an HTTP
+/// client) and loses none of those it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_holds_requests_back_until_their_deadline() {
+    let mut chaos_limits = limits(64, 3000);
+    chaos_limits.mailbox = 2;
+    let n = node_with(chaos_limits, "{}").await;
+    // The guest loops until its CPU deadline: nothing is taken meanwhile.
+    let node = n.node.clone();
+    let looping = tokio::spawn(async move {
+        ask_chaos(&node, Method::Post, "/loop", Duration::from_secs(20)).await
+    });
+    n.wait_requests("chaos", 1).await;
+    // Two requests fill the mailbox.
+    let queued: Vec<_> = (0..2)
+        .map(|_| {
+            let node = n.node.clone();
+            tokio::spawn(async move {
+                ask_chaos(&node, Method::Get, "/ping", Duration::from_secs(30)).await
+            })
+        })
+        .collect();
+    wait_chaos(&n, "a full mailbox", |s| s.mailbox_depth == 2).await;
+    // A third finds no room before its deadline.
+    let r = ask_chaos(&n.node, Method::Get, "/ping", Duration::from_millis(300)).await;
+    assert!(
+        matches!(r, Err(RequestError::Call(CallError::Timeout))),
+        "{r:?}"
+    );
+    // The two it took are answered once the loop is cut off.
+    for q in queued {
+        assert_eq!(q.await.unwrap().unwrap().status, 200);
+    }
+    assert!(trap_message(looping.await.unwrap()).contains("CPU deadline"));
+}
