@@ -56,12 +56,21 @@ impl Cluster {
     }
 
     pub(crate) async fn start_with(ttl_ms: u64, snapshot_every: u64) -> Cluster {
+        Cluster::start_edited(ttl_ms, snapshot_every, |_, config| config).await
+    }
+
+    /// Starts three nodes whose configs `edit(i, config)` changes first.
+    pub(crate) async fn start_edited(
+        ttl_ms: u64,
+        snapshot_every: u64,
+        edit: impl Fn(usize, String) -> String,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let (http, peer) = (loopback_addrs(3), loopback_addrs(3));
         for i in 0..3 {
             std::fs::write(
                 dir.path().join(format!("node-{}.toml", i + 1)),
-                node_config(i, &http, &peer, ttl_ms, snapshot_every),
+                edit(i, node_config(i, &http, &peer, ttl_ms, snapshot_every)),
             )
             .unwrap();
         }
@@ -635,6 +644,80 @@ async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
     for i in 0..3 {
         assert_eq!(read(c.http[i], "after").await.as_deref(), Some(&b"2"[..]));
     }
+}
+
+/// Waits until the `kv` plugin's status on `addr` satisfies `check`.
+async fn wait_kv(
+    addr: SocketAddr,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = kv_status(addr).await;
+        if check(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what} not seen: {status:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Nodes whose configs grant a plugin different capabilities: a
+/// cluster-wide swap to a component that needs one node-3 does not grant
+/// switches nodes 1 and 2, and leaves node-3 on the old version, saying
+/// why in its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_load_a_cluster_wide_swap_keeps_the_old_version_and_says_why() {
+    const KV_CAPS: &str = r#"capabilities = ["consensus", "storage", "log"]"#;
+    let c = Cluster::start_edited(600_000, 20_000, |i, config| {
+        assert!(config.contains(KV_CAPS));
+        if i < 2 {
+            config.replacen(
+                KV_CAPS,
+                r#"capabilities = ["consensus", "storage", "log", "timers"]"#,
+                1,
+            )
+        } else {
+            config
+        }
+    })
+    .await;
+    c.leader().await;
+    assert!(put(c.http[0], "before", "1").await);
+    let old = kv_status(c.http[2]).await["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // leader-election's component imports `timers`.
+    let component = plexus_tests::wasm("leader-election");
+    let (status, body) = admin(
+        c.http[0],
+        "POST",
+        "/v1/admin/plugins/kv/swap?scope=cluster",
+        &component,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let done: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (index, new) = (
+        done["index"].as_u64().unwrap(),
+        done["version"].as_str().unwrap().to_string(),
+    );
+    for i in 0..2 {
+        wait_kv(c.http[i], "the switch", |s| s["version"] == new.as_str()).await;
+    }
+    let refused = wait_kv(c.http[2], "the refusal", |s| s["control_index"] == index).await;
+    assert_eq!(refused["version"], old.as_str());
+    let why = refused["last_error"].as_str().unwrap();
+    assert!(
+        why.starts_with(&format!("cluster-wide swap at index {index} failed: "))
+            && why.contains("add \"timers\" to its capabilities"),
+        "{why}"
+    );
+    // It still serves what the old version holds.
+    assert_eq!(read(c.http[2], "before").await.as_deref(), Some(&b"1"[..]));
 }
 
 /// Swaps `kv` cluster-wide, through `addr`, to a variant of
