@@ -133,17 +133,22 @@ impl World {
         t
     }
 
+    /// Commits `data` as the next entry of the log.
+    pub fn append(&mut self, data: Vec<u8>, ticket: Option<u64>) {
+        let index = self.log.len() as u64 + 1;
+        let term = self.term;
+        self.log.push(CommittedEntry {
+            index,
+            term,
+            data,
+            ticket,
+        });
+    }
+
     /// Commits every submitted entry, in the order submitted.
     pub fn commit_submitted(&mut self) {
         for (ticket, data) in std::mem::take(&mut self.submitted) {
-            let index = self.log.len() as u64 + 1;
-            let term = self.term;
-            self.log.push(CommittedEntry {
-                index,
-                term,
-                data,
-                ticket: Some(ticket),
-            });
+            self.append(data, Some(ticket));
         }
     }
 
@@ -309,14 +314,7 @@ pub mod consensus {
         check(data)?;
         Ok(with(|w| {
             w.commit_submitted();
-            let index = w.log.len() as u64 + 1;
-            let term = w.term;
-            w.log.push(CommittedEntry {
-                index,
-                term,
-                data: data.to_vec(),
-                ticket: None,
-            });
+            w.append(data.to_vec(), None);
             w.undelivered()
         }))
     }

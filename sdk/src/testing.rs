@@ -276,16 +276,7 @@ impl<P: Pattern> TestHost<P> {
     /// Commits `data` as an entry another node proposed (one written by
     /// another version, or not a command at all), and applies it.
     pub fn commit_raw(&mut self, data: Vec<u8>) {
-        with(|w| {
-            let index = w.log.len() as u64 + 1;
-            let term = w.term;
-            w.log.push(CommittedEntry {
-                index,
-                term,
-                data,
-                ticket: None,
-            })
-        });
+        with(|w| w.append(data, None));
         self.settle();
     }
 

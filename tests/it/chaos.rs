@@ -29,6 +29,19 @@ async fn node_on(n: TestNode, chaos_limits: PluginLimits, config: &str) -> TestN
     n
 }
 
+/// The kv and chaos plugins on a node whose plugins read a clock the
+/// test moves.
+async fn node_on_a_clock() -> (std::sync::Arc<ManualClock>, TestNode) {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let n = node_on(
+        TestNode::with_clock(clock.clone()),
+        PluginLimits::default(),
+        "{}",
+    )
+    .await;
+    (clock, n)
+}
+
 /// The kv plugin still takes writes and the chaos plugin, restarted,
 /// answers again.
 async fn still_serving(n: &TestNode) {
@@ -168,13 +181,7 @@ async fn trap_in_on_timer_restarts_the_plugin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trap_in_apply_is_retried_until_the_entry_applies() {
-    let clock = ManualClock::new(1_700_000_000_000);
-    let n = node_on(
-        TestNode::with_clock(clock.clone()),
-        PluginLimits::default(),
-        "{}",
-    )
-    .await;
+    let (clock, n) = node_on_a_clock().await;
     // The entry makes apply trap until the plugin's clock passes 300 ms
     // from now: the proposing request traps (it applies its own entry),
     // then redelivery through `apply` traps while the clock stands still.
@@ -317,13 +324,7 @@ async fn a_panic_reaches_the_client_and_the_status_with_its_message_and_place() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_that_keeps_trapping_apply_fails_the_plugin_until_a_swap() {
     use plexus::runtime::actor::RunState;
-    let clock = ManualClock::new(1_700_000_000_000);
-    let n = node_on(
-        TestNode::with_clock(clock.clone()),
-        PluginLimits::default(),
-        "{}",
-    )
-    .await;
+    let (clock, n) = node_on_a_clock().await;
     let before = n.node.plugin("chaos").unwrap().version;
     // Traps for an hour of the plugin's clock, which stands still.
     let _ = n

@@ -690,21 +690,7 @@ async fn a_node_that_cannot_load_a_cluster_wide_swap_keeps_the_old_version_and_s
         .unwrap()
         .to_string();
     // leader-election's component imports `timers`.
-    let component = plexus_tests::wasm("leader-election");
-    let (status, body) = admin(
-        c.http[0],
-        "POST",
-        "/v1/admin/plugins/kv/swap?scope=cluster",
-        &component,
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let done: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let (index, new) = (
-        done["index"].as_u64().unwrap(),
-        done["version"].as_str().unwrap().to_string(),
-    );
+    let (index, new) = swap_kv_to(c.http[0], &plexus_tests::wasm("leader-election")).await;
     for i in 0..2 {
         wait_kv(c.http[i], "the switch", |s| s["version"] == new.as_str()).await;
     }
@@ -724,11 +710,17 @@ async fn a_node_that_cannot_load_a_cluster_wide_swap_keeps_the_old_version_and_s
 /// `replicated-kv`; returns the swap's log index and the new version.
 async fn swap_cluster_wide(addr: SocketAddr, variant: u8) -> (u64, String) {
     let component = plexus_tests::variant(&plexus_tests::wasm("replicated-kv"), variant);
+    swap_kv_to(addr, &component).await
+}
+
+/// Swaps `kv` cluster-wide, through `addr`, to `component`; returns the
+/// swap's log index and the new version.
+async fn swap_kv_to(addr: SocketAddr, component: &[u8]) -> (u64, String) {
     let (status, body) = admin(
         addr,
         "POST",
         "/v1/admin/plugins/kv/swap?scope=cluster",
-        &component,
+        component,
     )
     .await
     .unwrap();

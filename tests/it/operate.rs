@@ -34,15 +34,7 @@ capabilities = ["consensus", "storage"]
 "#;
 
 fn election(ttl: u64) -> String {
-    format!(
-        r#"
-[[plugins]]
-name = "election"
-component = "bundled:leader-election"
-capabilities = ["consensus", "storage", "timers", "log"]
-config = {{ ttl_ms = {ttl} }}
-"#
-    )
+    election_with(&format!("{{ ttl_ms = {ttl} }}"))
 }
 
 async fn plugins(addr: SocketAddr) -> serde_json::Value {
@@ -80,6 +72,20 @@ async fn wait_for(
     }
 }
 
+/// Waits (up to 20 s) for a line of `p`'s log that contains `needle`;
+/// returns that line and the whole log.
+async fn log_line(p: &Process, needle: &str) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&p.log).unwrap();
+        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+            return (line.to_string(), log);
+        }
+        assert!(Instant::now() < deadline, "no `{needle}` in the log: {log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn find<'a>(list: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     list.as_array().unwrap().iter().find(|p| p["name"] == name)
 }
@@ -110,18 +116,7 @@ async fn editing_the_config_reconciles_the_running_node() {
 
     // An invalid edit is rejected and changes nothing.
     std::fs::write(&path, "version = 1\n[[plugins]]\nname = 7\n").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let log = loop {
-        let log = std::fs::read_to_string(&p.log).unwrap();
-        if log.contains("config change rejected") {
-            break log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the invalid edit was never rejected: {log}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (_, log) = log_line(&p, "config change rejected").await;
     assert!(log.contains("plugins[0].name"), "{log}");
     let list = plugins(addr).await;
     assert_eq!(list.as_array().unwrap().len(), 2);
@@ -144,22 +139,8 @@ async fn editing_the_config_reconciles_the_running_node() {
     let edited = config(port, &format!("{KV}{}", election(5000)))
         .replace("[admin]", "max_connections = 100\n\n[admin]");
     std::fs::write(&path, edited).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = std::fs::read_to_string(&p.log).unwrap();
-        if let Some(line) = log
-            .lines()
-            .find(|l| l.contains("take effect when the node restarts"))
-        {
-            assert!(line.contains("sections=node"), "{line}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the [node] edit was not reported: {log}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (line, _) = log_line(&p, "take effect when the node restarts").await;
+    assert!(line.contains("sections=node"), "{line}");
     drop(p);
 }
 
@@ -489,22 +470,8 @@ async fn logs_are_plain_in_a_file_and_json_on_request() {
             config(port, KV).replace("[admin]", "max_connections = 100\n\n[admin]"),
         )
         .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let line = loop {
-            let log = std::fs::read_to_string(&p.log).unwrap();
-            if let Some(l) = log
-                .lines()
-                .find(|l| l.contains("take effect when the node restarts"))
-            {
-                assert!(!log.contains('\x1b'), "colour codes in a log file: {log}");
-                break l.to_string();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no event logged: {log}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let (line, log) = log_line(&p, "take effect when the node restarts").await;
+        assert!(!log.contains('\x1b'), "colour codes in a log file: {log}");
         if json {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             assert_eq!(v["level"], "WARN", "{line}");
@@ -522,18 +489,7 @@ async fn logs_are_plain_in_a_file_and_json_on_request() {
             election_with(r#"{ campaign = ["primary"], ttl_ms = 3000 }"#)
         );
         std::fs::write(&path, config(port, &campaigning)).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let line = loop {
-            let log = std::fs::read_to_string(&p.log).unwrap();
-            if let Some(l) = log.lines().find(|l| l.contains("holding primary")) {
-                break l.to_string();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no plugin event logged: {log}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let (line, _) = log_line(&p, "holding primary").await;
         if json {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             assert_eq!(

@@ -443,6 +443,16 @@ struct Actor {
     failed: Option<String>,
 }
 
+/// What ended a wait with no instance ([`Actor::idle`]).
+enum Idle {
+    /// The time given came.
+    Woke,
+    /// A swap installed a new version.
+    SwappedIn,
+    /// The actor is to stop.
+    Stopped,
+}
+
 enum Next {
     Mail(Mail),
     Capture(CaptureReply),

@@ -90,26 +90,15 @@ impl Actor {
             .min(Duration::from_secs(10));
         let wake = tokio::time::Instant::now() + backoff;
         // Wait out the backoff, but stay responsive to stop and swap: a swap
-        // to a fixed version is how an operator ends a crash loop.
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake) => break,
-                // Forwards still answer their clients; the dead instance's
-                // call outcomes are dropped.
-                Some(_) = self.calls.next(), if !self.calls.is_empty() => {}
-                mail = self.rx.recv() => match mail {
-                    None => return false,
-                    Some(Mail::Stop { reply }) => {
-                        let _ = reply.send(());
-                        return false;
-                    }
-                    Some(Mail::Swap { next, reply }) => {
-                        let _ = reply.send(Ok(self.take_over(*next)));
-                        return true;
-                    }
-                    Some(other) => self.deferred.push_back(other),
-                },
-            }
+        // to a fixed version is how an operator ends a crash loop. Other
+        // mail waits for the new instance.
+        match self
+            .idle(Some(wake), |actor, mail| actor.deferred.push_back(mail))
+            .await
+        {
+            Idle::Woke => {}
+            Idle::SwappedIn => return true,
+            Idle::Stopped => return false,
         }
         let Some(prepared) = self.last_prepared.clone() else {
             return false;
@@ -141,6 +130,37 @@ impl Actor {
             }
         }
         true
+    }
+
+    /// Waits with no instance until `wake` (for ever without one), serving
+    /// a stop and a swap (which installs the new version) and handing any
+    /// other mail to `other`. Forwards still answer their clients; the dead
+    /// instance's call outcomes are dropped.
+    pub(super) async fn idle(
+        &mut self,
+        wake: Option<tokio::time::Instant>,
+        other: fn(&mut Actor, Mail),
+    ) -> Idle {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {
+                    return Idle::Woke;
+                }
+                Some(_) = self.calls.next(), if !self.calls.is_empty() => {}
+                mail = self.rx.recv() => match mail {
+                    None => return Idle::Stopped,
+                    Some(Mail::Stop { reply }) => {
+                        let _ = reply.send(());
+                        return Idle::Stopped;
+                    }
+                    Some(Mail::Swap { next, reply }) => {
+                        let _ = reply.send(Ok(self.take_over(*next)));
+                        return Idle::SwappedIn;
+                    }
+                    Some(mail) => other(self, mail),
+                },
+            }
+        }
     }
 
     /// Installs `next` in place of a dead instance: no state to hand over.

@@ -240,37 +240,15 @@ impl Actor {
     /// Waits, with no instance, for a swap or a stop; answers requests with
     /// why the plugin failed. Returns false when told to stop.
     pub(super) async fn wait_failed(&mut self) -> bool {
-        let why = self.failed.clone().unwrap_or_default();
         for mail in std::mem::take(&mut self.deferred) {
-            if let Mail::Request { reply, .. } = mail {
-                let _ = reply.send(Err(CallError::Trap(why.clone())));
-            }
+            refuse_failed(self, mail);
         }
-        loop {
-            tokio::select! {
-                Some(_) = self.calls.next(), if !self.calls.is_empty() => {}
-                mail = self.rx.recv() => match mail {
-                    None => return false,
-                    Some(Mail::Stop { reply }) => {
-                        let _ = reply.send(());
-                        return false;
-                    }
-                    Some(Mail::Swap { next, reply }) => {
-                        self.failed = None;
-                        let _ = reply.send(Ok(self.take_over(*next)));
-                        return true;
-                    }
-                    Some(Mail::Request { reply, .. }) => {
-                        let _ = reply.send(Err(CallError::Trap(why.clone())));
-                    }
-                    Some(Mail::Message { reply: Some(reply), .. }) => {
-                        let _ = reply.send(Err(CallError::Trap(why.clone())));
-                    }
-                    // Timers, messages and membership were for instances
-                    // that are gone; the next one starts afresh.
-                    Some(_) => {}
-                },
+        match self.idle(None, refuse_failed).await {
+            Idle::Woke | Idle::SwappedIn => {
+                self.failed = None;
+                true
             }
+            Idle::Stopped => false,
         }
     }
 
@@ -354,5 +332,23 @@ impl Actor {
             .await
             .map_err(|e| e.to_string())?;
         self.swap(next).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Answers mail for a failed plugin: requests get why it failed. Timers,
+/// messages and membership were for instances that are gone; the next one
+/// starts afresh.
+fn refuse_failed(actor: &mut Actor, mail: Mail) {
+    let why = actor.failed.clone().unwrap_or_default();
+    match mail {
+        Mail::Request { reply, .. } => {
+            let _ = reply.send(Err(CallError::Trap(why)));
+        }
+        Mail::Message {
+            reply: Some(reply), ..
+        } => {
+            let _ = reply.send(Err(CallError::Trap(why)));
+        }
+        _ => {}
     }
 }
