@@ -5,7 +5,7 @@
 //!   proposed command, after applying every earlier undelivered entry of
 //!   the stream. The plugin handles nothing else meanwhile.
 //! - [`submit`] does not: it hands the entry to the host with the code
-//!   that will turn its output into the client's [`Response`](crate::Response), and returns
+//!   that will turn its output into the client's [`Response`], and returns
 //!   a [`Pending`] for the request handler to return. The plugin goes on
 //!   with the next request, so many writes are in flight at once and the
 //!   host batches them into the log. Use it for writes on the request path.

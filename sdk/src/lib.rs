@@ -9,7 +9,14 @@
 //! - [`consensus`], [`storage`], [`messaging`], [`membership`], [`timers`],
 //!   [`log`]: the host's interfaces with typed helpers.
 //! - [`codec`]: the compact binary encoding used for log entries and
-//!   messages.
+//!   messages, and versioned snapshots.
+//! - `testing` (feature `testing`): an in-memory host to unit-test a
+//!   plugin with plain `cargo test`.
+//!
+//! A plugin that uses the log names its command type
+//! ([`Pattern::Command`]); [`consensus::propose`] and [`consensus::submit`]
+//! encode it and [`Pattern::apply`] gets it back decoded, refusing it with
+//! a [`consensus::Rejected`] when a rule of the pattern says no.
 //!
 //! ```no_run
 //! use plexus_sdk::{export_pattern, http::Router, InitContext, Pattern, Reply, Request, Response};
