@@ -255,9 +255,10 @@ impl Actor {
                         let _ = reply.send(());
                         return false;
                     }
-                    Some(Mail::Swap { next, reply }) => {
+                    Some(Mail::Swap(order)) => {
+                        let Swap { next, reply } = Swap::open(order);
                         self.failed = None;
-                        let _ = reply.send(Ok(self.take_over(*next)));
+                        let _ = reply.send(Ok(self.take_over(next)));
                         return true;
                     }
                     Some(Mail::Request { reply, .. }) => {
