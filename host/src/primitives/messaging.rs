@@ -16,9 +16,9 @@ use super::calls::{Calls, clamp_timeout};
 use super::membership::MembershipView;
 use super::{CallLimits, over};
 use crate::cluster::transport::{Transport, TransportError};
-use crate::runtime::actor::Mail;
 use crate::runtime::bindings::plexus::cluster::messaging as wit;
 use crate::runtime::bindings::plexus::cluster::types::{CallOutcome, MessagingError};
+use crate::runtime::mail::{CallError, Mail};
 use crate::runtime::state::{PluginState, WaitClock};
 
 /// One plugin instance's messaging context.
@@ -258,9 +258,7 @@ impl wit::Host for MessagingCtx {
             let work = async move {
                 CallOutcome::Message(match rx.await {
                     Ok(Ok(reply)) => Ok(reply.unwrap_or_default()),
-                    Ok(Err(crate::runtime::actor::CallError::Timeout)) => {
-                        Err(MessagingError::Timeout)
-                    }
+                    Ok(Err(CallError::Timeout)) => Err(MessagingError::Timeout),
                     _ => Err(MessagingError::NoHandler),
                 })
             };

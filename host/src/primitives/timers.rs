@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use wasmtime::component::{HasData, Linker};
 
-use crate::runtime::actor::Mail;
 use crate::runtime::bindings::plexus::cluster::timers as wit;
+use crate::runtime::mail::Mail;
 use crate::runtime::state::PluginState;
 
 const MAX_PENDING: usize = 1024;

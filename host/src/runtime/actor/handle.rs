@@ -198,10 +198,7 @@ impl PluginHandle {
             .await
             .map_err(SwapError::Load)?;
         let (reply, rx) = oneshot::channel();
-        let mail = Mail::Swap {
-            next: Box::new(next),
-            reply,
-        };
+        let mail = Mail::Swap(SwapOrder::new(Swap { next, reply }));
         self.tx.send(mail).await.map_err(|_| CallError::Stopped)?;
         rx.await.map_err(|_| SwapError::Call(CallError::Stopped))?
     }

@@ -6,6 +6,9 @@
 //! between two mailbox items and nothing queued is lost or seen twice. A
 //! hook that traps kills only its instance: the actor restarts the plugin
 //! with backoff while the mailbox keeps what arrives meanwhile.
+//!
+//! The mailbox items, [`Mail`], are defined in [`super::mail`], below the
+//! primitives that post timers and local messages into a mailbox.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +25,8 @@ use wasmtime_wasi::WasiCtxBuilder;
 use super::bindings::Plugin;
 use super::bindings::pattern::{ForwardTo, InitContext, Reply, Request, Response};
 use super::bindings::types::{CommittedEntry, MemberEvent};
+use super::mail::SwapOrder;
+pub use super::mail::{CallError, Mail};
 use super::metrics::PluginMetrics;
 use super::state::{PluginState, WaitClock};
 use super::{Capability, LoadError, Prepared};
@@ -74,6 +79,7 @@ mod swap;
 
 pub use instance::new_store;
 use instance::now_ms;
+use swap::Swap;
 
 /// Hook names, as metric labels.
 const HOOKS: [&str; 9] = [
@@ -213,23 +219,6 @@ pub struct PluginStatus {
     pub swap_pauses_us: Vec<u64>,
 }
 
-/// Why a call into a plugin did not produce a result.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CallError {
-    /// The mailbox stayed full, or no reply came, within the deadline.
-    #[error("plugin did not answer in time")]
-    Timeout,
-    /// The hook trapped; the instance is being restarted.
-    #[error("plugin failed: {0}")]
-    Trap(String),
-    /// The hook's storage transaction could not be committed.
-    #[error("storage commit failed: {0}")]
-    Storage(String),
-    /// The plugin was unloaded.
-    #[error("plugin stopped")]
-    Stopped,
-}
-
 /// Why a swap did not happen. The old version keeps serving.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SwapError {
@@ -258,55 +247,6 @@ pub struct SwapReport {
     pub pause_us: u64,
     /// Bytes handed over by snapshot/restore.
     pub state_bytes: usize,
-}
-
-/// A mailbox item.
-pub enum Mail {
-    /// A client request.
-    Request {
-        /// The request.
-        req: Request,
-        /// How many times it was forwarded to get here.
-        hops: u8,
-        /// When its client stops waiting.
-        deadline: Instant,
-        /// Where the response goes.
-        reply: oneshot::Sender<Result<Response, CallError>>,
-    },
-    /// A message from the same plugin on some node.
-    Message {
-        /// Sender node.
-        from: String,
-        /// Topic.
-        topic: String,
-        /// Payload.
-        payload: Vec<u8>,
-        /// Where the reply goes, for requests.
-        reply: Option<oneshot::Sender<Result<Option<Vec<u8>>, CallError>>>,
-    },
-    /// A timer fired.
-    Timer {
-        /// Instance generation that set it.
-        generation: u64,
-        /// Timer id.
-        id: u64,
-        /// Which setting of the id.
-        seq: u64,
-    },
-    /// The membership view changed.
-    Membership(Vec<MemberEvent>),
-    /// Replace the instance.
-    Swap {
-        /// The new, initialised instance.
-        next: Box<Instance>,
-        /// Where the outcome goes.
-        reply: oneshot::Sender<Result<SwapReport, SwapError>>,
-    },
-    /// Stop the actor.
-    Stop {
-        /// Signalled once stopped.
-        reply: oneshot::Sender<()>,
-    },
 }
 
 /// State shared between a plugin's actor and its handle.

@@ -153,8 +153,9 @@ impl Actor {
                         let _ = reply.send(());
                         return Idle::Stopped;
                     }
-                    Some(Mail::Swap { next, reply }) => {
-                        let _ = reply.send(Ok(self.take_over(*next)));
+                    Some(Mail::Swap(order)) => {
+                        let Swap { next, reply } = Swap::open(order);
+                        let _ = reply.send(Ok(self.take_over(next)));
                         return Idle::SwappedIn;
                     }
                     Some(mail) => other(self, mail),
@@ -288,15 +289,16 @@ impl Actor {
                 }
                 self.after(&r);
             }
-            Mail::Swap { next, reply } => {
+            Mail::Swap(order) => {
                 self.drain().await;
+                let Swap { next, reply } = Swap::open(order);
                 if self.instance.is_none() {
                     // The old version failed while draining: nothing is
                     // left to hand over, so the new one simply takes over.
-                    let _ = reply.send(Ok(self.take_over(*next)));
+                    let _ = reply.send(Ok(self.take_over(next)));
                     return true;
                 }
-                let r = self.swap(*next).await;
+                let r = self.swap(next).await;
                 let _ = reply.send(r);
             }
             Mail::Stop { reply } => {

@@ -3,6 +3,22 @@
 
 use super::*;
 
+/// A swap as the handle sends it to the actor, inside a [`SwapOrder`].
+pub(super) struct Swap {
+    /// The new, initialised instance.
+    pub(super) next: Instance,
+    /// Where the outcome goes.
+    pub(super) reply: oneshot::Sender<Result<SwapReport, SwapError>>,
+}
+
+impl Swap {
+    /// The swap inside `order`: every order is built by
+    /// [`PluginHandle::swap`], around a [`Swap`].
+    pub(super) fn open(order: SwapOrder) -> Swap {
+        order.open().expect("a swap order holds a Swap")
+    }
+}
+
 impl Actor {
     /// Before a local swap: lets the old version finish the writes and
     /// calls it has in flight, so their clients are answered by the code
