@@ -215,7 +215,7 @@ impl Node {
             log,
             view,
             call_limits: opts.call_limits,
-            transport,
+            transport: transport.map(|t| t as Arc<dyn crate::cluster::transport::PeerLinks>),
             runtime: runtime.clone(),
             clock: opts.clock,
             directory: Arc::new(WeakDirectory(Arc::downgrade(&plugins))),

@@ -15,7 +15,7 @@ use wasmtime::component::{HasData, Linker};
 use super::calls::{Calls, clamp_timeout};
 use super::membership::MembershipView;
 use super::{CallLimits, over};
-use crate::cluster::transport::{Transport, TransportError};
+use crate::cluster::transport::{PeerLinks, TransportError};
 use crate::runtime::bindings::plexus::cluster::messaging as wit;
 use crate::runtime::bindings::plexus::cluster::types::{CallOutcome, MessagingError};
 use crate::runtime::mail::{CallError, Mail};
@@ -41,7 +41,7 @@ const OUTBOX: usize = 4096;
 #[derive(Clone)]
 pub struct Remote {
     /// The node's transport.
-    pub transport: Arc<Transport>,
+    pub transport: Arc<dyn PeerLinks>,
     /// The plugin's name, which addresses it on every node.
     pub plugin: String,
 }

@@ -12,7 +12,7 @@ use super::membership::MembershipView;
 use super::wire::{Answered, KIND_CALL, PluginCall, WireRequest};
 use super::{CallLimits, over};
 use crate::cluster::log::BoxFuture;
-use crate::cluster::transport::Transport;
+use crate::cluster::transport::PeerLinks;
 use crate::runtime::bindings::plexus::cluster::plugins as wit;
 use crate::runtime::bindings::plexus::cluster::types::{
     CallOutcome, Caller, PluginError, Request, RequestSource,
@@ -40,7 +40,7 @@ pub struct PluginsCtx {
     allowed: Arc<BTreeSet<String>>,
     directory: Arc<dyn Directory>,
     view: Arc<MembershipView>,
-    transport: Option<Arc<Transport>>,
+    transport: Option<Arc<dyn PeerLinks>>,
     limits: CallLimits,
 }
 
@@ -53,7 +53,7 @@ impl PluginsCtx {
         allowed: Arc<BTreeSet<String>>,
         directory: Arc<dyn Directory>,
         view: Arc<MembershipView>,
-        transport: Option<Arc<Transport>>,
+        transport: Option<Arc<dyn PeerLinks>>,
         limits: CallLimits,
     ) -> Self {
         PluginsCtx {

@@ -40,6 +40,59 @@ pub use super::secure::Lane;
 mod frame;
 mod incoming;
 mod outgoing;
+
+/// What plugin traffic needs of the peer links: the backend behind
+/// `messaging`, `plugins.call` and forwarding, as [`ConsensusBackend`]
+/// is behind `consensus`. [`Transport`] is the real one.
+///
+/// To be correct, an implementation must deliver the one-way messages one
+/// caller sends to one peer, awaiting each send before the next, in that
+/// order and at most once; and must tell a definite failure (an unknown
+/// peer, a body too large, a peer that refused) from an unknown outcome
+/// (no reply before the timeout, a connection lost after sending).
+///
+/// [`ConsensusBackend`]: crate::cluster::log::ConsensusBackend
+pub trait PeerLinks: Send + Sync {
+    /// Queues a one-way message of `kind` for `to`.
+    fn send<'a>(
+        &'a self,
+        to: &'a str,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Sends a request of `kind` to `to` and waits up to `timeout` for its
+    /// reply.
+    fn request<'a>(
+        &'a self,
+        to: &'a str,
+        kind: u8,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Vec<u8>, TransportError>>;
+}
+
+impl PeerLinks for Transport {
+    fn send<'a>(
+        &'a self,
+        to: &'a str,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(Transport::send(self, to, kind, body))
+    }
+
+    fn request<'a>(
+        &'a self,
+        to: &'a str,
+        kind: u8,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
+        Box::pin(Transport::request(self, to, kind, body, timeout))
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -149,7 +149,7 @@ pub struct Services {
     /// Limits on every host call.
     pub call_limits: CallLimits,
     /// The peer transport, in a cluster.
-    pub transport: Option<Arc<crate::cluster::transport::Transport>>,
+    pub transport: Option<Arc<dyn crate::cluster::transport::PeerLinks>>,
     /// The engine, for versions that arrive through the log.
     pub runtime: Arc<super::engine::Runtime>,
     /// The wall clock behind `timers.now-ms`.
