@@ -68,10 +68,10 @@ pub async fn start_with_progress(
     for entry in &config.plugins {
         let bytes = entry.component_bytes(&config.base_dir)?;
         let started = std::time::Instant::now();
-        let status = node
-            .load(entry.load_spec(bytes))
-            .await
-            .with_context(|| format!("loading plugin `{}`", entry.name))?;
+        // Placed in the file: `node.toml:LINE:COL: plugins[N]: ...`.
+        let status = node.load(entry.load_spec(bytes)).await.map_err(|e| {
+            anyhow::anyhow!(config.locate_plugin_error(&entry.name, &e.to_string()))
+        })?;
         progress(&format!(
             "loaded {} ({}, version {}) in {} ms",
             entry.name,

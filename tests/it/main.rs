@@ -11,6 +11,7 @@ mod http_proxy;
 mod leader_election;
 mod operate;
 mod process;
+mod pubsub;
 mod relay;
 mod replicated_kv;
 mod swap;

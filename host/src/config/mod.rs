@@ -207,4 +207,9 @@ name = "election"
 component = "bundled:leader-election"
 capabilities = ["consensus", "storage", "timers", "log"]
 config = { campaign = ["primary"], ttl_ms = 3000 }
+
+[[plugins]]
+name = "pubsub"
+component = "bundled:pubsub"
+capabilities = ["consensus", "storage", "timers"]
 "#;

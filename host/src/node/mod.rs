@@ -104,12 +104,12 @@ pub enum NodeError {
     #[error("a plugin named `{0}` is already loaded")]
     AlreadyLoaded(String),
     /// The component was refused.
-    #[error("plugin `{name}`: {source}")]
+    #[error("plugin `{name}`: {reason}")]
     Load {
         /// Plugin name.
         name: String,
         /// Why.
-        source: LoadError,
+        reason: LoadError,
     },
     /// Invalid limits in a spec.
     #[error("plugin `{name}`: {reason}")]

@@ -97,11 +97,11 @@ impl Node {
             .await
             .map_err(|e| NodeError::Load {
                 name: name.to_string(),
-                source: LoadError::Invalid(e.to_string()),
+                reason: LoadError::Invalid(e.to_string()),
             })?
-            .map_err(|source| NodeError::Load {
+            .map_err(|reason| NodeError::Load {
                 name: name.to_string(),
-                source,
+                reason,
             })
     }
 
@@ -158,9 +158,9 @@ impl Node {
             self.services.clone(),
         )
         .await
-        .map_err(|source| NodeError::Load {
+        .map_err(|reason| NodeError::Load {
             name: name.clone(),
-            source,
+            reason,
         })?;
         if let Some((index, _)) = swapped {
             handle.mark_swapped(index);
@@ -179,7 +179,7 @@ impl Node {
     fn swapped_version(&self, name: &str) -> Result<Option<(u64, Control)>, NodeError> {
         let failed = |reason: String| NodeError::Load {
             name: name.to_string(),
-            source: LoadError::Init(reason),
+            reason: LoadError::Init(reason),
         };
         let applied = self
             .services
@@ -230,7 +230,7 @@ impl Node {
             .prepare(name, component, handle.capabilities().clone())
             .await
             .map_err(|e| match e {
-                NodeError::Load { source, .. } => SwapError::Load(source),
+                NodeError::Load { reason, .. } => SwapError::Load(reason),
                 other => SwapError::Load(LoadError::Invalid(other.to_string())),
             })?;
         Ok((handle, prepared))

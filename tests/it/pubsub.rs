@@ -1,0 +1,326 @@
+//! pubsub on its real `.wasm`: on one node, topics, groups, acks and a
+//! dead letter; on three `plexus` processes, a group shared across nodes
+//! whose killed consumer's messages go to the others, and publishing
+//! through a cluster-wide swap and a kill -9 without losing an
+//! acknowledged message or storing one twice.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use plexus::runtime::actor::PluginLimits;
+use plexus::runtime::bindings::pattern::Method;
+use plexus_tests::{Process, TestNode, body_json, caps, cluster_node_config, http, loopback_addrs};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_node_a_group_acks_redelivers_and_dead_letters() {
+    let n = TestNode::new();
+    n.load(
+        "pubsub",
+        "pubsub",
+        caps(&["consensus", "storage", "timers"]),
+        PluginLimits::default(),
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        n.call("pubsub", Method::Put, "/topics/jobs", b"")
+            .await
+            .status,
+        200
+    );
+    let group = br#"{"ack_wait_ms": 200, "max_deliver": 2}"#;
+    let r = n
+        .call("pubsub", Method::Put, "/topics/jobs/groups/workers", group)
+        .await;
+    assert_eq!(r.status, 200);
+    for job in ["a", "b"] {
+        let r = n
+            .call(
+                "pubsub",
+                Method::Post,
+                "/topics/jobs/publish",
+                job.as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let fetch = "/topics/jobs/groups/workers/fetch?max=10&consumer=w1";
+    let got = body_json(&n.call("pubsub", Method::Post, fetch, b"").await);
+    assert_eq!(got.as_array().unwrap().len(), 2);
+    let r = n
+        .call(
+            "pubsub",
+            Method::Post,
+            "/topics/jobs/groups/workers/ack/1",
+            b"",
+        )
+        .await;
+    assert_eq!(body_json(&r)["acked"], true);
+    // "b" was not acked: it comes back once its ack wait is over, then goes
+    // to the dead-letter topic after its second delivery.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut deliveries = 1;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = body_json(&n.call("pubsub", Method::Post, fetch, b"").await);
+        if let Some(m) = got.as_array().unwrap().first() {
+            assert_eq!(
+                (m["seq"].as_u64(), m["data"].as_str()),
+                (Some(2), Some("b"))
+            );
+            deliveries = m["deliveries"].as_u64().unwrap();
+        }
+        let dlq = n.call("pubsub", Method::Get, "/topics/jobs.dlq", b"").await;
+        if dlq.status == 200 && body_json(&dlq)["count"] == 1 {
+            assert_eq!(deliveries, 2, "moved after its second delivery");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "message 2 never reached the dead-letter topic"
+        );
+    }
+}
+
+fn config(i: usize, http: &[SocketAddr], peer: &[SocketAddr]) -> String {
+    let plugin = r#"
+[admin]
+token = "pubsub-token"
+
+[[plugins]]
+name = "pubsub"
+component = "bundled:pubsub"
+capabilities = ["consensus", "storage", "timers"]
+"#;
+    cluster_node_config(i, http, peer, "", plugin)
+}
+
+struct Nodes {
+    dir: tempfile::TempDir,
+    http: Vec<SocketAddr>,
+    procs: Vec<Option<Process>>,
+}
+
+impl Nodes {
+    async fn start() -> Nodes {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, peer) = (loopback_addrs(3), loopback_addrs(3));
+        for i in 0..3 {
+            std::fs::write(
+                dir.path().join(format!("node-{}.toml", i + 1)),
+                config(i, &http, &peer),
+            )
+            .unwrap();
+        }
+        let mut nodes = Nodes {
+            dir,
+            http,
+            procs: Vec::new(),
+        };
+        for i in 0..3 {
+            let p = nodes.spawn(i).await;
+            nodes.procs.push(Some(p));
+        }
+        nodes
+    }
+
+    async fn spawn(&self, i: usize) -> Process {
+        let path = self.dir.path().join(format!("node-{}.toml", i + 1));
+        Process::up(self.dir.path(), &path, self.http[i]).await
+    }
+
+    /// `method path` on node `i`, retried while the cluster has no leader.
+    async fn call(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, serde_json::Value) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((status, bytes)) = http(self.http[i], method, path, &[], body).await
+                && status != 421
+                && status != 503
+                && status != 504
+            {
+                let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                return (status, v);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{method} {path} on node-{} never answered",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_consumers_messages_go_to_the_groups_other_members() {
+    let mut nodes = Nodes::start().await;
+    assert_eq!(
+        nodes
+            .call(0, "PUT", "/v1/plugins/pubsub/topics/jobs", b"")
+            .await
+            .0,
+        200
+    );
+    let group = br#"{"ack_wait_ms": 1000}"#;
+    assert_eq!(
+        nodes
+            .call(0, "PUT", "/v1/plugins/pubsub/topics/jobs/groups/w", group)
+            .await
+            .0,
+        200
+    );
+    for i in 0..6 {
+        let (status, _) = nodes
+            .call(
+                i % 3,
+                "POST",
+                "/v1/plugins/pubsub/topics/jobs/publish",
+                format!("job-{i}").as_bytes(),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    // node-3's consumer takes three and dies without acking.
+    let fetch =
+        |c: &str| format!("/v1/plugins/pubsub/topics/jobs/groups/w/fetch?max=3&consumer={c}");
+    let (_, taken) = nodes.call(2, "POST", &fetch("on-3"), b"").await;
+    let taken: Vec<u64> = taken
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(taken.len(), 3);
+    nodes.procs[2].take().unwrap().kill();
+    // node-2's consumer gets the other three at once, and node-3's three
+    // once their ack wait is over, as second deliveries.
+    let (_, rest) = nodes.call(1, "POST", &fetch("on-2"), b"").await;
+    let mut seen: BTreeMap<u64, u64> = rest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_u64().unwrap(),
+                m["deliveries"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen.len(), 3);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while taken.iter().any(|s| !seen.contains_key(s)) {
+        assert!(Instant::now() < deadline, "redelivered so far: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, again) = nodes.call(0, "POST", &fetch("on-1"), b"").await;
+        for m in again.as_array().unwrap() {
+            seen.insert(
+                m["seq"].as_u64().unwrap(),
+                m["deliveries"].as_u64().unwrap(),
+            );
+        }
+    }
+    for s in &taken {
+        assert_eq!(seen[s], 2, "message {s}");
+    }
+    assert_eq!(seen.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_through_a_swap_and_a_kill_loses_and_doubles_nothing() {
+    let mut nodes = Nodes::start().await;
+    assert_eq!(
+        nodes
+            .call(0, "PUT", "/v1/plugins/pubsub/topics/events", b"")
+            .await
+            .0,
+        200
+    );
+    // Publishers on nodes 1 and 2, each message with an id: a retry after
+    // an unknown outcome is stored once.
+    let addrs = nodes.http.clone();
+    let publisher = |n: usize| {
+        let addr = addrs[n];
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..60 {
+                let id = format!("n{n}-{i}");
+                let path = format!("/v1/plugins/pubsub/topics/events/publish?id={id}");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match http(addr, "POST", &path, &[], id.as_bytes()).await {
+                        Ok((200, _)) => {
+                            acked.push(id);
+                            break;
+                        }
+                        _ if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(50)).await
+                        }
+                        other => panic!("{id} never published: {other:?}"),
+                    }
+                }
+            }
+            acked
+        })
+    };
+    let (a, b) = (publisher(0), publisher(1));
+    // Meanwhile: a cluster-wide swap, then kill -9 of node-3 and a restart.
+    let component = plexus_tests::variant(&plexus_tests::wasm("pubsub"), 7);
+    let auth = ("authorization", "Bearer pubsub-token");
+    let (status, body) = http(
+        nodes.http[0],
+        "POST",
+        "/v1/admin/plugins/pubsub/swap?scope=cluster",
+        &[auth],
+        &component,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    nodes.procs[2].take().unwrap().kill();
+    let p = nodes.spawn(2).await;
+    nodes.procs[2] = Some(p);
+    let mut acked = a.await.unwrap();
+    acked.extend(b.await.unwrap());
+    assert_eq!(acked.len(), 120);
+    // A new group on the restarted node reads the whole topic: every
+    // acknowledged message, once.
+    assert_eq!(
+        nodes
+            .call(
+                2,
+                "PUT",
+                "/v1/plugins/pubsub/topics/events/groups/audit",
+                b""
+            )
+            .await
+            .0,
+        200
+    );
+    let (_, all) = nodes
+        .call(
+            2,
+            "POST",
+            "/v1/plugins/pubsub/topics/events/groups/audit/fetch?max=1000",
+            b"",
+        )
+        .await;
+    let mut stored: Vec<String> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].as_str().unwrap().to_string())
+        .collect();
+    let total = stored.len();
+    stored.sort();
+    stored.dedup();
+    assert_eq!(stored.len(), total, "a message was stored twice");
+    acked.sort();
+    assert_eq!(stored, acked);
+}
