@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-
 use crate::config::Config;
 use crate::ingress::{self, IngressOptions};
 use crate::node::{Node, NodeOptions};
