@@ -16,3 +16,4 @@ mod relay;
 mod replicated_kv;
 mod swap;
 mod trust;
+mod work_queue;

@@ -212,4 +212,9 @@ config = { campaign = ["primary"], ttl_ms = 3000 }
 name = "pubsub"
 component = "bundled:pubsub"
 capabilities = ["consensus", "storage", "timers"]
+
+[[plugins]]
+name = "wq"
+component = "bundled:work-queue"
+capabilities = ["consensus", "storage", "timers"]
 "#;

@@ -1,0 +1,303 @@
+//! work-queue: tasks handed to workers under leases with fencing tokens,
+//! on the consensus log (the master–worker pattern, as users of Celery or
+//! Sidekiq run it).
+//!
+//! A task is submitted to a queue; a worker leases the next one (highest
+//! priority, then oldest) and gets it with a fencing token. While it works
+//! it sends heartbeats; a lease that runs out puts the task back, and the
+//! next lease carries a higher token. A result or failure is accepted only
+//! with the current token, so a worker that lost its lease cannot
+//! overwrite the work of the one after it: execution is at least once,
+//! acceptance of results exactly once. A failed attempt is retried after
+//! a backoff (1 s, doubling to a minute) until `max_attempts`, then the
+//! task is failed with its last error. Every change is a log entry, and
+//! time is the proposer's clock carried in it.
+//!
+//! HTTP (below `/v1/plugins/<name>`):
+//! - `POST /queues/{queue}/tasks` `{"payload": any JSON, "priority": 0..=9,
+//!   "max_attempts": 3, "key": "an idempotency key"}`: `{"id", "duplicate"}`.
+//! - `POST /queues/{queue}/lease?worker=W&lease_ms=30000`: the task as
+//!   `{"id", "token", "attempt", "payload"}`, or 204 when none is ready.
+//! - `POST /tasks/{id}/heartbeat?token=T&lease_ms=N`,
+//!   `POST /tasks/{id}/complete?token=T` (the body is the result, JSON),
+//!   `POST /tasks/{id}/fail?token=T` (the body is the error): 409 with
+//!   the current token when `T` is stale.
+//! - `GET /tasks/{id}`: its state, attempts, result or last error.
+
+use plexus_sdk::consensus::{self, Committed, Pending, Rejected};
+use plexus_sdk::http::{self, Params, Router};
+use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, timers};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+mod tasks;
+
+use tasks::{Outcome, Task};
+
+const MAX_NAME: usize = 128;
+const DEFAULT_LEASE_MS: u64 = 30_000;
+
+/// A command of the log. Add variants at the end; never change these.
+#[derive(Serialize, Deserialize)]
+pub enum Command {
+    Submit {
+        queue: String,
+        key: Option<String>,
+        payload: String,
+        priority: u8,
+        max_attempts: u32,
+        now_ms: u64,
+    },
+    Lease {
+        queue: String,
+        worker: String,
+        lease_ms: u64,
+        now_ms: u64,
+    },
+    Heartbeat {
+        id: String,
+        token: u64,
+        lease_ms: u64,
+        now_ms: u64,
+    },
+    Complete {
+        id: String,
+        token: u64,
+        result: String,
+        now_ms: u64,
+    },
+    Fail {
+        id: String,
+        token: u64,
+        error: String,
+        now_ms: u64,
+    },
+}
+
+pub struct WorkQueue;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Submit {
+    #[serde(default)]
+    payload: serde_json::Value,
+    #[serde(default)]
+    priority: u8,
+    #[serde(default = "default_attempts")]
+    max_attempts: u32,
+    key: Option<String>,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+
+fn answer(_: &mut WorkQueue, done: Committed<Outcome>) -> Response {
+    match done.output {
+        Outcome::Submitted { id, duplicate } => {
+            Response::json(200, &json!({ "id": id, "duplicate": duplicate }))
+        }
+        Outcome::Leased(None) => Response::new(204, "application/json", Vec::new()),
+        Outcome::Leased(Some(task)) => Response::json(200, &task.leased_view()),
+        Outcome::Done(value) => Response::json(200, &value),
+    }
+}
+
+fn submit(w: &mut WorkQueue, cmd: Command) -> http::Result<Pending> {
+    Ok(consensus::submit(w, &cmd, answer)?)
+}
+
+/// A queue or task name: 1 to 128 of `A-Z a-z 0-9 . _ -`.
+fn name(params: &Params, key: &str) -> http::Result<String> {
+    let name = params.text(key, MAX_NAME)?;
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        let why = format!("{key} `{name}` may hold only A-Z, a-z, 0-9, `.`, `_` and `-`");
+        return Err(Response::error(400, &why));
+    }
+    Ok(name)
+}
+
+fn token(req: &Request) -> http::Result<u64> {
+    req.query::<u64>("token")?
+        .ok_or_else(|| Response::error(400, "query parameter `token` is required"))
+}
+
+fn post_task(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
+    let queue = name(params, "queue")?;
+    let body: Submit = req.json()?;
+    if body.priority > 9 || body.max_attempts == 0 {
+        return Err(Response::error(
+            400,
+            "priority must be in 0..=9 and max_attempts at least 1",
+        ));
+    }
+    if let Some(key) = &body.key
+        && (key.is_empty() || key.len() > MAX_NAME || key.contains('/'))
+    {
+        return Err(Response::error(
+            400,
+            "key must be 1..=128 bytes without `/`",
+        ));
+    }
+    submit(
+        w,
+        Command::Submit {
+            queue,
+            key: body.key,
+            payload: body.payload.to_string(),
+            priority: body.priority,
+            max_attempts: body.max_attempts,
+            now_ms: timers::now_ms(),
+        },
+    )
+}
+
+fn lease(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
+    let queue = name(params, "queue")?;
+    let worker = req.query_param("worker").unwrap_or_default();
+    let lease_ms = req
+        .query::<u64>("lease_ms")?
+        .unwrap_or(DEFAULT_LEASE_MS)
+        .clamp(100, 86_400_000);
+    submit(
+        w,
+        Command::Lease {
+            queue,
+            worker,
+            lease_ms,
+            now_ms: timers::now_ms(),
+        },
+    )
+}
+
+fn heartbeat(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
+    let id = name(params, "id")?;
+    let lease_ms = req
+        .query::<u64>("lease_ms")?
+        .unwrap_or(DEFAULT_LEASE_MS)
+        .clamp(100, 86_400_000);
+    submit(
+        w,
+        Command::Heartbeat {
+            id,
+            token: token(req)?,
+            lease_ms,
+            now_ms: timers::now_ms(),
+        },
+    )
+}
+
+fn complete(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
+    let id = name(params, "id")?;
+    let result: serde_json::Value = if req.body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        req.json()?
+    };
+    submit(
+        w,
+        Command::Complete {
+            id,
+            token: token(req)?,
+            result: result.to_string(),
+            now_ms: timers::now_ms(),
+        },
+    )
+}
+
+fn fail(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
+    let id = name(params, "id")?;
+    let error = String::from_utf8_lossy(&req.body).into_owned();
+    submit(
+        w,
+        Command::Fail {
+            id,
+            token: token(req)?,
+            error,
+            now_ms: timers::now_ms(),
+        },
+    )
+}
+
+fn get_task(w: &mut WorkQueue, _: &Request, params: &Params) -> http::Result {
+    let id = name(params, "id")?;
+    consensus::read_barrier(w)?;
+    match tasks::task(&id)? {
+        Some(t) => Ok(Response::json(200, &Task::view(&id, &t))),
+        None => Ok(Response::error(404, "no such task")),
+    }
+}
+
+impl Pattern for WorkQueue {
+    type Command = Command;
+    type Output = Outcome;
+
+    fn init(_ctx: InitContext) -> Result<Self, String> {
+        Ok(WorkQueue)
+    }
+
+    fn on_request(&mut self, req: Request) -> Reply {
+        Router::new()
+            .post("/queues/{queue}/tasks", post_task)
+            .post("/queues/{queue}/lease", lease)
+            .post("/tasks/{id}/heartbeat", heartbeat)
+            .post("/tasks/{id}/complete", complete)
+            .post("/tasks/{id}/fail", fail)
+            .get("/tasks/{id}", get_task)
+            .handle(self, req)
+    }
+
+    fn apply(&mut self, index: u64, cmd: Command) -> Result<Outcome, Rejected> {
+        match cmd {
+            Command::Submit {
+                queue,
+                key,
+                payload,
+                priority,
+                max_attempts,
+                now_ms,
+            } => {
+                let id = key.unwrap_or_else(|| format!("t{index}"));
+                tasks::submit(&queue, id, payload, priority, max_attempts, now_ms)
+            }
+            Command::Lease {
+                queue,
+                worker,
+                lease_ms,
+                now_ms,
+            } => tasks::lease(&queue, &worker, lease_ms, now_ms),
+            Command::Heartbeat {
+                id,
+                token,
+                lease_ms,
+                now_ms,
+            } => tasks::heartbeat(&id, token, lease_ms, now_ms),
+            Command::Complete {
+                id,
+                token,
+                result,
+                now_ms,
+            } => tasks::finish(&id, token, Ok(result), now_ms),
+            Command::Fail {
+                id,
+                token,
+                error,
+                now_ms,
+            } => tasks::finish(&id, token, Err(error), now_ms),
+        }
+    }
+
+    // Writes the version before a swap accepted are answered as it would
+    // have: the answer depends on the outcome only.
+    fn answer_inherited(&mut self, done: Committed<Outcome>) -> Option<Response> {
+        Some(answer(self, done))
+    }
+}
+
+export_pattern!(WorkQueue);
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,152 @@
+//! Leases, fencing tokens, retries and priorities on the in-memory host,
+//! with its clock moved by hand.
+
+use plexus_sdk::Response;
+use plexus_sdk::testing::TestHost;
+use serde_json::{Value, json};
+
+use super::WorkQueue;
+
+fn body(r: &Response) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+}
+
+fn submit(h: &mut TestHost<WorkQueue>, task: Value) -> String {
+    let r = h.post("/queues/q/tasks", task.to_string());
+    assert_eq!(r.status, 200, "{}", body(&r));
+    body(&r)["id"].as_str().unwrap().to_string()
+}
+
+/// Leases the next task: `(id, token)`, or `None` on a 204.
+fn lease(h: &mut TestHost<WorkQueue>, lease_ms: u64) -> Option<(String, u64)> {
+    let r = h.post(&format!("/queues/q/lease?worker=w&lease_ms={lease_ms}"), "");
+    if r.status == 204 {
+        return None;
+    }
+    let v = body(&r);
+    Some((
+        v["id"].as_str().unwrap().to_string(),
+        v["token"].as_u64().unwrap(),
+    ))
+}
+
+fn state(h: &mut TestHost<WorkQueue>, id: &str) -> Value {
+    body(&h.get(&format!("/tasks/{id}")))
+}
+
+#[test]
+fn a_task_is_leased_once_and_completed_under_its_token() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let id = submit(&mut h, json!({ "payload": { "n": 7 } }));
+    let (leased, token) = lease(&mut h, 1000).unwrap();
+    assert_eq!((leased.as_str(), token), (id.as_str(), 1));
+    assert_eq!(lease(&mut h, 1000), None);
+    let r = h.post(&format!("/tasks/{id}/complete?token=1"), r#"{"sum": 7}"#);
+    assert_eq!(r.status, 200);
+    let s = state(&mut h, &id);
+    assert_eq!(
+        (s["state"].clone(), s["result"].clone()),
+        (json!("done"), json!({ "sum": 7 }))
+    );
+}
+
+#[test]
+fn a_lease_that_runs_out_goes_to_the_next_worker_and_the_late_result_is_refused() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let id = submit(&mut h, json!({}));
+    let (_, first) = lease(&mut h, 1000).unwrap();
+    h.advance(1000);
+    let (again, second) = lease(&mut h, 1000).unwrap();
+    assert_eq!((again, second), (id.clone(), first + 1));
+    let late = h.post(&format!("/tasks/{id}/complete?token={first}"), "1");
+    assert_eq!(late.status, 409);
+    assert_eq!(body(&late)["token"], second);
+    assert_eq!(
+        h.post(&format!("/tasks/{id}/complete?token={second}"), "2")
+            .status,
+        200
+    );
+    // Accepted once: the same token again is refused too.
+    assert_eq!(
+        h.post(&format!("/tasks/{id}/complete?token={second}"), "3")
+            .status,
+        409
+    );
+    assert_eq!(state(&mut h, &id)["result"], 2);
+}
+
+#[test]
+fn heartbeats_keep_a_lease() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let id = submit(&mut h, json!({}));
+    lease(&mut h, 1000).unwrap();
+    for _ in 0..3 {
+        h.advance(800);
+        assert_eq!(
+            h.post(&format!("/tasks/{id}/heartbeat?token=1&lease_ms=1000"), "")
+                .status,
+            200
+        );
+    }
+    assert_eq!(lease(&mut h, 1000), None, "the task is still leased");
+    assert_eq!(state(&mut h, &id)["state"], "leased");
+}
+
+#[test]
+fn a_failed_attempt_is_retried_after_a_backoff_until_max_attempts() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let id = submit(&mut h, json!({ "max_attempts": 2 }));
+    lease(&mut h, 10_000).unwrap();
+    let r = h.post(&format!("/tasks/{id}/fail?token=1"), "boom");
+    assert_eq!(body(&r)["state"], "queued");
+    assert_eq!(lease(&mut h, 10_000), None, "not before the backoff");
+    h.advance(1000);
+    let (_, token) = lease(&mut h, 10_000).unwrap();
+    assert_eq!(token, 2);
+    h.post(&format!("/tasks/{id}/fail?token=2"), "boom again");
+    let s = state(&mut h, &id);
+    assert_eq!(
+        (s["state"].clone(), s["error"].clone()),
+        (json!("failed"), json!("boom again"))
+    );
+    h.advance(120_000);
+    assert_eq!(lease(&mut h, 1000), None);
+}
+
+#[test]
+fn higher_priority_first_then_oldest_first() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let low = submit(&mut h, json!({ "priority": 0 }));
+    let high = submit(&mut h, json!({ "priority": 9 }));
+    let low2 = submit(&mut h, json!({ "priority": 0 }));
+    let order: Vec<String> = (0..3).map(|_| lease(&mut h, 1000).unwrap().0).collect();
+    assert_eq!(order, [high, low, low2]);
+}
+
+#[test]
+fn an_idempotency_key_submits_once() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let r1 = body(&h.post("/queues/q/tasks", json!({ "key": "order-1" }).to_string()));
+    let r2 = body(&h.post("/queues/q/tasks", json!({ "key": "order-1" }).to_string()));
+    assert_eq!(r1, json!({ "id": "order-1", "duplicate": false }));
+    assert_eq!(r2, json!({ "id": "order-1", "duplicate": true }));
+    assert!(lease(&mut h, 1000).is_some());
+    assert_eq!(lease(&mut h, 1000), None);
+}
+
+#[test]
+fn bad_requests_are_refused_before_the_log() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    assert_eq!(
+        h.post("/queues/q/tasks", json!({ "priority": 10 }).to_string())
+            .status,
+        400
+    );
+    assert_eq!(
+        h.post("/queues/q/tasks", json!({ "priorty": 1 }).to_string())
+            .status,
+        400
+    );
+    assert_eq!(h.post("/tasks/t1/complete", "").status, 400);
+    assert!(h.entries().is_empty());
+}
