@@ -324,3 +324,66 @@ async fn publishing_through_a_swap_and_a_kill_loses_and_doubles_nothing() {
     acked.sort();
     assert_eq!(stored, acked);
 }
+
+/// A fetch waiting on one node is answered by a publish on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_on_one_node_is_answered_by_a_publish_on_another() {
+    let nodes = Nodes::start().await;
+    assert_eq!(
+        nodes
+            .call(0, "PUT", "/v1/plugins/pubsub/topics/news", b"")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        nodes
+            .call(
+                0,
+                "PUT",
+                "/v1/plugins/pubsub/topics/news/groups/readers",
+                b""
+            )
+            .await
+            .0,
+        200
+    );
+    // Once node-2 sees the group, its fetch waits.
+    let fetch = "/v1/plugins/pubsub/topics/news/groups/readers/fetch?max=5&wait_ms=30000";
+    let (status, empty) = nodes
+        .call(
+            1,
+            "POST",
+            "/v1/plugins/pubsub/topics/news/groups/readers/fetch",
+            b"",
+        )
+        .await;
+    assert_eq!((status, empty), (200, serde_json::json!([])));
+    let waiting = tokio::spawn(http(nodes.http[1], "POST", fetch, &[], b""));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "an empty long poll answered at once"
+    );
+    let started = Instant::now();
+    assert_eq!(
+        nodes
+            .call(
+                0,
+                "POST",
+                "/v1/plugins/pubsub/topics/news/publish",
+                b"extra"
+            )
+            .await
+            .0,
+        200
+    );
+    let (status, body) = waiting.await.unwrap().unwrap();
+    assert_eq!(status, 200);
+    let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(got[0]["data"], "extra", "{got}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "answered at the deadline, not by the publish"
+    );
+}

@@ -26,16 +26,17 @@
 //! - `PUT /topics/{topic}/groups/{group}` with `{"deliver": "all" | "new" |
 //!   {"seq": N} | {"time_ms": T}, "ack_wait_ms", "max_deliver",
 //!   "max_ack_pending"}`; `GET` shows its cursor and what it has out.
-//! - `POST /topics/{topic}/groups/{group}/fetch?max=N&consumer=C`: up to
-//!   N messages as `[{"seq", "data" (or "data_b64"), "deliveries",
-//!   "published_ms", "headers"}]`.
+//! - `POST /topics/{topic}/groups/{group}/fetch?max=N&consumer=C&wait_ms=W`:
+//!   up to N messages as `[{"seq", "data" (or "data_b64"), "deliveries",
+//!   "published_ms", "headers"}]`; with `wait_ms`, an empty fetch waits up
+//!   to W ms for a message (a long poll) before answering `[]`.
 //! - `POST .../ack/{seq}`, `.../nak/{seq}?delay_ms=N`,
 //!   `.../progress/{seq}` (more time to work on it).
 
 use base64::Engine;
 use plexus_sdk::consensus::{self, Committed, Pending, Rejected};
 use plexus_sdk::http::{self, Params, Router};
-use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, timers};
+use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, replies, timers};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -45,6 +46,12 @@ use state::{Delivery, GroupConfig, Outcome, TopicConfig};
 
 const MAX_NAME: usize = 128;
 const MAX_FETCH: u32 = 1000;
+/// Longest a fetch may wait for a message.
+const MAX_WAIT_MS: u64 = 60_000;
+/// Fires when a publish was applied to a topic someone here waits on.
+const WAKE: u64 = 1;
+/// Fires at the earliest deadline of a waiting fetch.
+const DEADLINE: u64 = 2;
 
 /// A command of the log. Add variants at the end; never change these.
 #[derive(Serialize, Deserialize)]
@@ -94,7 +101,60 @@ pub enum Command {
     },
 }
 
-pub struct PubSub;
+pub struct PubSub {
+    /// Fetches on this node waiting for a message (long polls). Kept in
+    /// memory: a swap or restart answers them 504, like any held request.
+    waiting: Vec<Waiter>,
+    /// Topics published to since the waiters last looked.
+    woken: Vec<String>,
+}
+
+/// A long-polling fetch.
+struct Waiter {
+    held: Pending,
+    topic: String,
+    group: String,
+    consumer: String,
+    max: u32,
+    /// Monotonic time it answers `[]` at.
+    until_ms: u64,
+}
+
+impl PubSub {
+    /// Fetches for `w` again: answers it with what comes, or parks it again
+    /// if nothing came and it may still wait.
+    fn retry(&mut self, w: Waiter) {
+        let cmd = Command::Fetch {
+            topic: w.topic.clone(),
+            group: w.group.clone(),
+            consumer: w.consumer.clone(),
+            max: w.max,
+            now_ms: timers::now_ms(),
+        };
+        let held = w.held;
+        let sent = consensus::submit(self, &cmd, move |p: &mut PubSub, done| {
+            match &done.output {
+                Outcome::Delivered(found)
+                    if found.is_empty() && timers::monotonic_ms() < w.until_ms =>
+                {
+                    p.park(w)
+                }
+                _ => replies::answer(w.held, answer(p, done)),
+            }
+            // Nobody waits on this submission itself.
+            Response::new(204, "text/plain", Vec::new())
+        });
+        if let Err(e) = sent {
+            replies::answer(held, e.into());
+        }
+    }
+
+    fn park(&mut self, w: Waiter) {
+        self.waiting.push(w);
+        let next = self.waiting.iter().map(|w| w.until_ms).min().unwrap_or(0);
+        timers::set(DEADLINE, next.saturating_sub(timers::monotonic_ms()));
+    }
+}
 
 fn answer(_: &mut PubSub, done: Committed<Outcome>) -> Response {
     match done.output {
@@ -218,16 +278,37 @@ fn fetch(p: &mut PubSub, req: &Request, params: &Params) -> http::Result<Pending
     let (topic, group) = names(params)?;
     let max = req.query::<u32>("max")?.unwrap_or(1).clamp(1, MAX_FETCH);
     let consumer = req.query_param("consumer").unwrap_or_default();
-    submit(
+    let wait_ms = req.query::<u64>("wait_ms")?.unwrap_or(0).min(MAX_WAIT_MS);
+    let cmd = Command::Fetch {
+        topic: topic.clone(),
+        group: group.clone(),
+        consumer: consumer.clone(),
+        max,
+        now_ms: timers::now_ms(),
+    };
+    let until_ms = timers::monotonic_ms().saturating_add(wait_ms);
+    Ok(consensus::submit(
         p,
-        Command::Fetch {
-            topic,
-            group,
-            consumer,
-            max,
-            now_ms: timers::now_ms(),
+        &cmd,
+        move |p: &mut PubSub, done| -> Reply {
+            match &done.output {
+                // Nothing yet: the client waits on a held reply instead.
+                Outcome::Delivered(found) if found.is_empty() && wait_ms > 0 => {
+                    let held = replies::hold();
+                    p.park(Waiter {
+                        held,
+                        topic,
+                        group,
+                        consumer,
+                        max,
+                        until_ms,
+                    });
+                    held.into()
+                }
+                _ => answer(p, done).into(),
+            }
         },
-    )
+    )?)
 }
 
 fn ack(p: &mut PubSub, _: &Request, params: &Params) -> http::Result<Pending> {
@@ -271,7 +352,10 @@ impl Pattern for PubSub {
     type Output = Outcome;
 
     fn init(_ctx: InitContext) -> Result<Self, String> {
-        Ok(PubSub)
+        Ok(PubSub {
+            waiting: Vec::new(),
+            woken: Vec::new(),
+        })
     }
 
     fn on_request(&mut self, req: Request) -> Reply {
@@ -298,14 +382,16 @@ impl Pattern for PubSub {
                 data,
                 delay_ms,
                 now_ms,
-            } => state::publish(
-                &topic,
-                id,
-                data,
-                Vec::new(),
-                now_ms.saturating_add(delay_ms),
-                now_ms,
-            ),
+            } => {
+                let not_before = now_ms.saturating_add(delay_ms);
+                let published = state::publish(&topic, id, data, Vec::new(), not_before, now_ms);
+                // Fetches waiting here look again once this hook is over.
+                if self.waiting.iter().any(|w| w.topic == topic) && !self.woken.contains(&topic) {
+                    self.woken.push(topic);
+                    timers::set(WAKE, 0);
+                }
+                published
+            }
             Command::Group {
                 topic,
                 group,
@@ -333,6 +419,25 @@ impl Pattern for PubSub {
                 seq,
                 now_ms,
             } => state::retry_at(&topic, &group, seq, now_ms, true),
+        }
+    }
+
+    fn on_timer(&mut self, id: u64) {
+        let now = timers::monotonic_ms();
+        let woken = std::mem::take(&mut self.woken);
+        let (due, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| (id == WAKE && woken.contains(&w.topic)) || w.until_ms <= now);
+        self.waiting = kept;
+        for w in due {
+            if w.until_ms <= now {
+                replies::answer(w.held, Response::json(200, &serde_json::json!([])));
+            } else {
+                self.retry(w);
+            }
+        }
+        if let Some(next) = self.waiting.iter().map(|w| w.until_ms).min() {
+            timers::set(DEADLINE, next.saturating_sub(now));
         }
     }
 

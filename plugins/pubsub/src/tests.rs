@@ -242,3 +242,41 @@ fn the_state_survives_a_swap_and_a_restart() {
     let mut h3 = h2.restart().unwrap();
     assert_eq!(fetch(&mut h3, "g", 1), [(1, "a".into(), 1)]);
 }
+
+#[test]
+fn a_waiting_fetch_is_answered_by_the_next_publish_or_empty_at_its_deadline() {
+    use plexus_sdk::Method;
+    use plexus_sdk::testing::{Answer, request};
+    let mut h = host();
+    group(&mut h, "g", json!({}));
+    let fetch = || {
+        request(
+            Method::Post,
+            "/topics/orders/groups/g/fetch?max=5&wait_ms=1000",
+            Vec::new(),
+        )
+    };
+    let Answer::Waiting(first) = h.request(fetch()) else {
+        panic!("an empty fetch with wait_ms answered at once");
+    };
+    h.advance(200);
+    assert!(h.answer_of(first).is_none());
+    publish(&mut h, "a");
+    h.advance(0);
+    let got = body(&h.answer_of(first).expect("answered by the publish"));
+    assert_eq!(
+        (got[0]["seq"].clone(), got[0]["data"].clone()),
+        (json!(1), json!("a"))
+    );
+    // Nothing comes: `[]` at the deadline, not before.
+    let Answer::Waiting(second) = h.request(fetch()) else {
+        panic!("answered at once");
+    };
+    h.advance(999);
+    assert!(h.answer_of(second).is_none());
+    h.advance(1);
+    assert_eq!(
+        body(&h.answer_of(second).expect("answered at the deadline")),
+        json!([])
+    );
+}
