@@ -76,19 +76,22 @@ async fn every_task_completes_once_when_a_workers_node_is_killed() {
     let worker = |n: usize| {
         let (addr, accepted, stale) = (addrs[n], accepted.clone(), stale.clone());
         tokio::spawn(async move {
-            let lease = format!("/v1/plugins/wq/queues/jobs/lease?worker=w{n}&lease_ms=1500");
+            // A long poll: an empty queue holds the request up to a second.
+            let lease =
+                format!("/v1/plugins/wq/queues/jobs/lease?worker=w{n}&lease_ms=1500&wait_ms=1000");
             let deadline = Instant::now() + Duration::from_secs(90);
-            while Instant::now() < deadline {
+            // Three empty long polls in a row: the queue is drained (a lease
+            // that ran out frees its task within a second and a half).
+            let mut empty = 0;
+            while Instant::now() < deadline && empty < 3 {
                 let Some((status, task)) = call(addr, "POST", &lease, b"").await else {
                     return; // its node is gone
                 };
                 if status == 204 {
-                    if accepted.lock().unwrap().len() == TASKS {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    empty += 1;
                     continue;
                 }
+                empty = 0;
                 let id = task["id"].as_str().unwrap().to_string();
                 let token = task["token"].as_u64().unwrap();
                 let done = format!("/v1/plugins/wq/tasks/{id}/complete?token={token}");
@@ -125,22 +128,18 @@ async fn every_task_completes_once_when_a_workers_node_is_killed() {
     for w in workers {
         w.await.unwrap();
     }
+    // No result was accepted twice. (A completion whose answer was lost
+    // and that was sent again gets 409 the second time, so a task may be
+    // done without a 200 seen here.)
     let accepted = accepted.lock().unwrap().clone();
-    assert_eq!(accepted.len(), TASKS, "tasks completed");
     assert!(
         accepted.values().all(|n| *n == 1),
         "a result accepted twice: {accepted:?}"
     );
     // Every task is done, on a surviving node's view.
-    for i in (0..TASKS).step_by(7) {
-        let (_, task) = call(
-            addrs[0],
-            "GET",
-            &format!("/v1/plugins/wq/tasks/task-{i}"),
-            b"",
-        )
-        .await
-        .unwrap();
+    for i in 0..TASKS {
+        let path = format!("/v1/plugins/wq/tasks/task-{i}");
+        let (_, task) = call(addrs[0], "GET", &path, b"").await.unwrap();
         assert_eq!(task["state"], "done", "{task}");
     }
     // A late result under a token that is no longer current is refused.

@@ -16,8 +16,10 @@
 //! HTTP (below `/v1/plugins/<name>`):
 //! - `POST /queues/{queue}/tasks` `{"payload": any JSON, "priority": 0..=9,
 //!   "max_attempts": 3, "key": "an idempotency key"}`: `{"id", "duplicate"}`.
-//! - `POST /queues/{queue}/lease?worker=W&lease_ms=30000`: the task as
-//!   `{"id", "token", "attempt", "payload"}`, or 204 when none is ready.
+//! - `POST /queues/{queue}/lease?worker=W&lease_ms=30000&wait_ms=W`: the
+//!   task as `{"id", "token", "attempt", "payload"}`, or 204 when none is
+//!   ready; with `wait_ms`, a lease that finds nothing waits up to that
+//!   long for a task (a long poll).
 //! - `POST /tasks/{id}/heartbeat?token=T&lease_ms=N`,
 //!   `POST /tasks/{id}/complete?token=T` (the body is the result, JSON),
 //!   `POST /tasks/{id}/fail?token=T` (the body is the error): 409 with
@@ -26,7 +28,7 @@
 
 use plexus_sdk::consensus::{self, Committed, Pending, Rejected};
 use plexus_sdk::http::{self, Params, Router};
-use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, timers};
+use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, replies, timers};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -36,6 +38,14 @@ use tasks::{Outcome, Task};
 
 const MAX_NAME: usize = 128;
 const DEFAULT_LEASE_MS: u64 = 30_000;
+/// Longest a lease may wait for a task.
+const MAX_WAIT_MS: u64 = 60_000;
+/// Fires when a task was submitted to a queue someone here waits on.
+const WAKE: u64 = 1;
+/// Fires to look again for waiting workers: at their earliest deadline,
+/// and at least every second (a lease that ran out elsewhere frees a task
+/// without a submit).
+const LOOK: u64 = 2;
 
 /// A command of the log. Add variants at the end; never change these.
 #[derive(Serialize, Deserialize)]
@@ -74,7 +84,60 @@ pub enum Command {
     },
 }
 
-pub struct WorkQueue;
+pub struct WorkQueue {
+    /// Leases on this node waiting for a task (long polls), in memory: a
+    /// swap or restart answers them 504, like any held request.
+    waiting: Vec<Waiter>,
+    /// Queues submitted to since the waiters last looked.
+    woken: Vec<String>,
+}
+
+/// A long-polling lease.
+struct Waiter {
+    held: Pending,
+    queue: String,
+    worker: String,
+    lease_ms: u64,
+    /// Monotonic time it answers 204 at.
+    until_ms: u64,
+}
+
+impl WorkQueue {
+    /// Asks for a task for `w` again: answers it with the task, or parks
+    /// it again if none was ready and it may still wait.
+    fn retry(&mut self, w: Waiter) {
+        let cmd = Command::Lease {
+            queue: w.queue.clone(),
+            worker: w.worker.clone(),
+            lease_ms: w.lease_ms,
+            now_ms: timers::now_ms(),
+        };
+        let held = w.held;
+        let sent = consensus::submit(self, &cmd, move |q: &mut WorkQueue, done| {
+            match &done.output {
+                Outcome::Leased(None) if timers::monotonic_ms() < w.until_ms => q.park(w),
+                _ => replies::answer(w.held, answer(q, done)),
+            }
+            // Nobody waits on this submission itself.
+            Response::new(204, "text/plain", Vec::new())
+        });
+        if let Err(e) = sent {
+            replies::answer(held, e.into());
+        }
+    }
+
+    fn park(&mut self, w: Waiter) {
+        self.waiting.push(w);
+        self.look_again();
+    }
+
+    fn look_again(&mut self) {
+        let now = timers::monotonic_ms();
+        if let Some(next) = self.waiting.iter().map(|w| w.until_ms).min() {
+            timers::set(LOOK, next.saturating_sub(now).min(1000));
+        }
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,15 +225,35 @@ fn lease(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pend
         .query::<u64>("lease_ms")?
         .unwrap_or(DEFAULT_LEASE_MS)
         .clamp(100, 86_400_000);
-    submit(
+    let wait_ms = req.query::<u64>("wait_ms")?.unwrap_or(0).min(MAX_WAIT_MS);
+    let cmd = Command::Lease {
+        queue: queue.clone(),
+        worker: worker.clone(),
+        lease_ms,
+        now_ms: timers::now_ms(),
+    };
+    let until_ms = timers::monotonic_ms().saturating_add(wait_ms);
+    Ok(consensus::submit(
         w,
-        Command::Lease {
-            queue,
-            worker,
-            lease_ms,
-            now_ms: timers::now_ms(),
+        &cmd,
+        move |q: &mut WorkQueue, done| -> Reply {
+            match &done.output {
+                // Nothing ready: the worker waits on a held reply instead.
+                Outcome::Leased(None) if wait_ms > 0 => {
+                    let held = replies::hold();
+                    q.park(Waiter {
+                        held,
+                        queue,
+                        worker,
+                        lease_ms,
+                        until_ms,
+                    });
+                    held.into()
+                }
+                _ => answer(q, done).into(),
+            }
         },
-    )
+    )?)
 }
 
 fn heartbeat(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
@@ -236,7 +319,10 @@ impl Pattern for WorkQueue {
     type Output = Outcome;
 
     fn init(_ctx: InitContext) -> Result<Self, String> {
-        Ok(WorkQueue)
+        Ok(WorkQueue {
+            waiting: Vec::new(),
+            woken: Vec::new(),
+        })
     }
 
     fn on_request(&mut self, req: Request) -> Reply {
@@ -261,6 +347,11 @@ impl Pattern for WorkQueue {
                 now_ms,
             } => {
                 let id = key.unwrap_or_else(|| format!("t{index}"));
+                // Leases waiting here look again once this hook is over.
+                if self.waiting.iter().any(|w| w.queue == queue) && !self.woken.contains(&queue) {
+                    self.woken.push(queue.clone());
+                    timers::set(WAKE, 0);
+                }
                 tasks::submit(&queue, id, payload, priority, max_attempts, now_ms)
             }
             Command::Lease {
@@ -288,6 +379,23 @@ impl Pattern for WorkQueue {
                 now_ms,
             } => tasks::finish(&id, token, Err(error), now_ms),
         }
+    }
+
+    fn on_timer(&mut self, id: u64) {
+        let now = timers::monotonic_ms();
+        let woken = std::mem::take(&mut self.woken);
+        let (due, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| id == LOOK || woken.contains(&w.queue) || w.until_ms <= now);
+        self.waiting = kept;
+        for w in due {
+            if w.until_ms <= now {
+                replies::answer(w.held, Response::new(204, "application/json", Vec::new()));
+            } else {
+                self.retry(w);
+            }
+        }
+        self.look_again();
     }
 
     // Writes the version before a swap accepted are answered as it would

@@ -150,3 +150,42 @@ fn bad_requests_are_refused_before_the_log() {
     assert_eq!(h.post("/tasks/t1/complete", "").status, 400);
     assert!(h.entries().is_empty());
 }
+
+#[test]
+fn a_waiting_lease_gets_the_next_task_or_204_at_its_deadline() {
+    use plexus_sdk::Method;
+    use plexus_sdk::testing::{Answer, request};
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let ask = || {
+        request(
+            Method::Post,
+            "/queues/q/lease?worker=w&wait_ms=5000",
+            Vec::new(),
+        )
+    };
+    let Answer::Waiting(first) = h.request(ask()) else {
+        panic!("an empty lease with wait_ms answered at once");
+    };
+    h.advance(100);
+    assert!(h.answer_of(first).is_none());
+    let id = submit(&mut h, json!({ "payload": 1 }));
+    h.advance(0);
+    let leased = body(&h.answer_of(first).expect("answered by the submit"));
+    assert_eq!(
+        (leased["id"].as_str(), leased["token"].as_u64()),
+        (Some(id.as_str()), Some(1))
+    );
+    // Nothing comes: 204 at the deadline, not before.
+    let Answer::Waiting(second) = h.request(ask()) else {
+        panic!("answered at once");
+    };
+    h.advance(4999);
+    assert!(h.answer_of(second).is_none());
+    h.advance(1);
+    assert_eq!(
+        h.answer_of(second)
+            .expect("answered at the deadline")
+            .status,
+        204
+    );
+}
