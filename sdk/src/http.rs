@@ -169,6 +169,25 @@ impl Params {
     }
 }
 
+impl Params {
+    /// The value captured for `name` as an identifier (a topic, a queue, a
+    /// task id): 1 to 128 of `A-Z a-z 0-9 . _ -`, so it is safe inside a
+    /// storage key; a 400 naming the parameter otherwise.
+    pub fn ident(&self, name: &str) -> Result<String> {
+        let value = self.text(name, 128)?;
+        if !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(Response::error(
+                400,
+                &format!("path parameter `{name}` may hold only A-Z, a-z, 0-9, `.`, `_` and `-`"),
+            ));
+        }
+        Ok(value)
+    }
+}
+
 fn no_such_parameter(name: &str) -> Response {
     Response::error(500, &format!("the route has no path parameter `{name}`"))
 }

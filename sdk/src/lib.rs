@@ -10,6 +10,7 @@
 //!   [`log`]: the host's interfaces with typed helpers.
 //! - [`codec`]: the compact binary encoding used for log entries and
 //!   messages, and versioned snapshots.
+//! - [`polls`]: long polls, requests held until something happens.
 //! - `testing` (feature `testing`): an in-memory host to unit-test a
 //!   plugin with plain `cargo test`.
 //!
@@ -78,6 +79,7 @@ pub mod log;
 pub mod membership;
 pub mod messaging;
 pub mod plugins;
+pub mod polls;
 pub mod replies;
 pub mod storage;
 pub mod timers;

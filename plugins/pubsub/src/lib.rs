@@ -36,6 +36,7 @@
 use base64::Engine;
 use plexus_sdk::consensus::{self, Committed, Pending, Rejected};
 use plexus_sdk::http::{self, Params, Router};
+use plexus_sdk::polls::{LongPolls, Poll};
 use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, replies, timers};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -44,14 +45,11 @@ mod state;
 
 use state::{Delivery, GroupConfig, Outcome, TopicConfig};
 
-const MAX_NAME: usize = 128;
 const MAX_FETCH: u32 = 1000;
 /// Longest a fetch may wait for a message.
 const MAX_WAIT_MS: u64 = 60_000;
-/// Fires when a publish was applied to a topic someone here waits on.
-const WAKE: u64 = 1;
-/// Fires at the earliest deadline of a waiting fetch.
-const DEADLINE: u64 = 2;
+/// The timer of the waiting fetches.
+const POLLS: u64 = 1;
 
 /// A command of the log. Add variants at the end; never change these.
 #[derive(Serialize, Deserialize)]
@@ -102,44 +100,35 @@ pub enum Command {
 }
 
 pub struct PubSub {
-    /// Fetches on this node waiting for a message (long polls). Kept in
-    /// memory: a swap or restart answers them 504, like any held request.
-    waiting: Vec<Waiter>,
-    /// Topics published to since the waiters last looked.
-    woken: Vec<String>,
+    /// Fetches waiting for a message, by topic.
+    polls: LongPolls<Fetch>,
 }
 
-/// A long-polling fetch.
-struct Waiter {
-    held: Pending,
-    topic: String,
+/// What a waiting fetch asks for (its topic is the poll's key).
+struct Fetch {
     group: String,
     consumer: String,
     max: u32,
-    /// Monotonic time it answers `[]` at.
-    until_ms: u64,
 }
 
 impl PubSub {
-    /// Fetches for `w` again: answers it with what comes, or parks it again
-    /// if nothing came and it may still wait.
-    fn retry(&mut self, w: Waiter) {
+    /// Fetches for `poll` again: answers it with what comes, or parks it
+    /// again if nothing came and it may still wait.
+    fn retry(&mut self, poll: Poll<Fetch>) {
         let cmd = Command::Fetch {
-            topic: w.topic.clone(),
-            group: w.group.clone(),
-            consumer: w.consumer.clone(),
-            max: w.max,
+            topic: poll.key.clone(),
+            group: poll.item.group.clone(),
+            consumer: poll.item.consumer.clone(),
+            max: poll.item.max,
             now_ms: timers::now_ms(),
         };
-        let held = w.held;
+        let held = poll.held;
         let sent = consensus::submit(self, &cmd, move |p: &mut PubSub, done| {
             match &done.output {
-                Outcome::Delivered(found)
-                    if found.is_empty() && timers::monotonic_ms() < w.until_ms =>
-                {
-                    p.park(w)
+                Outcome::Delivered(found) if found.is_empty() && !poll.expired() => {
+                    p.polls.park(poll)
                 }
-                _ => replies::answer(w.held, answer(p, done)),
+                _ => replies::answer(poll.held, answer(p, done)),
             }
             // Nobody waits on this submission itself.
             Response::new(204, "text/plain", Vec::new())
@@ -147,12 +136,6 @@ impl PubSub {
         if let Err(e) = sent {
             replies::answer(held, e.into());
         }
-    }
-
-    fn park(&mut self, w: Waiter) {
-        self.waiting.push(w);
-        let next = self.waiting.iter().map(|w| w.until_ms).min().unwrap_or(0);
-        timers::set(DEADLINE, next.saturating_sub(timers::monotonic_ms()));
     }
 }
 
@@ -191,25 +174,12 @@ fn submit(p: &mut PubSub, cmd: Command) -> http::Result<Pending> {
     Ok(consensus::submit(p, &cmd, answer)?)
 }
 
-/// A topic or group name: 1 to 128 of `A-Z a-z 0-9 . _ -`.
-fn name(params: &Params, key: &str) -> http::Result<String> {
-    let name = params.text(key, MAX_NAME)?;
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        let why = format!("{key} `{name}` may hold only A-Z, a-z, 0-9, `.`, `_` and `-`");
-        return Err(Response::error(400, &why));
-    }
-    Ok(name)
-}
-
 fn names(params: &Params) -> http::Result<(String, String)> {
-    Ok((name(params, "topic")?, name(params, "group")?))
+    Ok((params.ident("topic")?, params.ident("group")?))
 }
 
 fn put_topic(p: &mut PubSub, req: &Request, params: &Params) -> http::Result<Pending> {
-    let topic = name(params, "topic")?;
+    let topic = params.ident("topic")?;
     let config: TopicConfig = if req.body.is_empty() {
         TopicConfig::default()
     } else {
@@ -219,7 +189,7 @@ fn put_topic(p: &mut PubSub, req: &Request, params: &Params) -> http::Result<Pen
 }
 
 fn get_topic(p: &mut PubSub, _: &Request, params: &Params) -> http::Result {
-    let topic = name(params, "topic")?;
+    let topic = params.ident("topic")?;
     consensus::read_barrier(p)?;
     match state::topic(&topic)? {
         Some(t) => Ok(Response::json(200, &t)),
@@ -228,7 +198,7 @@ fn get_topic(p: &mut PubSub, _: &Request, params: &Params) -> http::Result {
 }
 
 fn publish(p: &mut PubSub, req: &Request, params: &Params) -> http::Result<Pending> {
-    let topic = name(params, "topic")?;
+    let topic = params.ident("topic")?;
     let id = req
         .query_param("id")
         .or_else(|| req.header("nats-msg-id").map(str::to_string));
@@ -286,24 +256,19 @@ fn fetch(p: &mut PubSub, req: &Request, params: &Params) -> http::Result<Pending
         max,
         now_ms: timers::now_ms(),
     };
-    let until_ms = timers::monotonic_ms().saturating_add(wait_ms);
     Ok(consensus::submit(
         p,
         &cmd,
         move |p: &mut PubSub, done| -> Reply {
             match &done.output {
-                // Nothing yet: the client waits on a held reply instead.
+                // Nothing yet: the client waits for the next publish instead.
                 Outcome::Delivered(found) if found.is_empty() && wait_ms > 0 => {
-                    let held = replies::hold();
-                    p.park(Waiter {
-                        held,
-                        topic,
+                    let fetch = Fetch {
                         group,
                         consumer,
                         max,
-                        until_ms,
-                    });
-                    held.into()
+                    };
+                    p.polls.hold(&topic, wait_ms, fetch).into()
                 }
                 _ => answer(p, done).into(),
             }
@@ -353,8 +318,7 @@ impl Pattern for PubSub {
 
     fn init(_ctx: InitContext) -> Result<Self, String> {
         Ok(PubSub {
-            waiting: Vec::new(),
-            woken: Vec::new(),
+            polls: LongPolls::new(POLLS, Response::json(200, &serde_json::json!([]))),
         })
     }
 
@@ -386,10 +350,7 @@ impl Pattern for PubSub {
                 let not_before = now_ms.saturating_add(delay_ms);
                 let published = state::publish(&topic, id, data, Vec::new(), not_before, now_ms);
                 // Fetches waiting here look again once this hook is over.
-                if self.waiting.iter().any(|w| w.topic == topic) && !self.woken.contains(&topic) {
-                    self.woken.push(topic);
-                    timers::set(WAKE, 0);
-                }
+                self.polls.wake(&topic);
                 published
             }
             Command::Group {
@@ -423,21 +384,8 @@ impl Pattern for PubSub {
     }
 
     fn on_timer(&mut self, id: u64) {
-        let now = timers::monotonic_ms();
-        let woken = std::mem::take(&mut self.woken);
-        let (due, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|w| (id == WAKE && woken.contains(&w.topic)) || w.until_ms <= now);
-        self.waiting = kept;
-        for w in due {
-            if w.until_ms <= now {
-                replies::answer(w.held, Response::json(200, &serde_json::json!([])));
-            } else {
-                self.retry(w);
-            }
-        }
-        if let Some(next) = self.waiting.iter().map(|w| w.until_ms).min() {
-            timers::set(DEADLINE, next.saturating_sub(now));
+        for poll in self.polls.due(id) {
+            self.retry(poll);
         }
     }
 

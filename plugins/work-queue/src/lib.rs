@@ -28,6 +28,7 @@
 
 use plexus_sdk::consensus::{self, Committed, Pending, Rejected};
 use plexus_sdk::http::{self, Params, Router};
+use plexus_sdk::polls::{LongPolls, Poll};
 use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, replies, timers};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -36,16 +37,14 @@ mod tasks;
 
 use tasks::{Outcome, Task};
 
-const MAX_NAME: usize = 128;
 const DEFAULT_LEASE_MS: u64 = 30_000;
 /// Longest a lease may wait for a task.
 const MAX_WAIT_MS: u64 = 60_000;
-/// Fires when a task was submitted to a queue someone here waits on.
-const WAKE: u64 = 1;
-/// Fires to look again for waiting workers: at their earliest deadline,
-/// and at least every second (a lease that ran out elsewhere frees a task
-/// without a submit).
-const LOOK: u64 = 2;
+/// The timer of the waiting leases.
+const POLLS: u64 = 1;
+/// Waiting leases look again this often: a lease that ran out frees a
+/// task without a submit to wake them.
+const LOOK_EVERY_MS: u64 = 1000;
 
 /// A command of the log. Add variants at the end; never change these.
 #[derive(Serialize, Deserialize)]
@@ -85,56 +84,37 @@ pub enum Command {
 }
 
 pub struct WorkQueue {
-    /// Leases on this node waiting for a task (long polls), in memory: a
-    /// swap or restart answers them 504, like any held request.
-    waiting: Vec<Waiter>,
-    /// Queues submitted to since the waiters last looked.
-    woken: Vec<String>,
+    /// Leases waiting for a task, by queue.
+    polls: LongPolls<Ask>,
 }
 
-/// A long-polling lease.
-struct Waiter {
-    held: Pending,
-    queue: String,
+/// What a waiting lease asks for (its queue is the poll's key).
+struct Ask {
     worker: String,
     lease_ms: u64,
-    /// Monotonic time it answers 204 at.
-    until_ms: u64,
 }
 
 impl WorkQueue {
-    /// Asks for a task for `w` again: answers it with the task, or parks
-    /// it again if none was ready and it may still wait.
-    fn retry(&mut self, w: Waiter) {
+    /// Asks for a task for `poll` again: answers it with the task, or
+    /// parks it again if none was ready and it may still wait.
+    fn retry(&mut self, poll: Poll<Ask>) {
         let cmd = Command::Lease {
-            queue: w.queue.clone(),
-            worker: w.worker.clone(),
-            lease_ms: w.lease_ms,
+            queue: poll.key.clone(),
+            worker: poll.item.worker.clone(),
+            lease_ms: poll.item.lease_ms,
             now_ms: timers::now_ms(),
         };
-        let held = w.held;
+        let held = poll.held;
         let sent = consensus::submit(self, &cmd, move |q: &mut WorkQueue, done| {
             match &done.output {
-                Outcome::Leased(None) if timers::monotonic_ms() < w.until_ms => q.park(w),
-                _ => replies::answer(w.held, answer(q, done)),
+                Outcome::Leased(None) if !poll.expired() => q.polls.park(poll),
+                _ => replies::answer(poll.held, answer(q, done)),
             }
             // Nobody waits on this submission itself.
             Response::new(204, "text/plain", Vec::new())
         });
         if let Err(e) = sent {
             replies::answer(held, e.into());
-        }
-    }
-
-    fn park(&mut self, w: Waiter) {
-        self.waiting.push(w);
-        self.look_again();
-    }
-
-    fn look_again(&mut self) {
-        let now = timers::monotonic_ms();
-        if let Some(next) = self.waiting.iter().map(|w| w.until_ms).min() {
-            timers::set(LOOK, next.saturating_sub(now).min(1000));
         }
     }
 }
@@ -170,26 +150,13 @@ fn submit(w: &mut WorkQueue, cmd: Command) -> http::Result<Pending> {
     Ok(consensus::submit(w, &cmd, answer)?)
 }
 
-/// A queue or task name: 1 to 128 of `A-Z a-z 0-9 . _ -`.
-fn name(params: &Params, key: &str) -> http::Result<String> {
-    let name = params.text(key, MAX_NAME)?;
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        let why = format!("{key} `{name}` may hold only A-Z, a-z, 0-9, `.`, `_` and `-`");
-        return Err(Response::error(400, &why));
-    }
-    Ok(name)
-}
-
 fn token(req: &Request) -> http::Result<u64> {
     req.query::<u64>("token")?
         .ok_or_else(|| Response::error(400, "query parameter `token` is required"))
 }
 
 fn post_task(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
-    let queue = name(params, "queue")?;
+    let queue = params.ident("queue")?;
     let body: Submit = req.json()?;
     if body.priority > 9 || body.max_attempts == 0 {
         return Err(Response::error(
@@ -197,12 +164,17 @@ fn post_task(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<
             "priority must be in 0..=9 and max_attempts at least 1",
         ));
     }
+    // A key becomes the task's id, addressed as `/tasks/{id}`.
     if let Some(key) = &body.key
-        && (key.is_empty() || key.len() > MAX_NAME || key.contains('/'))
+        && (key.is_empty()
+            || key.len() > 128
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
     {
         return Err(Response::error(
             400,
-            "key must be 1..=128 bytes without `/`",
+            "key must be 1 to 128 of A-Z, a-z, 0-9, `.`, `_` and `-`",
         ));
     }
     submit(
@@ -219,7 +191,7 @@ fn post_task(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<
 }
 
 fn lease(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
-    let queue = name(params, "queue")?;
+    let queue = params.ident("queue")?;
     let worker = req.query_param("worker").unwrap_or_default();
     let lease_ms = req
         .query::<u64>("lease_ms")?
@@ -232,23 +204,15 @@ fn lease(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pend
         lease_ms,
         now_ms: timers::now_ms(),
     };
-    let until_ms = timers::monotonic_ms().saturating_add(wait_ms);
     Ok(consensus::submit(
         w,
         &cmd,
         move |q: &mut WorkQueue, done| -> Reply {
             match &done.output {
-                // Nothing ready: the worker waits on a held reply instead.
+                // Nothing ready: the worker waits for the next task instead.
                 Outcome::Leased(None) if wait_ms > 0 => {
-                    let held = replies::hold();
-                    q.park(Waiter {
-                        held,
-                        queue,
-                        worker,
-                        lease_ms,
-                        until_ms,
-                    });
-                    held.into()
+                    let ask = Ask { worker, lease_ms };
+                    q.polls.hold(&queue, wait_ms, ask).into()
                 }
                 _ => answer(q, done).into(),
             }
@@ -257,7 +221,7 @@ fn lease(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pend
 }
 
 fn heartbeat(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
-    let id = name(params, "id")?;
+    let id = params.ident("id")?;
     let lease_ms = req
         .query::<u64>("lease_ms")?
         .unwrap_or(DEFAULT_LEASE_MS)
@@ -274,7 +238,7 @@ fn heartbeat(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<
 }
 
 fn complete(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
-    let id = name(params, "id")?;
+    let id = params.ident("id")?;
     let result: serde_json::Value = if req.body.is_empty() {
         serde_json::Value::Null
     } else {
@@ -292,7 +256,7 @@ fn complete(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<P
 }
 
 fn fail(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pending> {
-    let id = name(params, "id")?;
+    let id = params.ident("id")?;
     let error = String::from_utf8_lossy(&req.body).into_owned();
     submit(
         w,
@@ -306,7 +270,7 @@ fn fail(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<Pendi
 }
 
 fn get_task(w: &mut WorkQueue, _: &Request, params: &Params) -> http::Result {
-    let id = name(params, "id")?;
+    let id = params.ident("id")?;
     consensus::read_barrier(w)?;
     match tasks::task(&id)? {
         Some(t) => Ok(Response::json(200, &Task::view(&id, &t))),
@@ -319,9 +283,9 @@ impl Pattern for WorkQueue {
     type Output = Outcome;
 
     fn init(_ctx: InitContext) -> Result<Self, String> {
+        let on_timeout = Response::new(204, "application/json", Vec::new());
         Ok(WorkQueue {
-            waiting: Vec::new(),
-            woken: Vec::new(),
+            polls: LongPolls::new(POLLS, on_timeout).every(LOOK_EVERY_MS),
         })
     }
 
@@ -348,10 +312,7 @@ impl Pattern for WorkQueue {
             } => {
                 let id = key.unwrap_or_else(|| format!("t{index}"));
                 // Leases waiting here look again once this hook is over.
-                if self.waiting.iter().any(|w| w.queue == queue) && !self.woken.contains(&queue) {
-                    self.woken.push(queue.clone());
-                    timers::set(WAKE, 0);
-                }
+                self.polls.wake(&queue);
                 tasks::submit(&queue, id, payload, priority, max_attempts, now_ms)
             }
             Command::Lease {
@@ -382,20 +343,9 @@ impl Pattern for WorkQueue {
     }
 
     fn on_timer(&mut self, id: u64) {
-        let now = timers::monotonic_ms();
-        let woken = std::mem::take(&mut self.woken);
-        let (due, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|w| id == LOOK || woken.contains(&w.queue) || w.until_ms <= now);
-        self.waiting = kept;
-        for w in due {
-            if w.until_ms <= now {
-                replies::answer(w.held, Response::new(204, "application/json", Vec::new()));
-            } else {
-                self.retry(w);
-            }
+        for poll in self.polls.due(id) {
+            self.retry(poll);
         }
-        self.look_again();
     }
 
     // Writes the version before a swap accepted are answered as it would
