@@ -469,6 +469,49 @@ impl Process {
     }
 }
 
+/// `n` `plexus` processes on 127.0.0.1 in one temporary directory, each
+/// started from `node-{i+1}.toml` as `config(i, http, peer)` writes it (the
+/// addresses of every node's HTTP and peer listeners).
+pub struct Processes {
+    /// Where the configs, data and logs are.
+    pub dir: tempfile::TempDir,
+    /// Each node's HTTP address.
+    pub http: Vec<SocketAddr>,
+    /// The running processes; `None` for one killed and not restarted.
+    pub procs: Vec<Option<Process>>,
+}
+
+impl Processes {
+    /// Writes the configs and starts every node, waiting for each.
+    pub async fn start(
+        n: usize,
+        config: impl Fn(usize, &[SocketAddr], &[SocketAddr]) -> String,
+    ) -> Processes {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (http, peer) = (loopback_addrs(n), loopback_addrs(n));
+        for i in 0..n {
+            let path = dir.path().join(format!("node-{}.toml", i + 1));
+            std::fs::write(path, config(i, &http, &peer)).expect("writing a config");
+        }
+        let mut nodes = Processes {
+            dir,
+            http,
+            procs: Vec::new(),
+        };
+        for i in 0..n {
+            let p = nodes.spawn(i).await;
+            nodes.procs.push(Some(p));
+        }
+        nodes
+    }
+
+    /// Starts node `i` (again) from its config.
+    pub async fn spawn(&self, i: usize) -> Process {
+        let path = self.dir.path().join(format!("node-{}.toml", i + 1));
+        Process::up(self.dir.path(), &path, self.http[i]).await
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill();

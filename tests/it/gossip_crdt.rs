@@ -4,10 +4,9 @@
 //! away or lost its data catches up.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use plexus_tests::{Process, cluster_node_config, http, loopback_addrs};
+use plexus_tests::{Processes, cluster_node_config, http};
 
 fn config(i: usize, http: &[SocketAddr], peer: &[SocketAddr]) -> String {
     let plugin = r#"
@@ -20,33 +19,25 @@ config = { gossip_ms = 100 }
     cluster_node_config(i, http, peer, "", plugin)
 }
 
-struct Nodes {
-    dir: tempfile::TempDir,
-    http: Vec<SocketAddr>,
-    procs: Vec<Option<Process>>,
+/// The three nodes, with calls to their `crdt` plugin.
+struct Nodes(Processes);
+
+impl std::ops::Deref for Nodes {
+    type Target = Processes;
+    fn deref(&self) -> &Processes {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Nodes {
+    fn deref_mut(&mut self) -> &mut Processes {
+        &mut self.0
+    }
 }
 
 impl Nodes {
     async fn start() -> Nodes {
-        let dir = tempfile::tempdir().unwrap();
-        let (http, peer) = (loopback_addrs(3), loopback_addrs(3));
-        for i in 0..3 {
-            std::fs::write(path(dir.path(), i), config(i, &http, &peer)).unwrap();
-        }
-        let mut nodes = Nodes {
-            dir,
-            http,
-            procs: Vec::new(),
-        };
-        for i in 0..3 {
-            let p = nodes.spawn(i).await;
-            nodes.procs.push(Some(p));
-        }
-        nodes
-    }
-
-    async fn spawn(&self, i: usize) -> Process {
-        Process::up(self.dir.path(), &path(self.dir.path(), i), self.http[i]).await
+        Nodes(Processes::start(3, config).await)
     }
 
     /// Calls the plugin on node `i`; the status and JSON body.
@@ -136,10 +127,6 @@ impl Nodes {
             }
         }
     }
-}
-
-fn path(dir: &Path, i: usize) -> std::path::PathBuf {
-    dir.join(format!("node-{}.toml", i + 1))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

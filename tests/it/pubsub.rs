@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use plexus::runtime::actor::PluginLimits;
 use plexus::runtime::bindings::pattern::Method;
-use plexus_tests::{Process, TestNode, body_json, caps, cluster_node_config, http, loopback_addrs};
+use plexus_tests::{Processes, TestNode, body_json, caps, cluster_node_config, http};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_one_node_a_group_acks_redelivers_and_dead_letters() {
@@ -96,38 +96,25 @@ capabilities = ["consensus", "storage", "timers"]
     cluster_node_config(i, http, peer, "", plugin)
 }
 
-struct Nodes {
-    dir: tempfile::TempDir,
-    http: Vec<SocketAddr>,
-    procs: Vec<Option<Process>>,
+/// The three nodes, with calls retried while the cluster has no leader.
+struct Nodes(Processes);
+
+impl std::ops::Deref for Nodes {
+    type Target = Processes;
+    fn deref(&self) -> &Processes {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Nodes {
+    fn deref_mut(&mut self) -> &mut Processes {
+        &mut self.0
+    }
 }
 
 impl Nodes {
     async fn start() -> Nodes {
-        let dir = tempfile::tempdir().unwrap();
-        let (http, peer) = (loopback_addrs(3), loopback_addrs(3));
-        for i in 0..3 {
-            std::fs::write(
-                dir.path().join(format!("node-{}.toml", i + 1)),
-                config(i, &http, &peer),
-            )
-            .unwrap();
-        }
-        let mut nodes = Nodes {
-            dir,
-            http,
-            procs: Vec::new(),
-        };
-        for i in 0..3 {
-            let p = nodes.spawn(i).await;
-            nodes.procs.push(Some(p));
-        }
-        nodes
-    }
-
-    async fn spawn(&self, i: usize) -> Process {
-        let path = self.dir.path().join(format!("node-{}.toml", i + 1));
-        Process::up(self.dir.path(), &path, self.http[i]).await
+        Nodes(Processes::start(3, config).await)
     }
 
     /// `method path` on node `i`, retried while the cluster has no leader.

@@ -12,7 +12,7 @@ use plexus::runtime::actor::{Access, PluginLimits};
 use plexus::runtime::bindings::pattern::Method;
 use plexus_tests::backend::Backend;
 use plexus_tests::{
-    Process, TestNode, body_json, caps, cluster_node_config, http, http_full, loopback_addrs, wasm,
+    Processes, TestNode, body_json, caps, cluster_node_config, http, http_full, wasm,
 };
 
 fn access(plugins: &[&str], origins: &[String]) -> Access {
@@ -243,9 +243,7 @@ async fn a_component_of_contract_0_1_is_refused_in_plain_words_and_nothing_chang
 }
 
 /// Three `plexus` processes each running `relay` and `peer`.
-async fn cluster() -> (tempfile::TempDir, Vec<Process>) {
-    let dir = tempfile::tempdir().unwrap();
-    let (http_addrs, peer) = (loopback_addrs(3), loopback_addrs(3));
+async fn cluster() -> Processes {
     let plugins = r#"
 [[plugins]]
 name = "relay"
@@ -258,17 +256,10 @@ name = "peer"
 component = "bundled:relay"
 capabilities = ["messaging", "plugins", "outbound-http"]
 "#;
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let path = dir.path().join(format!("node-{}.toml", i + 1));
-        std::fs::write(
-            &path,
-            cluster_node_config(i, &http_addrs, &peer, "", plugins),
-        )
-        .unwrap();
-        nodes.push(Process::up(dir.path(), &path, http_addrs[i]).await);
-    }
-    (dir, nodes)
+    Processes::start(3, |i, http, peer| {
+        cluster_node_config(i, http, peer, "", plugins)
+    })
+    .await
 }
 
 /// Retries `f` until it answers 200 (the members find each other first).
@@ -295,8 +286,8 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_across_three_processes_forward_ask_and_call_between_nodes() {
-    let (_dir, nodes) = cluster().await;
-    let a = nodes[0].addr;
+    let nodes = cluster().await;
+    let a = nodes.http[0];
 
     // Forward: sent to node-1, answered by node-2's instance, intact.
     let (status, headers, body) = until_ok(|| {
@@ -366,8 +357,8 @@ async fn calls_across_three_processes_forward_ask_and_call_between_nodes() {
 /// two senders interleave at the receiver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_between_a_pair_of_nodes_arrive_in_the_order_sent() {
-    let (_dir, nodes) = cluster().await;
-    let (a, b, c) = (nodes[0].addr, nodes[1].addr, nodes[2].addr);
+    let nodes = cluster().await;
+    let (a, b, c) = (nodes.http[0], nodes.http[1], nodes.http[2]);
     const N: u64 = 300;
     // Once the members know each other, both bursts go out at once.
     until_ok(|| http_full(a, "POST", "/v1/plugins/relay/burst/node-3?n=0", &[], b"")).await;

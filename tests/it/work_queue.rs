@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use plexus_tests::{Process, cluster_node_config, http, loopback_addrs};
+use plexus_tests::{Processes, cluster_node_config, http};
 
 const TASKS: usize = 150;
 
@@ -50,14 +50,8 @@ async fn call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_task_completes_once_when_a_workers_node_is_killed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (addrs, peer) = (loopback_addrs(3), loopback_addrs(3));
-    let mut procs = Vec::new();
-    for i in 0..3 {
-        let path = dir.path().join(format!("node-{}.toml", i + 1));
-        std::fs::write(&path, config(i, &addrs, &peer)).unwrap();
-        procs.push(Some(Process::up(dir.path(), &path, addrs[i]).await));
-    }
+    let mut nodes = Processes::start(3, config).await;
+    let addrs = nodes.http.clone();
     for i in 0..TASKS {
         let task = format!(r#"{{"payload": {{"n": {i}}}, "key": "task-{i}"}}"#);
         let (status, _) = call(
@@ -111,7 +105,7 @@ async fn every_task_completes_once_when_a_workers_node_is_killed() {
         assert!(started.elapsed() < Duration::from_secs(60), "no progress");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    procs[2].take().unwrap().kill();
+    nodes.procs[2].take().unwrap().kill();
     // And the plugin is swapped on the two left, at one place in the log.
     let component = plexus_tests::variant(&plexus_tests::wasm("work-queue"), 3);
     let auth = ("authorization", "Bearer wq-token");
