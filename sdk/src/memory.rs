@@ -403,11 +403,8 @@ pub mod messaging {
         if with(|w| w.node == node) {
             return Err(MessagingError::Loopback);
         }
-        // The responder runs outside the borrow: it may call the host.
-        let mut f = with(|w| w.on_message.take()).ok_or(MessagingError::NoHandler)?;
-        let out = f(node, topic, payload);
-        with(|w| w.on_message = Some(f));
-        out
+        super::respond(|w| &mut w.on_message, |f| f(node, topic, payload))
+            .unwrap_or(Err(MessagingError::NoHandler))
     }
 
     pub fn call(
@@ -555,6 +552,18 @@ pub mod log {
     }
 }
 
+/// Runs the test's responder in `slot`, outside the world's borrow (it may
+/// call the host), and puts it back; `None` when the test set none.
+fn respond<F, R>(
+    slot: fn(&mut World) -> &mut Option<F>,
+    call: impl FnOnce(&mut F) -> R,
+) -> Option<R> {
+    let mut f = with(|w| slot(w).take())?;
+    let out = call(&mut f);
+    with(|w| *slot(w) = Some(f));
+    Some(out)
+}
+
 /// The outcome a call in flight gets from the test's responders.
 pub(crate) fn resolve(call: Outgoing) -> CallOutcome {
     match call {
@@ -562,35 +571,21 @@ pub(crate) fn resolve(call: Outgoing) -> CallOutcome {
             node,
             topic,
             payload,
-        } => {
-            let f = with(|w| w.on_message.take());
-            let Some(mut f) = f else {
-                return CallOutcome::Message(Err(MessagingError::NoHandler));
-            };
-            let out = f(&node, &topic, &payload);
-            with(|w| w.on_message = Some(f));
-            CallOutcome::Message(out)
-        }
-        Outgoing::Plugin { plugin, node, req } => {
-            let f = with(|w| w.on_plugin.take());
-            let Some(mut f) = f else {
-                return CallOutcome::Plugin(Err(PluginError::NoSuchPlugin(plugin)));
-            };
-            let out = f(&plugin, node.as_deref(), &req);
-            with(|w| w.on_plugin = Some(f));
-            CallOutcome::Plugin(out)
-        }
-        Outgoing::Fetch(req) => {
-            let f = with(|w| w.on_fetch.take());
-            let Some(mut f) = f else {
-                return CallOutcome::Http(Err(HttpError::Connect(format!(
+        } => CallOutcome::Message(
+            respond(|w| &mut w.on_message, |f| f(&node, &topic, &payload))
+                .unwrap_or(Err(MessagingError::NoHandler)),
+        ),
+        Outgoing::Plugin { plugin, node, req } => CallOutcome::Plugin(
+            respond(|w| &mut w.on_plugin, |f| f(&plugin, node.as_deref(), &req))
+                .unwrap_or_else(|| Err(PluginError::NoSuchPlugin(plugin.clone()))),
+        ),
+        Outgoing::Fetch(req) => CallOutcome::Http(
+            respond(|w| &mut w.on_fetch, |f| f(&req)).unwrap_or_else(|| {
+                Err(HttpError::Connect(format!(
                     "the test host has no fetch responder for {}",
                     req.url
-                ))));
-            };
-            let out = f(&req);
-            with(|w| w.on_fetch = Some(f));
-            CallOutcome::Http(out)
-        }
+                )))
+            }),
+        ),
     }
 }

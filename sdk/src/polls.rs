@@ -5,8 +5,8 @@
 //! [`LongPolls::hold`]; the hook that makes something happen (an `apply`
 //! of a publish, a submit) calls [`LongPolls::wake`] with its key; and
 //! `on_timer` hands what [`LongPolls::due`] returns back to the plugin's
-//! own code, which looks again and answers, or parks the poll once more
-//! with [`LongPolls::park`]. A poll whose deadline passes is answered
+//! own code, which looks again ([`submit_again`] does it through the log)
+//! and answers, or parks the poll once more with [`LongPolls::park`]. A poll whose deadline passes is answered
 //! with the response given to [`LongPolls::new`]. Polls live in the
 //! instance's memory: a swap or a restart answers them 504 (as any held
 //! request), and the client asks again.
@@ -18,8 +18,9 @@
 //! assert!(polls.is_empty());
 //! ```
 
+use crate::consensus::{self, Committed};
 use crate::replies::{self, Pending};
-use crate::{Response, timers};
+use crate::{Pattern, Response, timers};
 
 /// A parked request: its reply ticket, what it waits on, until when, and
 /// what the plugin needs to look again for it.
@@ -139,5 +140,32 @@ impl<T> LongPolls<T> {
             let wait = next.saturating_sub(now);
             timers::set(self.timer, self.every_ms.map_or(wait, |e| wait.min(e)));
         }
+    }
+}
+
+/// Looks again for `poll` through the log: submits `command`, and once it
+/// is applied here answers the poll with `answer` when `found` says the
+/// output holds something, or parks it again in `polls(pattern)` until its
+/// deadline. A submission that fails answers the poll with the failure.
+pub fn submit_again<P: Pattern, T: 'static>(
+    pattern: &mut P,
+    poll: Poll<T>,
+    command: &P::Command,
+    polls: fn(&mut P) -> &mut LongPolls<T>,
+    found: fn(&P::Output) -> bool,
+    answer: fn(&mut P, Committed<P::Output>) -> Response,
+) {
+    let held = poll.held;
+    let sent = consensus::submit(pattern, command, move |p: &mut P, done| {
+        if !found(&done.output) && !poll.expired() {
+            polls(p).park(poll);
+        } else {
+            replies::answer(poll.held, answer(p, done));
+        }
+        // Nobody waits on this submission itself.
+        Response::new(204, "text/plain", Vec::new())
+    });
+    if let Err(e) = sent {
+        replies::answer(held, e.into());
     }
 }

@@ -36,8 +36,8 @@
 use base64::Engine;
 use plexus_sdk::consensus::{self, Committed, Pending, Rejected};
 use plexus_sdk::http::{self, Params, Router};
-use plexus_sdk::polls::{LongPolls, Poll};
-use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, replies, timers};
+use plexus_sdk::polls::{self, LongPolls, Poll};
+use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, timers};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -122,20 +122,8 @@ impl PubSub {
             max: poll.item.max,
             now_ms: timers::now_ms(),
         };
-        let held = poll.held;
-        let sent = consensus::submit(self, &cmd, move |p: &mut PubSub, done| {
-            match &done.output {
-                Outcome::Delivered(found) if found.is_empty() && !poll.expired() => {
-                    p.polls.park(poll)
-                }
-                _ => replies::answer(poll.held, answer(p, done)),
-            }
-            // Nobody waits on this submission itself.
-            Response::new(204, "text/plain", Vec::new())
-        });
-        if let Err(e) = sent {
-            replies::answer(held, e.into());
-        }
+        let found = |o: &Outcome| !matches!(o, Outcome::Delivered(v) if v.is_empty());
+        polls::submit_again(self, poll, &cmd, |p| &mut p.polls, found, answer);
     }
 }
 

@@ -28,8 +28,8 @@
 
 use plexus_sdk::consensus::{self, Committed, Pending, Rejected};
 use plexus_sdk::http::{self, Params, Router};
-use plexus_sdk::polls::{LongPolls, Poll};
-use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, replies, timers};
+use plexus_sdk::polls::{self, LongPolls, Poll};
+use plexus_sdk::{InitContext, Pattern, Reply, Request, Response, export_pattern, timers};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -104,18 +104,8 @@ impl WorkQueue {
             lease_ms: poll.item.lease_ms,
             now_ms: timers::now_ms(),
         };
-        let held = poll.held;
-        let sent = consensus::submit(self, &cmd, move |q: &mut WorkQueue, done| {
-            match &done.output {
-                Outcome::Leased(None) if !poll.expired() => q.polls.park(poll),
-                _ => replies::answer(poll.held, answer(q, done)),
-            }
-            // Nobody waits on this submission itself.
-            Response::new(204, "text/plain", Vec::new())
-        });
-        if let Err(e) = sent {
-            replies::answer(held, e.into());
-        }
+        let found = |o: &Outcome| !matches!(o, Outcome::Leased(None));
+        polls::submit_again(self, poll, &cmd, |q| &mut q.polls, found, answer);
     }
 }
 
