@@ -510,6 +510,33 @@ impl Processes {
         let path = self.dir.path().join(format!("node-{}.toml", i + 1));
         Process::up(self.dir.path(), &path, self.http[i]).await
     }
+
+    /// `method path` on node `i`, sent again (up to 30 s) while the answer
+    /// is 421, 503 or 504 (no leader yet, or an outcome unknown); the
+    /// status and the body as JSON (`null` when it is not).
+    pub async fn call(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, serde_json::Value) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((status, bytes)) = http(self.http[i], method, path, &[], body).await
+                && ![421, 503, 504].contains(&status)
+            {
+                let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                return (status, v);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{method} {path} on node-{} never answered",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for Process {

@@ -96,58 +96,9 @@ capabilities = ["consensus", "storage", "timers"]
     cluster_node_config(i, http, peer, "", plugin)
 }
 
-/// The three nodes, with calls retried while the cluster has no leader.
-struct Nodes(Processes);
-
-impl std::ops::Deref for Nodes {
-    type Target = Processes;
-    fn deref(&self) -> &Processes {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Nodes {
-    fn deref_mut(&mut self) -> &mut Processes {
-        &mut self.0
-    }
-}
-
-impl Nodes {
-    async fn start() -> Nodes {
-        Nodes(Processes::start(3, config).await)
-    }
-
-    /// `method path` on node `i`, retried while the cluster has no leader.
-    async fn call(
-        &self,
-        i: usize,
-        method: &str,
-        path: &str,
-        body: &[u8],
-    ) -> (u16, serde_json::Value) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((status, bytes)) = http(self.http[i], method, path, &[], body).await
-                && status != 421
-                && status != 503
-                && status != 504
-            {
-                let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-                return (status, v);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{method} {path} on node-{} never answered",
-                i + 1
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_consumers_messages_go_to_the_groups_other_members() {
-    let mut nodes = Nodes::start().await;
+    let mut nodes = Processes::start(3, config).await;
     assert_eq!(
         nodes
             .call(0, "PUT", "/v1/plugins/pubsub/topics/jobs", b"")
@@ -221,7 +172,7 @@ async fn a_killed_consumers_messages_go_to_the_groups_other_members() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_through_a_swap_and_a_kill_loses_and_doubles_nothing() {
-    let mut nodes = Nodes::start().await;
+    let mut nodes = Processes::start(3, config).await;
     assert_eq!(
         nodes
             .call(0, "PUT", "/v1/plugins/pubsub/topics/events", b"")
@@ -315,7 +266,7 @@ async fn publishing_through_a_swap_and_a_kill_loses_and_doubles_nothing() {
 /// A fetch waiting on one node is answered by a publish on another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_poll_on_one_node_is_answered_by_a_publish_on_another() {
-    let nodes = Nodes::start().await;
+    let nodes = Processes::start(3, config).await;
     assert_eq!(
         nodes
             .call(0, "PUT", "/v1/plugins/pubsub/topics/news", b"")
