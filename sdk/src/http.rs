@@ -175,10 +175,7 @@ impl Params {
     /// storage key; a 400 naming the parameter otherwise.
     pub fn ident(&self, name: &str) -> Result<String> {
         let value = self.text(name, 128)?;
-        if !value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
+        if !is_ident(&value) {
             return Err(Response::error(
                 400,
                 &format!("path parameter `{name}` may hold only A-Z, a-z, 0-9, `.`, `_` and `-`"),
@@ -186,6 +183,14 @@ impl Params {
         }
         Ok(value)
     }
+}
+
+/// Whether `s` is an identifier as [`Params::ident`] takes it: 1 to 128
+/// of `A-Z a-z 0-9 . _ -`.
+pub fn is_ident(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn no_such_parameter(name: &str) -> Response {

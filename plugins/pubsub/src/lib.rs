@@ -31,6 +31,8 @@
 //!   "published_ms", "headers"}]`; with `wait_ms`, an empty fetch waits up
 //!   to W ms for a message (a long poll) before answering `[]`.
 //! - `POST .../ack/{seq}`, `.../nak/{seq}?delay_ms=N`,
+//!   `POST .../ack` with a JSON list of seqs (up to 1000) acks them all in
+//!   one log entry: `{"acked": n}`, the number that were out;
 //!   `.../progress/{seq}` (more time to work on it).
 
 use base64::Engine;
@@ -96,6 +98,12 @@ pub enum Command {
         group: String,
         seq: u64,
         now_ms: u64,
+    },
+    /// Several acks in one entry.
+    AckMany {
+        topic: String,
+        group: String,
+        seqs: Vec<u64>,
     },
 }
 
@@ -270,6 +278,18 @@ fn ack(p: &mut PubSub, _: &Request, params: &Params) -> http::Result<Pending> {
     submit(p, Command::Ack { topic, group, seq })
 }
 
+fn ack_many(p: &mut PubSub, req: &Request, params: &Params) -> http::Result<Pending> {
+    let (topic, group) = names(params)?;
+    let seqs: Vec<u64> = req.json()?;
+    if !(1..=MAX_FETCH as usize).contains(&seqs.len()) {
+        return Err(Response::error(
+            400,
+            &format!("the body is a list of 1 to {MAX_FETCH} sequence numbers"),
+        ));
+    }
+    submit(p, Command::AckMany { topic, group, seqs })
+}
+
 fn nak(p: &mut PubSub, req: &Request, params: &Params) -> http::Result<Pending> {
     let (topic, group) = names(params)?;
     let seq = params.parse("seq")?;
@@ -320,6 +340,7 @@ impl Pattern for PubSub {
             .get(GROUP, get_group)
             .post(&format!("{GROUP}/fetch"), fetch)
             .post(&format!("{GROUP}/ack/{{seq}}"), ack)
+            .post(&format!("{GROUP}/ack"), ack_many)
             .post(&format!("{GROUP}/nak/{{seq}}"), nak)
             .post(&format!("{GROUP}/progress/{{seq}}"), progress)
             .handle(self, req)
@@ -368,6 +389,8 @@ impl Pattern for PubSub {
                 seq,
                 now_ms,
             } => state::retry_at(&topic, &group, seq, now_ms, true),
+            Command::AckMany { topic, group, seqs } => state::ack_many(&topic, &group, &seqs)
+                .map(|acked| Outcome::Done(json!({ "acked": acked }))),
         }
     }
 

@@ -468,18 +468,28 @@ fn dead_letter(
 /// Takes an acked message off the group's books. Acking one that is not
 /// out (acked before, or never delivered) changes nothing.
 pub fn ack(topic_name: &str, name: &str, seq: u64) -> Result<Outcome, Rejected> {
+    let acked = ack_many(topic_name, name, &[seq])? == 1;
+    Ok(Outcome::Done(json!({ "seq": seq, "acked": acked })))
+}
+
+/// Acks each of `seqs` that is out: the number that were.
+pub fn ack_many(topic_name: &str, name: &str, seqs: &[u64]) -> Result<u64, Rejected> {
     let mut g = group(topic_name, name)?.ok_or_else(|| no_group(topic_name, name))?;
-    let key = held_key(topic_name, name, seq);
-    let acked = match get::<Held>(&key)? {
-        Some(h) if h.deliveries > 0 => {
+    let mut acked = 0;
+    for &seq in seqs {
+        let key = held_key(topic_name, name, seq);
+        if let Some(h) = get::<Held>(&key)?
+            && h.deliveries > 0
+        {
             storage::delete(&key)?;
             g.out = g.out.saturating_sub(1);
-            save_group(topic_name, name, &g)?;
-            true
+            acked += 1;
         }
-        _ => false,
-    };
-    Ok(Outcome::Done(json!({ "seq": seq, "acked": acked })))
+    }
+    if acked > 0 {
+        save_group(topic_name, name, &g)?;
+    }
+    Ok(acked)
 }
 
 /// Sends a message out again at `at` (a nak), or, with `progress`, gives

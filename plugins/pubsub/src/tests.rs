@@ -280,3 +280,31 @@ fn a_waiting_fetch_is_answered_by_the_next_publish_or_empty_at_its_deadline() {
         json!([])
     );
 }
+
+#[test]
+fn a_list_of_acks_is_one_entry_and_counts_only_what_was_out() {
+    let mut h = host();
+    group(&mut h, "g", json!({ "ack_wait_ms": 1000 }));
+    for n in 0..4 {
+        publish(&mut h, &n.to_string());
+    }
+    let seqs: Vec<u64> = fetch(&mut h, "g", 3).iter().map(|m| m.0).collect();
+    let before = h.entries().len();
+    let r = h.post(
+        "/topics/orders/groups/g/ack",
+        json!([seqs[0], seqs[1], seqs[2], 4, 99]).to_string(),
+    );
+    assert_eq!(body(&r), json!({ "acked": 3 }));
+    assert_eq!(h.entries().len(), before + 1);
+    h.advance(1000);
+    // Nothing acked comes again; the one never fetched comes next.
+    assert_eq!(
+        fetch(&mut h, "g", 10)
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>(),
+        [4]
+    );
+    assert_eq!(h.post("/topics/orders/groups/g/ack", "[]").status, 400);
+    assert_eq!(h.post("/topics/orders/groups/g/ack", "[\"x\"]").status, 400);
+}

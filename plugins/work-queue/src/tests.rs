@@ -189,3 +189,151 @@ fn a_waiting_lease_gets_the_next_task_or_204_at_its_deadline() {
         204
     );
 }
+
+#[test]
+fn a_list_is_submitted_in_one_entry_and_leased_several_at_a_time() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let tasks: Vec<Value> = (0..5).map(|n| json!({ "payload": n })).collect();
+    let r = h.post("/queues/q/tasks", Value::from(tasks).to_string());
+    assert_eq!(r.status, 200);
+    let ids: Vec<String> = body(&r)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 5);
+    assert_eq!(h.entries().len(), 1);
+    let first = body(&h.post("/queues/q/lease?worker=w&max=3", ""));
+    let leased: Vec<&str> = first
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(leased, ids[..3]);
+    let rest = body(&h.post("/queues/q/lease?worker=w&max=3", ""));
+    assert_eq!(rest.as_array().unwrap().len(), 2);
+    assert_eq!(h.post("/queues/q/lease?worker=w&max=3", "").status, 204);
+    let too_many: Vec<Value> = (0..1001).map(|_| json!({})).collect();
+    let r = h.post("/queues/q/tasks", Value::from(too_many).to_string());
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn a_worker_on_several_queues_takes_them_in_turn_by_weight() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    for (queue, n) in [("busy", 40), ("quiet", 10)] {
+        let tasks: Vec<Value> = (0..n).map(|_| json!({})).collect();
+        let r = h.post(
+            &format!("/queues/{queue}/tasks"),
+            Value::from(tasks).to_string(),
+        );
+        assert_eq!(r.status, 200);
+    }
+    let mut taken = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..40 {
+        let t = body(&h.post("/lease?queues=busy:3,quiet&worker=w", ""));
+        *taken
+            .entry(t["queue"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!((taken["busy"], taken["quiet"]), (30, 10));
+    // An empty queue gives its turns to the others.
+    for _ in 0..10 {
+        let t = body(&h.post("/lease?queues=busy:3,quiet&worker=w", ""));
+        assert_eq!(t["queue"], "busy");
+    }
+    assert_eq!(h.post("/lease?queues=busy:3,quiet", "").status, 204);
+    for bad in ["busy:0", "a,a", "a:x", "", "a/b"] {
+        let r = h.post(&format!("/lease?queues={bad}"), "");
+        assert_eq!(r.status, 400, "{bad}");
+    }
+}
+
+#[test]
+fn a_finished_task_is_kept_for_its_result_ttl_then_dropped() {
+    let mut h = TestHost::<WorkQueue>::setup()
+        .config(json!({ "result_ttl_ms": 60_000 }))
+        .start()
+        .unwrap();
+    let short = submit(&mut h, json!({ "result_ttl_ms": 1000 }));
+    let long = submit(&mut h, json!({}));
+    for _ in 0..2 {
+        let (id, token) = lease(&mut h, 10_000).unwrap();
+        assert_eq!(
+            h.post(&format!("/tasks/{id}/complete?token={token}"), "7")
+                .status,
+            200
+        );
+    }
+    h.advance(999);
+    assert_eq!(state(&mut h, &short)["result"], 7);
+    h.advance(1);
+    assert_eq!(h.get(&format!("/tasks/{short}")).status, 404);
+    // The next write drops it from storage, and the key may be used again.
+    submit(&mut h, json!({ "key": "later" }));
+    assert!(h.stored(format!("t/{short}")).is_none());
+    assert_eq!(state(&mut h, &long)["result"], 7);
+    h.advance(59_000);
+    assert_eq!(h.get(&format!("/tasks/{long}")).status, 404);
+}
+
+#[test]
+fn a_task_timeout_sets_the_lease_whatever_the_worker_asks() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let id = submit(&mut h, json!({ "timeout_ms": 2000 }));
+    let r = body(&h.post("/queues/q/lease?worker=w&lease_ms=60000", ""));
+    assert_eq!(
+        r["until_ms"].as_u64(),
+        Some(plexus_sdk::timers::now_ms() + 2000)
+    );
+    h.advance(2000);
+    let (again, token) = lease(&mut h, 60_000).unwrap();
+    assert_eq!((again, token), (id, 2));
+}
+
+#[test]
+fn leases_taken_through_a_node_declared_dead_go_back_under_a_higher_token() {
+    use super::{Ask, Command};
+    use plexus_sdk::MemberState;
+    let mut h = TestHost::<WorkQueue>::setup()
+        .members(&["n1", "n2"])
+        .start()
+        .unwrap();
+    let theirs = submit(&mut h, json!({ "payload": "theirs" }));
+    let ours = submit(&mut h, json!({ "payload": "ours" }));
+    // A worker beside n2 leases the first task through n2.
+    let ask = Ask {
+        queues: vec![("q".into(), 1)],
+        worker: "w2".into(),
+        node: "n2".into(),
+        lease_ms: 60_000,
+        max: 1,
+        list: false,
+    };
+    h.commit(&Command::Take {
+        ask,
+        now_ms: plexus_sdk::timers::now_ms(),
+    });
+    assert_eq!(lease(&mut h, 60_000).unwrap(), (ours.clone(), 1));
+    h.member("n2", MemberState::Dead);
+    h.advance(0);
+    let s = state(&mut h, &theirs);
+    assert_eq!(s["state"], "queued", "{s}");
+    assert!(s["last_error"].as_str().unwrap().contains("n2"));
+    assert_eq!(state(&mut h, &ours)["state"], "leased");
+    assert_eq!(lease(&mut h, 60_000).unwrap(), (theirs.clone(), 2));
+    let late = h.post(&format!("/tasks/{theirs}/complete?token=1"), "1");
+    assert_eq!(late.status, 409);
+}
+
+#[test]
+fn a_task_stored_by_the_first_layout_is_still_served() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    super::tasks::store_first_layout("old", "q");
+    assert_eq!(state(&mut h, "old")["state"], "queued");
+    assert_eq!(lease(&mut h, 1000).unwrap(), ("old".to_string(), 1));
+    assert_eq!(h.post("/tasks/old/complete?token=1", "5").status, 200);
+    assert_eq!(state(&mut h, "old")["result"], 5);
+}
