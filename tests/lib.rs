@@ -523,11 +523,8 @@ impl Processes {
     ) -> (u16, serde_json::Value) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok((status, bytes)) = http(self.http[i], method, path, &[], body).await
-                && ![421, 503, 504].contains(&status)
-            {
-                let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-                return (status, v);
+            if let Ok(Some(answer)) = call_once(self.http[i], method, path, body).await {
+                return answer;
             }
             assert!(
                 Instant::now() < deadline,
@@ -537,6 +534,80 @@ impl Processes {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// As [`Processes::call`] on `addr`, but `None` once the node cannot
+    /// be reached (it was killed): for clients that stop with their node.
+    pub async fn call_while_up(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Option<(u16, serde_json::Value)> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(answer) = call_once(addr, method, path, body).await.ok()? {
+                return Some(answer);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{method} {path} on {addr} never answered");
+    }
+
+    /// The node that says it leads (another node's view may lag behind an
+    /// election), asked with the admin `token`; waits up to 15 s for one.
+    pub async fn leader(&self, token: &str) -> usize {
+        let auth = format!("Bearer {token}");
+        let said = |i: usize| {
+            let (addr, auth) = (self.http[i], auth.clone());
+            async move {
+                let (_, body) = http(
+                    addr,
+                    "GET",
+                    "/v1/admin/status",
+                    &[("authorization", &auth)],
+                    b"",
+                )
+                .await
+                .ok()?;
+                let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+                let l = v["leader"]
+                    .as_str()?
+                    .strip_prefix("node-")?
+                    .parse::<usize>()
+                    .ok()?;
+                Some(l.checked_sub(1)?)
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            for i in (0..self.procs.len()).filter(|i| self.procs[*i].is_some()) {
+                if let Some(l) = said(i).await
+                    && self.procs.get(l).is_some_and(Option::is_some)
+                    && said(l).await == Some(l)
+                {
+                    return l;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader elected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// One request: `Ok(None)` for 421, 503 or 504 (to be sent again),
+/// otherwise the status and the body as JSON (`null` when it is not).
+async fn call_once(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<Option<(u16, serde_json::Value)>> {
+    let (status, bytes) = http(addr, method, path, &[], body).await?;
+    if [421, 503, 504].contains(&status) {
+        return Ok(None);
+    }
+    let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Ok(Some((status, v)))
 }
 
 impl Drop for Process {

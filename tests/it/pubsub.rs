@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use plexus::runtime::actor::PluginLimits;
@@ -324,4 +326,130 @@ async fn a_long_poll_on_one_node_is_answered_by_a_publish_on_another() {
         started.elapsed() < Duration::from_secs(20),
         "answered at the deadline, not by the publish"
     );
+}
+
+/// Publishers and a shared group's consumers on the two followers while
+/// the leader is killed: every publish that got its 2xx is delivered and
+/// acked, and none is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_while_publishing_loses_no_acknowledged_message() {
+    const PER_PUBLISHER: usize = 150;
+    let mut nodes = Processes::start(3, config).await;
+    let topic = "/v1/plugins/pubsub/topics/orders";
+    assert_eq!(nodes.call(0, "PUT", topic, b"").await.0, 200);
+    let group = br#"{"ack_wait_ms": 2000}"#;
+    let (status, _) = nodes
+        .call(0, "PUT", &format!("{topic}/groups/g"), group)
+        .await;
+    assert_eq!(status, 200);
+    let leader = nodes.leader("pubsub-token").await;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let addrs = nodes.http.clone();
+    // A publisher on each follower; a retry after an unknown outcome
+    // carries the same id, so it is stored once.
+    let publisher = |n: usize| {
+        let addr = addrs[n];
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..PER_PUBLISHER {
+                let id = format!("n{n}-{i}");
+                let path = format!("{topic}/publish?id={id}");
+                let (status, body) = Processes::call_while_up(addr, "POST", &path, id.as_bytes())
+                    .await
+                    .unwrap();
+                assert_eq!(status, 200, "{body}");
+                acked.push(id);
+            }
+            acked
+        })
+    };
+    // A consumer on each follower, acking what it gets in lists, until
+    // told that publishing is over and it finds nothing more.
+    let done = Arc::new(AtomicBool::new(false));
+    let consumer = |n: usize| {
+        let (addr, done) = (addrs[n], done.clone());
+        tokio::spawn(async move {
+            let fetch = format!("{topic}/groups/g/fetch?max=50&consumer=c{n}&wait_ms=500");
+            let (mut got, mut acked, mut redelivered) = (Vec::new(), 0u64, 0u64);
+            loop {
+                let (status, msgs) = Processes::call_while_up(addr, "POST", &fetch, b"")
+                    .await
+                    .unwrap();
+                assert_eq!(status, 200, "{msgs}");
+                let msgs = msgs.as_array().unwrap().clone();
+                if msgs.is_empty() && done.load(Ordering::Relaxed) {
+                    return (got, acked, redelivered);
+                }
+                let seqs: Vec<u64> = msgs.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+                for m in &msgs {
+                    got.push(m["data"].as_str().unwrap().to_string());
+                    redelivered += u64::from(m["deliveries"].as_u64().unwrap() > 1);
+                }
+                if seqs.is_empty() {
+                    continue;
+                }
+                let body = serde_json::to_vec(&seqs).unwrap();
+                let path = format!("{topic}/groups/g/ack");
+                let (status, r) = Processes::call_while_up(addr, "POST", &path, &body)
+                    .await
+                    .unwrap();
+                assert_eq!(status, 200, "{r}");
+                acked += r["acked"].as_u64().unwrap();
+            }
+        })
+    };
+    let publishers: Vec<_> = followers.iter().map(|&n| publisher(n)).collect();
+    let consumers: Vec<_> = followers.iter().map(|&n| consumer(n)).collect();
+    // Once some messages are through, the leader dies.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, t) = nodes.call(followers[0], "GET", topic, b"").await;
+        if t["last_seq"].as_u64().unwrap_or(0) >= 50 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "publishing never got going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nodes.procs[leader].take().unwrap().kill();
+    let mut published = Vec::new();
+    for p in publishers {
+        published.extend(p.await.unwrap());
+    }
+    done.store(true, Ordering::Relaxed);
+    let (mut delivered, mut acked, mut redelivered) = (Vec::new(), 0, 0);
+    for c in consumers {
+        let (got, a, r) = c.await.unwrap();
+        delivered.extend(got);
+        acked += a;
+        redelivered += r;
+    }
+    assert_eq!(published.len(), 2 * PER_PUBLISHER);
+    // Every acknowledged publish was delivered; nothing is left out.
+    delivered.sort();
+    delivered.dedup();
+    published.sort();
+    assert_eq!(delivered, published, "delivered vs published");
+    let (_, g) = nodes
+        .call(followers[0], "GET", &format!("{topic}/groups/g"), b"")
+        .await;
+    assert_eq!(g["out"], 0, "{g}");
+    // Acks lost in flight with the leader are sent again and find nothing
+    // out, so acks counted here are at most one per message.
+    assert!(acked <= published.len() as u64, "{acked} acks");
+    // A new group reads the whole topic: each message stored once.
+    let (status, _) = nodes
+        .call(followers[1], "PUT", &format!("{topic}/groups/audit"), b"")
+        .await;
+    assert_eq!(status, 200);
+    let audit = format!("{topic}/groups/audit/fetch?max=1000");
+    let (_, all) = nodes.call(followers[1], "POST", &audit, b"").await;
+    let mut stored: Vec<String> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].as_str().unwrap().to_string())
+        .collect();
+    stored.sort();
+    assert_eq!(stored, published, "stored once each");
+    eprintln!("{acked} acks counted, {redelivered} redeliveries");
 }
