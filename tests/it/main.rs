@@ -15,5 +15,6 @@ mod pubsub;
 mod relay;
 mod replicated_kv;
 mod swap;
+mod task_worker;
 mod trust;
 mod work_queue;
