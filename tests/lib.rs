@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod fencing;
 pub mod linearizability;
+pub mod queues;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -17,9 +17,15 @@
 //!   renewing, reading and releasing two `leader-election` roles under
 //!   short leases; every grant and every lease seen is checked for fencing
 //!   tokens that never go back and never go to two holders.
+//! - **queue clients** (`--queue-clients`, default 2 of each): publishers
+//!   and consumers of a `pubsub` topic (every publish with an id, sent
+//!   again with it after an unknown outcome; every delivery acked), and
+//!   submitters and workers of a `work-queue` queue (every submit with a
+//!   key; every lease completed under its token). After the faults, what
+//!   is left is drained, and the topic is read back whole.
 //! - **a nemesis** whose schedule comes from the seed: kill -9 and restart
 //!   of the leader or another node, SIGSTOP and SIGCONT, a cluster-wide hot
-//!   swap of the plugin, a crash of the whole cluster, and network faults
+//!   swap of one of the plugins, a crash of the whole cluster, and network faults
 //!   between the nodes: a node cut off, a one-way cut, a bridge (two sides
 //!   that reach only a node in the middle), and packet loss. Each node has
 //!   an address of its own on the loopback network (127.a.b.n), and the
@@ -29,7 +35,8 @@
 //!   out, and the run says so.
 //!
 //! At the end every key's history goes through the linearizability checker
-//! ([`plexus_tests::linearizability`]). The figures are printed with the
+//! ([`plexus_tests::linearizability`]), and the topic's and the tasks'
+//! histories through [`plexus_tests::queues`]. The figures are printed with the
 //! seed; the exit status is 1 if any history is not linearizable, so a
 //! failing seed can be run again as it is.
 
@@ -44,6 +51,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use plexus_tests::fencing::{self, Observation};
 use plexus_tests::linearizability::{Event, Op, check};
+use plexus_tests::queues::{self, Ack, Delivery, Lease};
 use plexus_tests::{Process, cluster_node_config, loopback_addrs, variant, wasm};
 
 const TOKEN: &str = "torture-token";
@@ -58,6 +66,7 @@ struct Args {
     nodes: usize,
     clients: usize,
     election_clients: usize,
+    queue_clients: usize,
     keys: usize,
 }
 
@@ -70,6 +79,7 @@ fn args() -> Result<Args, String> {
         nodes: 3,
         clients: 12,
         election_clients: 4,
+        queue_clients: 2,
         keys: 4,
     };
     let mut it = std::env::args().skip(1);
@@ -85,6 +95,7 @@ fn args() -> Result<Args, String> {
             "--nodes" => a.nodes = value("--nodes")? as usize,
             "--clients" => a.clients = value("--clients")? as usize,
             "--election-clients" => a.election_clients = value("--election-clients")? as usize,
+            "--queue-clients" => a.queue_clients = value("--queue-clients")? as usize,
             "--keys" => a.keys = value("--keys")? as usize,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -164,6 +175,8 @@ struct Recorder {
     started: Instant,
     histories: Mutex<BTreeMap<usize, Vec<Event>>>,
     leases: Mutex<BTreeMap<String, Vec<Observation>>>,
+    topic: Mutex<queues::Topic>,
+    tasks: Mutex<queues::Tasks>,
     tally: Mutex<Tally>,
 }
 
@@ -383,6 +396,262 @@ async fn election_client(
     }
 }
 
+const TOPIC: &str = "/v1/plugins/pubsub/topics/torture";
+const QUEUE: &str = "/v1/plugins/wq/queues/torture";
+
+/// Sends `method path body` through random nodes, up to three times while
+/// the outcome is not known (the body carries an id or key that makes a
+/// second copy harmless): the body of a 200, or `None`.
+async fn at_most_thrice(
+    rng: &mut Rng,
+    http: &[SocketAddr],
+    rec: &Recorder,
+    path: &str,
+    body: &[u8],
+) -> Option<Vec<u8>> {
+    for _ in 0..3 {
+        let addr = http[rng.below(http.len() as u64) as usize];
+        match request(addr, "POST", path, body).await {
+            Answer::Got(200, _, answer) => return Some(answer),
+            other => rec.failed(&other).await,
+        }
+    }
+    None
+}
+
+/// One publisher: messages whose data is their id.
+async fn publisher(
+    id: usize,
+    mut rng: Rng,
+    http: Arc<Vec<SocketAddr>>,
+    until: Instant,
+    rec: Arc<Recorder>,
+) {
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let msg = format!("p{id}-{n}");
+        let path = format!("{TOPIC}/publish?id={msg}");
+        let ok = at_most_thrice(&mut rng, &http, &rec, &path, msg.as_bytes())
+            .await
+            .is_some();
+        let mut topic = rec.topic.lock().unwrap();
+        if ok {
+            topic.acknowledged.insert(msg);
+        } else {
+            topic.unknown.insert(msg);
+        }
+    }
+}
+
+/// One fetch of the group `g` and an ack of each message got; whether
+/// any came.
+async fn consume_once(
+    rng: &mut Rng,
+    http: &[SocketAddr],
+    rec: &Recorder,
+    consumer: &str,
+    wait_ms: u64,
+) -> bool {
+    let addr = http[rng.below(http.len() as u64) as usize];
+    let call = rec.now();
+    let fetch = format!("{TOPIC}/groups/g/fetch?max=20&consumer={consumer}&wait_ms={wait_ms}");
+    let msgs = match request(addr, "POST", &fetch, b"").await {
+        Answer::Got(200, _, body) => {
+            serde_json::from_slice::<Vec<serde_json::Value>>(&body).unwrap_or_default()
+        }
+        other => {
+            rec.failed(&other).await;
+            return false;
+        }
+    };
+    let ret = rec.now();
+    for m in &msgs {
+        let (Some(seq), Some(data)) = (m["seq"].as_u64(), m["data"].as_str()) else {
+            continue;
+        };
+        rec.topic.lock().unwrap().deliveries.push(Delivery {
+            call,
+            ret,
+            seq,
+            id: data.to_string(),
+        });
+        let addr = http[rng.below(http.len() as u64) as usize];
+        let call = rec.now();
+        match request(addr, "POST", &format!("{TOPIC}/groups/g/ack/{seq}"), b"").await {
+            Answer::Got(200, _, body) if body_says(&body, "acked", true) => {
+                let ret = rec.now();
+                rec.topic.lock().unwrap().acks.push(Ack { call, ret, seq });
+            }
+            Answer::Got(200, ..) => {}
+            other => rec.failed(&other).await,
+        }
+    }
+    !msgs.is_empty()
+}
+
+fn body_says(body: &[u8], field: &str, value: bool) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v[field] == value)
+}
+
+async fn consumer(
+    id: usize,
+    mut rng: Rng,
+    http: Arc<Vec<SocketAddr>>,
+    until: Instant,
+    rec: Arc<Recorder>,
+) {
+    while Instant::now() < until {
+        consume_once(&mut rng, &http, &rec, &format!("c{id}"), 300).await;
+    }
+}
+
+/// One submitter: tasks whose key is their id, with attempts enough to
+/// outlast the faults.
+async fn submitter(
+    id: usize,
+    mut rng: Rng,
+    http: Arc<Vec<SocketAddr>>,
+    until: Instant,
+    rec: Arc<Recorder>,
+) {
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let key = format!("s{id}-{n}");
+        let task = format!(r#"{{"key": "{key}", "max_attempts": 1000}}"#);
+        let path = format!("{QUEUE}/tasks");
+        let ok = at_most_thrice(&mut rng, &http, &rec, &path, task.as_bytes())
+            .await
+            .is_some();
+        let mut tasks = rec.tasks.lock().unwrap();
+        tasks.submitted.insert(key.clone());
+        if ok {
+            tasks.acknowledged.insert(key);
+        }
+    }
+}
+
+/// One lease and the completion of what it got, with the token as the
+/// result; whether a task came.
+async fn work_once(
+    rng: &mut Rng,
+    http: &[SocketAddr],
+    rec: &Recorder,
+    worker: &str,
+    wait_ms: u64,
+) -> bool {
+    let addr = http[rng.below(http.len() as u64) as usize];
+    let call = rec.now();
+    let path = format!("{QUEUE}/lease?worker={worker}&lease_ms=1500&wait_ms={wait_ms}");
+    let task = match request(addr, "POST", &path, b"").await {
+        Answer::Got(200, _, body) => {
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()
+        }
+        Answer::Got(204, ..) => return false,
+        other => {
+            rec.failed(&other).await;
+            return false;
+        }
+    };
+    let (Some(id), Some(token)) = (task["id"].as_str(), task["token"].as_u64()) else {
+        return false;
+    };
+    let ret = rec.now();
+    rec.tasks.lock().unwrap().leases.push(Lease {
+        call,
+        ret,
+        id: id.to_string(),
+        token,
+    });
+    let addr = http[rng.below(http.len() as u64) as usize];
+    let done = format!("/v1/plugins/wq/tasks/{id}/complete?token={token}");
+    match request(addr, "POST", &done, token.to_string().as_bytes()).await {
+        Answer::Got(200, ..) => rec
+            .tasks
+            .lock()
+            .unwrap()
+            .accepted
+            .push((id.to_string(), token)),
+        Answer::Got(409, ..) => {}
+        other => rec.failed(&other).await,
+    }
+    true
+}
+
+async fn worker(
+    id: usize,
+    mut rng: Rng,
+    http: Arc<Vec<SocketAddr>>,
+    until: Instant,
+    rec: Arc<Recorder>,
+) {
+    while Instant::now() < until {
+        work_once(&mut rng, &http, &rec, &format!("w{id}"), 300).await;
+    }
+}
+
+/// After the faults: consumes and works until a few looks in a row find
+/// nothing (each longer than an ack wait or a lease), or `limit` passes.
+async fn drain(rng: &mut Rng, http: &[SocketAddr], rec: &Recorder, limit: Duration) {
+    let until = Instant::now() + limit;
+    let (mut idle_topic, mut idle_tasks) = (0, 0);
+    while Instant::now() < until && (idle_topic < 3 || idle_tasks < 3) {
+        if idle_topic < 3 {
+            let got = consume_once(rng, http, rec, "drain", 2500).await;
+            idle_topic = if got { 0 } else { idle_topic + 1 };
+        }
+        if idle_tasks < 3 {
+            let got = work_once(rng, http, rec, "drain", 2000).await;
+            idle_tasks = if got { 0 } else { idle_tasks + 1 };
+        }
+    }
+}
+
+/// The topic as stored, read by a new group from the start, and each
+/// task as it ends.
+async fn read_back(http: &[SocketAddr], rec: &Recorder) -> Result<(), String> {
+    let addr = http[0];
+    let group = format!("{TOPIC}/groups/audit");
+    match request(addr, "PUT", &group, br#"{"deliver": "all"}"#).await {
+        Answer::Got(200, ..) => {}
+        _ => return Err("could not create the audit group".into()),
+    }
+    loop {
+        let fetch = format!("{group}/fetch?max=1000&consumer=audit");
+        let Answer::Got(200, _, body) = request(addr, "POST", &fetch, b"").await else {
+            return Err("could not read the topic back".into());
+        };
+        let msgs: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap_or_default();
+        if msgs.is_empty() {
+            break;
+        }
+        let mut topic = rec.topic.lock().unwrap();
+        for m in msgs {
+            if let (Some(seq), Some(data)) = (m["seq"].as_u64(), m["data"].as_str()) {
+                topic.stored.push((seq, data.to_string()));
+            }
+        }
+    }
+    let submitted = rec.tasks.lock().unwrap().submitted.clone();
+    for id in submitted {
+        let path = format!("/v1/plugins/wq/tasks/{id}");
+        let end = match request(addr, "GET", &path, b"").await {
+            Answer::Got(200, _, body) => {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                (
+                    v["state"].as_str().unwrap_or("?").to_string(),
+                    v["result"].as_u64(),
+                )
+            }
+            Answer::Got(404, ..) => continue,
+            _ => return Err(format!("could not read task {id}")),
+        };
+        rec.tasks.lock().unwrap().finally.insert(id, end);
+    }
+    Ok(())
+}
+
 struct Cluster {
     dir: tempfile::TempDir,
     http: Vec<SocketAddr>,
@@ -494,6 +763,16 @@ capabilities = ["consensus", "storage", "log"]
 name = "election"
 component = "bundled:leader-election"
 capabilities = ["consensus", "storage", "timers", "log"]
+
+[[plugins]]
+name = "pubsub"
+component = "bundled:pubsub"
+capabilities = ["consensus", "storage", "timers"]
+
+[[plugins]]
+name = "wq"
+component = "bundled:work-queue"
+capabilities = ["consensus", "storage", "timers"]
 "#
                 ),
             );
@@ -574,7 +853,11 @@ async fn nemesis(
     n: &mut Nemesis,
     firewall: Option<&Firewall>,
 ) {
-    let kv = wasm("replicated-kv");
+    let plugins = [
+        ("kv", wasm("replicated-kv")),
+        ("pubsub", wasm("pubsub")),
+        ("wq", wasm("work-queue")),
+    ];
     let mut swaps = 0u8;
     let nodes = c.nodes.len();
     let net = c.net;
@@ -648,14 +931,19 @@ async fn nemesis(
                 c.signal(target, "-CONT");
             }
             7..=8 => {
-                n.count("cluster-wide hot swap");
+                let (name, component) = &plugins[rng.below(plugins.len() as u64) as usize];
+                n.count(match *name {
+                    "kv" => "cluster-wide hot swap of kv",
+                    "pubsub" => "cluster-wide hot swap of pubsub",
+                    _ => "cluster-wide hot swap of wq",
+                });
                 swaps = swaps.wrapping_add(1);
-                let bytes = variant(&kv, swaps);
+                let bytes = variant(component, swaps);
                 let auth = format!("Bearer {TOKEN}");
                 let _ = plexus_tests::http(
                     c.http[target],
                     "POST",
-                    "/v1/admin/plugins/kv/swap?scope=cluster",
+                    &format!("/v1/admin/plugins/{name}/swap?scope=cluster"),
                     &[
                         ("authorization", auth.as_str()),
                         ("content-type", "application/wasm"),
@@ -707,8 +995,31 @@ async fn main() -> ExitCode {
         started: Instant::now(),
         histories: Mutex::new(BTreeMap::new()),
         leases: Mutex::new(BTreeMap::new()),
+        topic: Mutex::default(),
+        tasks: Mutex::default(),
         tally: Mutex::new(Tally::default()),
     });
+    // The topic and its group, before anyone publishes.
+    let setup = [
+        (TOPIC.to_string(), &b""[..]),
+        (
+            format!("{TOPIC}/groups/g"),
+            &br#"{"ack_wait_ms": 2000, "max_deliver": 0}"#[..],
+        ),
+    ];
+    for (path, body) in setup {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(
+            request(cluster.http[0], "PUT", &path, body).await,
+            Answer::Got(200, ..)
+        ) {
+            if Instant::now() > deadline {
+                eprintln!("torture: could not create {path}");
+                return ExitCode::FAILURE;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let until = Instant::now() + Duration::from_secs(args.seconds);
     let http = Arc::new(cluster.http.clone());
     let clients: Vec<_> = (0..args.clients)
@@ -736,6 +1047,19 @@ async fn main() -> ExitCode {
             ))
         })
         .collect();
+    let mut queue_clients = Vec::new();
+    for id in 0..args.queue_clients {
+        for _ in 0..4 {
+            let client_rng = Rng::new(rng.below(u64::MAX));
+            let (http, rec) = (http.clone(), rec.clone());
+            queue_clients.push(match queue_clients.len() % 4 {
+                0 => tokio::spawn(publisher(id, client_rng, http, until, rec)),
+                1 => tokio::spawn(consumer(id, client_rng, http, until, rec)),
+                2 => tokio::spawn(submitter(id, client_rng, http, until, rec)),
+                _ => tokio::spawn(worker(id, client_rng, http, until, rec)),
+            });
+        }
+    }
     let firewall = Firewall::new();
     if firewall.is_none() {
         println!("torture: no iptables (or no right to use it): network faults left out");
@@ -748,10 +1072,21 @@ async fn main() -> ExitCode {
             cluster.signal(i, "-CONT");
         }
     }
-    for c in clients.into_iter().chain(elections) {
+    for c in clients.into_iter().chain(elections).chain(queue_clients) {
         let _ = c.await;
     }
+    // What the queues still hold, then everything read back.
+    let mut drain_rng = Rng::new(rng.below(u64::MAX));
+    drain(&mut drain_rng, &http, &rec, Duration::from_secs(60)).await;
+    let read_back = read_back(&http, &rec).await;
     drop(cluster);
+    let topic = std::mem::take(&mut *rec.topic.lock().unwrap());
+    let tasks = std::mem::take(&mut *rec.tasks.lock().unwrap());
+    let mut queue_violations = queues::topic_violations(&topic);
+    queue_violations.extend(queues::task_violations(&tasks));
+    if let Err(e) = read_back {
+        queue_violations.push(e);
+    }
 
     let histories = std::mem::take(&mut *rec.histories.lock().unwrap());
     let leases = std::mem::take(&mut *rec.leases.lock().unwrap());
@@ -818,11 +1153,36 @@ async fn main() -> ExitCode {
         leases.len(),
         fencing_violations.len()
     );
+    let redelivered = topic.deliveries.len()
+        - topic
+            .deliveries
+            .iter()
+            .map(|d| d.seq)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+    println!(
+        "pubsub: {} publishes acknowledged, {} unknown, {} stored; {} deliveries ({} again), {} acks",
+        topic.acknowledged.len(),
+        topic.unknown.len(),
+        topic.stored.len(),
+        topic.deliveries.len(),
+        redelivered,
+        topic.acks.len()
+    );
+    println!(
+        "work-queue: {} tasks acknowledged of {} submitted, {} done; {} leases, {} results accepted",
+        tasks.acknowledged.len(),
+        tasks.submitted.len(),
+        tasks.finally.values().filter(|(s, _)| s == "done").count(),
+        tasks.leases.len(),
+        tasks.accepted.len()
+    );
+    println!("queues: {} violations", queue_violations.len());
     println!("seed {}", args.seed);
-    for v in &fencing_violations {
+    for v in fencing_violations.iter().chain(&queue_violations) {
         eprintln!("{v}");
     }
-    if violations.is_empty() && fencing_violations.is_empty() {
+    if violations.is_empty() && fencing_violations.is_empty() && queue_violations.is_empty() {
         ExitCode::SUCCESS
     } else {
         for key in &violations {
