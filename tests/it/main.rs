@@ -9,6 +9,7 @@ mod config_golden;
 mod gossip_crdt;
 mod http_proxy;
 mod leader_election;
+mod load_balancer;
 mod operate;
 mod process;
 mod pubsub;
