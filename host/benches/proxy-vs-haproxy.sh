@@ -3,6 +3,8 @@
 # backend), HAProxy and wrk from Debian when they are missing, then runs
 #   cargo bench -p plexus --bench proxy -- --nginx N --haproxy H --wrk W ARGS...
 # e.g. host/benches/proxy-vs-haproxy.sh --seconds 10 --rounds 3
+# or, the load balancer alone next to HAProxy's leastconn and random(2):
+#   host/benches/proxy-vs-haproxy.sh --seconds 0 --forward-seconds 0 --balance-seconds 10
 # The packages may start system services on their default ports; the
 # benchmark uses ports of its own.
 set -euo pipefail

@@ -19,6 +19,17 @@
 //! answers it, and to another node that forwards it there
 //! (`reply::forward`), alternating, at each of `--forward-connections`.
 //!
+//! Then balancing (`--balance-seconds`, 0 skips it): three backends in
+//! this process (hyper, one thread), one of which answers after
+//! `--slow-ms` (20); `wrk` loads HAProxy with `balance leastconn` and with
+//! `balance random(2)`, and a `plexus` node whose `load-balancer` plugin
+//! runs `least_request` (two choices) and `peak_ewma`, in front of the
+//! same three, at each of `--balance-connections`, phases alternating.
+//! For each it prints requests per second, p50 and p99, CPU per request,
+//! and the share of requests the slow backend took.
+//!
+//! `--seconds 0` skips the proxy path.
+//!
 //! `PLEXUS_BIN=path` runs another `plexus` build.
 //! `host/benches/proxy-vs-haproxy.sh [ARGS]` installs nginx, HAProxy and
 //! wrk when missing and runs this.
@@ -497,10 +508,201 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wrk_bin = arg_str("--wrk").unwrap_or_else(|| "wrk".into());
     match (arg_str("--nginx"), arg_str("--haproxy")) {
+        _ if arg("--seconds", 10) == 0 => {}
         (Some(nginx), Some(haproxy)) => proxy_path(dir.path(), &nginx, &haproxy, &wrk_bin),
         _ => println!("proxy path skipped: give --nginx PATH and --haproxy PATH"),
     }
     if arg("--forward-seconds", 10) > 0 {
         forwarding(dir.path(), &wrk_bin);
+    }
+    if arg("--balance-seconds", 10) > 0 {
+        match arg_str("--haproxy") {
+            Some(haproxy) => balancing(dir.path(), &haproxy, &wrk_bin),
+            None => println!("balancing skipped: give --haproxy PATH"),
+        }
+    }
+}
+
+/// Three HTTP backends on one thread of their own; the last answers after
+/// `slow_ms`. Their ports, and each one's count of requests served.
+fn start_backends(slow_ms: u64) -> (Vec<u16>, Vec<std::sync::Arc<std::sync::atomic::AtomicU64>>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime for the backends");
+    let mut ports = Vec::new();
+    let mut served = Vec::new();
+    for i in 0..3 {
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("binding a backend");
+        ports.push(listener.local_addr().expect("backend address").port());
+        let count = Arc::new(AtomicU64::new(0));
+        served.push(count.clone());
+        let delay = if i == 2 { slow_ms } else { 0 };
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let count = count.clone();
+                let service = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    let count = count.clone();
+                    async move {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"hello, world\n")),
+                        ))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    }
+    // The runtime serves until the program ends.
+    std::mem::forget(runtime);
+    (ports, served)
+}
+
+fn start_haproxy_balance(haproxy: &str, dir: &Path, balance: &str, backends: &[u16]) -> (Child, u16) {
+    let port = free_port();
+    let conf = dir.join(format!("haproxy-{}.cfg", port));
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("  server s{i} 127.0.0.1:{p}\n"))
+        .collect();
+    std::fs::write(
+        &conf,
+        format!(
+            "global\n  nbthread 1\n  maxconn 8000\n\
+             defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
+             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
+             backend b\n  balance {balance}\n{servers}"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(haproxy)
+        .arg("-f")
+        .arg(&conf)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn haproxy");
+    wait_port(local(port));
+    (child, port)
+}
+
+/// One node with the `load-balancer` plugin twice: `lr` (least request,
+/// two choices) and `ewma` (peak EWMA), in front of `backends`.
+fn start_plexus_balancer(dir: &Path, backends: &[u16]) -> (Child, u16) {
+    let port = free_port();
+    let config = dir.join("balance-node.toml");
+    let origins: Vec<String> = backends.iter().map(|p| format!("\"http://127.0.0.1:{p}\"")).collect();
+    let list: Vec<String> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{{ name = \"s{i}\", url = \"http://127.0.0.1:{p}\" }}"))
+        .collect();
+    let plugin = |name: &str, policy: &str| {
+        format!(
+            "[[plugins]]\nname = \"{name}\"\ncomponent = \"bundled:load-balancer\"\n\
+             capabilities = [\"outbound-http\", \"plugins\", \"consensus\", \"storage\", \"timers\"]\n\
+             allowed_outbound_hosts = [{}]\n\
+             limits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+             config = {{ lb_policy = \"{policy}\", backends = [{}] }}\n",
+            origins.join(", "),
+            list.join(", ")
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n[node]\nid = \"balancer\"\ndata_dir = \"balance-data\"\nhttp = \"127.0.0.1:{port}\"\n\
+             max_connections_per_client = 4096\n{}{}",
+            plugin("lr", "least_request"),
+            plugin("ewma", "peak_ewma")
+        ),
+    )
+    .unwrap();
+    let child = spawn_plexus(dir, &config);
+    wait_ok(local(port), "/v1/plugins/lr/");
+    wait_ok(local(port), "/v1/plugins/ewma/");
+    (child, port)
+}
+
+fn balancing(dir: &Path, haproxy: &str, wrk_bin: &str) {
+    use std::sync::atomic::Ordering;
+    let seconds = arg("--balance-seconds", 10);
+    let rounds = arg("--rounds", 3);
+    let slow_ms = arg("--slow-ms", 20);
+    let (backends, served) = start_backends(slow_ms);
+    let mut procs = Procs(Vec::new());
+    let (child, leastconn) = start_haproxy_balance(haproxy, dir, "leastconn", &backends);
+    let hpid1 = child.id();
+    procs.0.push(child);
+    let (child, random2) = start_haproxy_balance(haproxy, dir, "random(2)", &backends);
+    let hpid2 = child.id();
+    procs.0.push(child);
+    let (child, pport) = start_plexus_balancer(dir, &backends);
+    let ppid = child.id();
+    procs.0.push(child);
+    let targets = [
+        ("HAProxy leastconn", format!("http://127.0.0.1:{leastconn}/"), hpid1),
+        ("HAProxy random(2)", format!("http://127.0.0.1:{random2}/"), hpid2),
+        ("plexus least_request", format!("http://127.0.0.1:{pport}/v1/plugins/lr/"), ppid),
+        ("plexus peak_ewma", format!("http://127.0.0.1:{pport}/v1/plugins/ewma/"), ppid),
+    ];
+    for (_, url, pid) in &targets {
+        wrk(wrk_bin, url, 64, 2, &[*pid]);
+    }
+    let slow_count = || served[2].load(Ordering::Relaxed);
+    let all_count = || served.iter().map(|s| s.load(Ordering::Relaxed)).sum::<u64>();
+    println!(
+        "\nbalancing: three backends, one answering after {slow_ms} ms; wrk -t2, {seconds} s per phase, {rounds} rounds, phases alternating"
+    );
+    for c in connection_counts("--balance-connections") {
+        let mut totals: Vec<Totals> = (0..targets.len()).map(|_| Totals::default()).collect();
+        let mut slow = vec![(0u64, 0u64); targets.len()];
+        for round in 0..rounds as usize {
+            for k in 0..targets.len() {
+                let i = (k + round) % targets.len();
+                let (_, url, pid) = &targets[i];
+                let (s0, a0) = (slow_count(), all_count());
+                totals[i].runs.push(wrk(wrk_bin, url, c, seconds, &[*pid]));
+                slow[i].0 += slow_count() - s0;
+                slow[i].1 += all_count() - a0;
+            }
+        }
+        println!("\n{c} connections:");
+        println!(
+            "  {:<22} {:>10} {:>10} {:>10} {:>14} {:>12} {:>8}",
+            "target", "req/s", "p50", "p99", "CPU/request", "to slow", "errors"
+        );
+        for (i, (name, _, _)) in targets.iter().enumerate() {
+            let t = &totals[i];
+            println!(
+                "  {name:<22} {:>10.0} {:>7.0} us {:>7.0} us {:>11.1} us {:>11.2}% {:>8}",
+                t.rps(),
+                t.median(|r| r.p50_us),
+                t.median(|r| r.p99_us),
+                t.cpu_per_request_us(),
+                slow[i].0 as f64 * 100.0 / slow[i].1.max(1) as f64,
+                t.errors()
+            );
+        }
+        println!(
+            "  plexus least_request / HAProxy leastconn: {:.2}x req/s; plexus peak_ewma / HAProxy random(2): {:.2}x req/s",
+            totals[2].rps() / totals[0].rps().max(1e-9),
+            totals[3].rps() / totals[1].rps().max(1e-9)
+        );
     }
 }

@@ -570,7 +570,10 @@ impl Balancer {
                 l.health = Health::Unhealthy;
             }
         }
-        if self.local[i].health == Health::Unhealthy {
+        // Only a failure proposes: a node whose checks pass again, but not
+        // yet `healthy_threshold` times, must not eject a backend that
+        // another node's checks have just brought back.
+        if !passed && self.local[i].health == Health::Unhealthy {
             self.propose_eject(i, Reason::HealthCheck);
         }
     }

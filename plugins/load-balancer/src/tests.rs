@@ -516,7 +516,7 @@ fn bad_configs_are_refused_naming_the_key() {
         ),
         (
             json!({ "backends": [{ "name": "a", "url": "ftp://x" }] }),
-            "config.backends[0].url: must start with http:// or https://",
+            "config.backends[0].url: must start with http:// (outbound HTTP has no TLS yet)",
         ),
         (
             json!({ "backends": [{ "name": "a", "url": "http://x" }, { "name": "a", "url": "http://y" }] }),
@@ -670,4 +670,26 @@ fn bounded_load_passes_a_hot_key_along_the_table() {
     assert_eq!(picker.pick(how, &c), home, "without a bound the key stays");
     how.hash_balance_factor = 150;
     assert_ne!(picker.pick(how, &c), home, "over 150% of the mean it moves");
+}
+
+#[test]
+fn a_node_whose_checks_pass_again_later_does_not_eject_a_backend_another_brought_back() {
+    let (mut h, s) = start(json!({
+        "health_check": { "interval_ms": 1000, "healthy_threshold": 2, "unhealthy_threshold": 1 },
+        "outlier_detection": { "consecutive_5xx": 0, "base_ejection_time_ms": 60_000 },
+    }));
+    s.failing.borrow_mut().push("a");
+    h.advance(100);
+    assert_eq!(state_of(&mut h, "a")["state"], "ejected");
+    // Another node's checks passed first: it brought `a` back.
+    h.commit(&Command::Return {
+        backend: "a".into(),
+        generation: 1,
+        at_ms: 1_767_225_600_500,
+    });
+    s.failing.borrow_mut().clear();
+    h.advance(1000); // one pass here: still unhealthy in this node's eyes
+    assert_eq!(state_of(&mut h, "a")["health"], "unhealthy");
+    assert_eq!(state_of(&mut h, "a")["state"], "in");
+    assert_eq!(commands(&h).len(), 2, "{:?}", commands(&h));
 }
