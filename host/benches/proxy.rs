@@ -546,18 +546,22 @@ fn start_backends(slow_ms: u64) -> (Vec<u16>, Vec<std::sync::Arc<std::sync::atom
         runtime.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let count = count.clone();
-                let service = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
-                    let count = count.clone();
-                    async move {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        if delay > 0 {
-                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                let service = hyper::service::service_fn(
+                    move |_req: hyper::Request<hyper::body::Incoming>| {
+                        let count = count.clone();
+                        async move {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(
+                                    b"hello, world\n",
+                                )),
+                            ))
                         }
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from_static(b"hello, world\n")),
-                        ))
-                    }
-                });
+                    },
+                );
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -571,7 +575,12 @@ fn start_backends(slow_ms: u64) -> (Vec<u16>, Vec<std::sync::Arc<std::sync::atom
     (ports, served)
 }
 
-fn start_haproxy_balance(haproxy: &str, dir: &Path, balance: &str, backends: &[u16]) -> (Child, u16) {
+fn start_haproxy_balance(
+    haproxy: &str,
+    dir: &Path,
+    balance: &str,
+    backends: &[u16],
+) -> (Child, u16) {
     let port = free_port();
     let conf = dir.join(format!("haproxy-{}.cfg", port));
     let servers: String = backends
@@ -606,7 +615,10 @@ fn start_haproxy_balance(haproxy: &str, dir: &Path, balance: &str, backends: &[u
 fn start_plexus_balancer(dir: &Path, backends: &[u16]) -> (Child, u16) {
     let port = free_port();
     let config = dir.join("balance-node.toml");
-    let origins: Vec<String> = backends.iter().map(|p| format!("\"http://127.0.0.1:{p}\"")).collect();
+    let origins: Vec<String> = backends
+        .iter()
+        .map(|p| format!("\"http://127.0.0.1:{p}\""))
+        .collect();
     let list: Vec<String> = backends
         .iter()
         .enumerate()
@@ -656,16 +668,37 @@ fn balancing(dir: &Path, haproxy: &str, wrk_bin: &str) {
     let ppid = child.id();
     procs.0.push(child);
     let targets = [
-        ("HAProxy leastconn", format!("http://127.0.0.1:{leastconn}/"), hpid1),
-        ("HAProxy random(2)", format!("http://127.0.0.1:{random2}/"), hpid2),
-        ("plexus least_request", format!("http://127.0.0.1:{pport}/v1/plugins/lr/"), ppid),
-        ("plexus peak_ewma", format!("http://127.0.0.1:{pport}/v1/plugins/ewma/"), ppid),
+        (
+            "HAProxy leastconn",
+            format!("http://127.0.0.1:{leastconn}/"),
+            hpid1,
+        ),
+        (
+            "HAProxy random(2)",
+            format!("http://127.0.0.1:{random2}/"),
+            hpid2,
+        ),
+        (
+            "plexus least_request",
+            format!("http://127.0.0.1:{pport}/v1/plugins/lr/"),
+            ppid,
+        ),
+        (
+            "plexus peak_ewma",
+            format!("http://127.0.0.1:{pport}/v1/plugins/ewma/"),
+            ppid,
+        ),
     ];
     for (_, url, pid) in &targets {
         wrk(wrk_bin, url, 64, 2, &[*pid]);
     }
     let slow_count = || served[2].load(Ordering::Relaxed);
-    let all_count = || served.iter().map(|s| s.load(Ordering::Relaxed)).sum::<u64>();
+    let all_count = || {
+        served
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
     println!(
         "\nbalancing: three backends, one answering after {slow_ms} ms; wrk -t2, {seconds} s per phase, {rounds} rounds, phases alternating"
     );

@@ -141,7 +141,10 @@ fn toml_of(config: &Value) -> String {
     fn value(v: &Value) -> String {
         match v {
             Value::Object(m) => {
-                let fields: Vec<String> = m.iter().map(|(k, v)| format!("{k} = {}", value(v))).collect();
+                let fields: Vec<String> = m
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {}", value(v)))
+                    .collect();
                 format!("{{ {} }}", fields.join(", "))
             }
             Value::Array(a) => format!("[{}]", a.iter().map(value).collect::<Vec<_>>().join(", ")),
@@ -164,7 +167,10 @@ async fn swap(nodes: &Processes, config: &Value) {
         nodes.http[0],
         "POST",
         "/v1/admin/plugins/lb/swap?scope=cluster",
-        &[("authorization", &auth), ("content-type", "application/json")],
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
         body.as_bytes(),
     )
     .await
@@ -213,7 +219,9 @@ async fn spread(nodes: &Processes, per_node: usize) -> BTreeMap<String, usize> {
 }
 
 async fn status(addr: SocketAddr) -> Value {
-    let (code, body) = http(addr, "GET", "/v1/plugins/lb/_lb/status", &[], b"").await.unwrap();
+    let (code, body) = http(addr, "GET", "/v1/plugins/lb/_lb/status", &[], b"")
+        .await
+        .unwrap();
     assert_eq!(code, 200);
     serde_json::from_slice(&body).unwrap()
 }
@@ -229,7 +237,12 @@ fn backend<'a>(status: &'a Value, name: &str) -> &'a Value {
 
 /// Waits until `backend`'s state is `state` on every node; the time it
 /// took and the log index each node has for that state.
-async fn wait_state(nodes: &Processes, name: &str, state: &str, limit: Duration) -> (Duration, Vec<u64>) {
+async fn wait_state(
+    nodes: &Processes,
+    name: &str,
+    state: &str,
+    limit: Duration,
+) -> (Duration, Vec<u64>) {
     let started = Instant::now();
     loop {
         let mut indexes = Vec::new();
@@ -268,17 +281,28 @@ async fn each_policy_spreads_requests_as_it_should_and_a_swap_changes_it() {
 
     // Random by weight: 1200 requests, expected 300, 300 and 600, with a
     // standard deviation of 15 to 17; within 20% is more than 3.5 of them.
-    swap(&nodes, &lb_config(&ups, [1, 1, 2], json!({ "lb_policy": "random" }))).await;
+    swap(
+        &nodes,
+        &lb_config(&ups, [1, 1, 2], json!({ "lb_policy": "random" })),
+    )
+    .await;
     let counts = spread(&nodes, 400).await;
     println!("random, weights 1:1:2, 1200 requests: {counts:?}");
     for (name, expected) in [("a", 300.0), ("b", 300.0), ("c", 600.0)] {
         let got = counts.get(name).copied().unwrap_or(0) as f64;
-        assert!((got - expected).abs() <= 0.2 * expected, "{name}: {got} of {expected}, {counts:?}");
+        assert!(
+            (got - expected).abs() <= 0.2 * expected,
+            "{name}: {got} of {expected}, {counts:?}"
+        );
     }
 
     // Maglev on a header: a key goes to the same backend from every node
     // (the table depends on the backends' names and weights only).
-    let maglev = lb_config(&ups, [1, 1, 2], json!({ "lb_policy": "maglev", "hash_header": "x-user" }));
+    let maglev = lb_config(
+        &ups,
+        [1, 1, 2],
+        json!({ "lb_policy": "maglev", "hash_header": "x-user" }),
+    );
     swap(&nodes, &maglev).await;
     let mut owners: BTreeMap<String, usize> = BTreeMap::new();
     for k in 0..200 {
@@ -297,7 +321,10 @@ async fn each_policy_spreads_requests_as_it_should_and_a_swap_changes_it() {
     // deviations (6 and 7 keys) of that.
     for (name, expected) in [("a", 50.0), ("b", 50.0), ("c", 100.0)] {
         let got = owners.get(name).copied().unwrap_or(0) as f64;
-        assert!((got - expected).abs() <= 30.0, "{name}: {got} keys, {owners:?}");
+        assert!(
+            (got - expected).abs() <= 30.0,
+            "{name}: {got} keys, {owners:?}"
+        );
     }
 }
 
@@ -337,13 +364,19 @@ async fn a_failing_backend_is_ejected_on_every_node_at_one_index_and_comes_back(
 
     ups[1].failing.store(true, Ordering::SeqCst);
     let (took, indexes) = wait_state(&nodes, "b", "ejected", Duration::from_secs(5)).await;
-    println!("b ejected on all three nodes {took:?} after it began failing, at log index {indexes:?}");
+    println!(
+        "b ejected on all three nodes {took:?} after it began failing, at log index {indexes:?}"
+    );
     assert!(indexes.iter().all(|i| *i == indexes[0]), "{indexes:?}");
     // Out everywhere: no more requests reach it.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = ups[1].served.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(ups[1].served.load(Ordering::SeqCst), before, "an ejected backend took requests");
+    assert_eq!(
+        ups[1].served.load(Ordering::SeqCst),
+        before,
+        "an ejected backend took requests"
+    );
 
     ups[1].failing.store(false, Ordering::SeqCst);
     let (back, indexes) = wait_state(&nodes, "b", "in", Duration::from_secs(10)).await;
@@ -360,9 +393,14 @@ async fn a_failing_backend_is_ejected_on_every_node_at_one_index_and_comes_back(
         assert_eq!(backend(&s, "b")["ejections"], 1, "{s}");
     }
     println!("{sent} requests sent meanwhile");
-    let (_, metrics) = http(nodes.http[0], "GET", "/v1/plugins/lb/_lb/metrics", &[], b"").await.unwrap();
+    let (_, metrics) = http(nodes.http[0], "GET", "/v1/plugins/lb/_lb/metrics", &[], b"")
+        .await
+        .unwrap();
     let metrics = String::from_utf8(metrics).unwrap();
-    assert!(metrics.contains("plexus_lb_ejections_total{backend=\"b\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("plexus_lb_ejections_total{backend=\"b\"} 1"),
+        "{metrics}"
+    );
 }
 
 async fn futures_sum(tasks: Vec<tokio::task::JoinHandle<usize>>) -> usize {
@@ -375,7 +413,11 @@ async fn futures_sum(tasks: Vec<tokio::task::JoinHandle<usize>>) -> usize {
 
 /// `clients` clients on each node send requests one after another for
 /// `run`; the answers by backend, and any that were not a 200.
-async fn load(nodes: &Processes, clients: usize, run: Duration) -> (BTreeMap<String, usize>, Vec<u16>) {
+async fn load(
+    nodes: &Processes,
+    clients: usize,
+    run: Duration,
+) -> (BTreeMap<String, usize>, Vec<u16>) {
     let until = Instant::now() + run;
     let mut tasks = Vec::new();
     for &addr in &nodes.http {
@@ -421,7 +463,11 @@ async fn least_request_and_peak_ewma_send_fewer_requests_to_a_slow_backend() {
         let (counts, bad) = load(&nodes, 4, Duration::from_secs(4)).await;
         assert!(bad.is_empty(), "{policy}: {bad:?}");
         let s = share(&counts, "c");
-        println!("{policy}: slow backend c (40 ms) took {:.1}% of {} requests: {counts:?}", s * 100.0, counts.values().sum::<usize>());
+        println!(
+            "{policy}: slow backend c (40 ms) took {:.1}% of {} requests: {counts:?}",
+            s * 100.0,
+            counts.values().sum::<usize>()
+        );
         shares.push(s);
     }
     // Round robin gives it a third; least request measurably less, peak
@@ -451,5 +497,8 @@ async fn swaps_of_policy_under_load_answer_every_request() {
     assert!(bad.is_empty(), "{bad:?}");
     assert!(total > 100, "{total}");
     let served: u64 = ups.iter().map(|u| u.served.load(Ordering::SeqCst)).sum();
-    assert_eq!(served as usize, total, "every request reached one backend once");
+    assert_eq!(
+        served as usize, total,
+        "every request reached one backend once"
+    );
 }

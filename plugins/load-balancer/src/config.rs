@@ -271,17 +271,27 @@ impl Settings {
                 ));
             }
             if self.backends[..i].iter().any(|o| o.name == b.name) {
-                return Err(field(&key("name"), &format!("`{}` is listed twice", b.name)));
+                return Err(field(
+                    &key("name"),
+                    &format!("`{}` is listed twice", b.name),
+                ));
             }
             if !(1..=10_000).contains(&b.weight) {
                 return Err(field(&key("weight"), "must be 1 to 10000"));
             }
             targets.push(match (&b.url, &b.plugin, &b.node) {
-                (Some(url), None, None) => Target::Url(check_url(url).map_err(|m| field(&key("url"), &m))?),
-                (None, Some(plugin), Some(node)) if !plugin.is_empty() && !node.is_empty() => {
-                    Target::Plugin { plugin: plugin.clone(), node: node.clone() }
+                (Some(url), None, None) => {
+                    Target::Url(check_url(url).map_err(|m| field(&key("url"), &m))?)
                 }
-                (None, Some(_), None) => return Err(field(&key("node"), "a plugin backend names its node")),
+                (None, Some(plugin), Some(node)) if !plugin.is_empty() && !node.is_empty() => {
+                    Target::Plugin {
+                        plugin: plugin.clone(),
+                        node: node.clone(),
+                    }
+                }
+                (None, Some(_), None) => {
+                    return Err(field(&key("node"), "a plugin backend names its node"));
+                }
                 _ => {
                     return Err(field(
                         &format!("backends[{i}]"),
@@ -298,7 +308,9 @@ impl Settings {
             at_least("hash_balance_factor", self.hash_balance_factor.into(), 100)?;
         }
         match &self.hash_header {
-            Some(h) if h.is_empty() || h.bytes().any(|b| !(b.is_ascii_alphanumeric() || b == b'-')) => {
+            Some(h)
+                if h.is_empty() || h.bytes().any(|b| !(b.is_ascii_alphanumeric() || b == b'-')) =>
+            {
                 return Err(field("hash_header", "a header name: A-Z, a-z, 0-9 and `-`"));
             }
             None if self.lb_policy == LbPolicy::Maglev => {
@@ -312,18 +324,33 @@ impl Settings {
             }
             at_least("health_check.interval_ms", hc.interval_ms, 10)?;
             at_least("health_check.timeout_ms", hc.timeout_ms.into(), 1)?;
-            at_least("health_check.healthy_threshold", hc.healthy_threshold.into(), 1)?;
-            at_least("health_check.unhealthy_threshold", hc.unhealthy_threshold.into(), 1)?;
+            at_least(
+                "health_check.healthy_threshold",
+                hc.healthy_threshold.into(),
+                1,
+            )?;
+            at_least(
+                "health_check.unhealthy_threshold",
+                hc.unhealthy_threshold.into(),
+                1,
+            )?;
         }
         let od = &self.outlier_detection;
         at_least("outlier_detection.interval_ms", od.interval_ms, 10)?;
-        at_least("outlier_detection.base_ejection_time_ms", od.base_ejection_time_ms, 1)?;
+        at_least(
+            "outlier_detection.base_ejection_time_ms",
+            od.base_ejection_time_ms,
+            1,
+        )?;
         at_least(
             "outlier_detection.max_ejection_time_ms",
             od.max_ejection_time_ms,
             od.base_ejection_time_ms,
         )?;
-        percent("outlier_detection.max_ejection_percent", od.max_ejection_percent)?;
+        percent(
+            "outlier_detection.max_ejection_percent",
+            od.max_ejection_percent,
+        )?;
         percent(
             "outlier_detection.failure_percentage_threshold",
             od.failure_percentage_threshold,

@@ -279,11 +279,10 @@ impl Balancer {
     }
 
     fn forward(&mut self, req: Request) -> Reply {
-        let key = self
-            .settings
-            .hash_header
-            .as_deref()
-            .and_then(|h| req.header(&h.to_ascii_lowercase()).map(|v| policy::hash(0, v.as_bytes())));
+        let key = self.settings.hash_header.as_deref().and_then(|h| {
+            req.header(&h.to_ascii_lowercase())
+                .map(|v| policy::hash(0, v.as_bytes()))
+        });
         let Some(i) = self.choose(key, None) else {
             return Response::error(503, "no backend").into();
         };
@@ -309,7 +308,10 @@ impl Balancer {
         let (headers, body) = if keep {
             (fwd.headers.clone(), fwd.body.clone())
         } else {
-            (std::mem::take(&mut fwd.headers), std::mem::take(&mut fwd.body))
+            (
+                std::mem::take(&mut fwd.headers),
+                std::mem::take(&mut fwd.body),
+            )
         };
         let kept = keep.then_some(fwd);
         let sent = match &self.targets[i] {
@@ -319,7 +321,12 @@ impl Balancer {
                     url.push('?');
                     url.push_str(&query);
                 }
-                let out = OutgoingRequest { method, url, headers, body };
+                let out = OutgoingRequest {
+                    method,
+                    url,
+                    headers,
+                    body,
+                };
                 http::fetch(self, out, timeout, move |this: &mut Balancer, r| {
                     let r = r.map_err(|e| {
                         let kind = match e {
@@ -344,20 +351,26 @@ impl Balancer {
                     source: RequestSource::Client,
                 };
                 let (plugin, node) = (plugin.clone(), node.clone());
-                plugins::call(self, &plugin, Some(&node), req, timeout, move |this: &mut Balancer, r| {
-                    let r = r.map_err(|e| {
-                        let kind = match e {
-                            plugins::Error::NoSuchPlugin(_) | plugins::Error::UnknownNode(_) => {
-                                Failure::Connect
-                            }
-                            plugins::Error::Timeout => Failure::Timeout,
-                            plugins::Error::Failed(_) => Failure::Broken,
-                            _ => Failure::Other,
-                        };
-                        (kind, Response::from(e))
-                    });
-                    this.finish(i, started, r, kept)
-                })
+                plugins::call(
+                    self,
+                    &plugin,
+                    Some(&node),
+                    req,
+                    timeout,
+                    move |this: &mut Balancer, r| {
+                        let r = r.map_err(|e| {
+                            let kind = match e {
+                                plugins::Error::NoSuchPlugin(_)
+                                | plugins::Error::UnknownNode(_) => Failure::Connect,
+                                plugins::Error::Timeout => Failure::Timeout,
+                                plugins::Error::Failed(_) => Failure::Broken,
+                                _ => Failure::Other,
+                            };
+                            (kind, Response::from(e))
+                        });
+                        this.finish(i, started, r, kept)
+                    },
+                )
                 .map_err(Response::from)
             }
         };
@@ -410,7 +423,10 @@ impl Balancer {
         let consecutive = local.consecutive_failures;
         let series = self.series(i);
         series.latency_sum_ms += elapsed;
-        let bucket = BUCKETS_MS.iter().position(|b| elapsed <= *b).unwrap_or(BUCKETS_MS.len());
+        let bucket = BUCKETS_MS
+            .iter()
+            .position(|b| elapsed <= *b)
+            .unwrap_or(BUCKETS_MS.len());
         series.buckets[bucket] += 1;
         if let Some(f) = failure {
             series.errors[Failure::ALL.iter().position(|k| *k == f).unwrap_or(4)] += 1;
@@ -422,7 +438,9 @@ impl Balancer {
         match result {
             Ok(mut response) => {
                 response.headers = passed_on(&response.headers);
-                response.headers.push(("x-lb-backend".into(), self.names[i].0.clone()));
+                response
+                    .headers
+                    .push(("x-lb-backend".into(), self.names[i].0.clone()));
                 response.into()
             }
             Err((Failure::Connect, response)) => {
@@ -450,7 +468,9 @@ impl Balancer {
         }
         let eject = matches!(command, Command::Eject { .. });
         // No client waits on it: the answer goes nowhere.
-        match consensus::submit(self, &command, |_: &mut Balancer, _| Response::text(204, "")) {
+        match consensus::submit(self, &command, |_: &mut Balancer, _| {
+            Response::text(204, "")
+        }) {
             Ok(_) => {
                 self.local[i].proposed = Some(now);
                 if eject {
@@ -489,7 +509,10 @@ impl Balancer {
         let checks = self.settings.health_check.is_some();
         for i in 0..self.names.len() {
             let v = &self.view[i];
-            if v.ejected && wall >= v.until_ms && (!checks || self.local[i].health == Health::Healthy) {
+            if v.ejected
+                && wall >= v.until_ms
+                && (!checks || self.local[i].health == Health::Healthy)
+            {
                 let command = Command::Return {
                     backend: self.names[i].0.clone(),
                     generation: v.generation,
@@ -536,10 +559,20 @@ impl Balancer {
                 Target::Plugin { plugin, node } => {
                     let (plugin, node) = (plugin.clone(), node.clone());
                     let check = plugins::request(Method::Get, &hc.path, Vec::new());
-                    plugins::call(self, &plugin, Some(&node), check, hc.timeout_ms, move |this: &mut Balancer, r| {
-                        this.checked(i, matches!(r, Ok(ref r) if (200..300).contains(&r.status)));
-                        Response::text(204, "")
-                    })
+                    plugins::call(
+                        self,
+                        &plugin,
+                        Some(&node),
+                        check,
+                        hc.timeout_ms,
+                        move |this: &mut Balancer, r| {
+                            this.checked(
+                                i,
+                                matches!(r, Ok(ref r) if (200..300).contains(&r.status)),
+                            );
+                            Response::text(204, "")
+                        },
+                    )
                     .is_ok()
                 }
             };
@@ -717,7 +750,11 @@ impl Pattern for Balancer {
 
     fn snapshot(&mut self) -> Vec<u8> {
         let handover = Handover {
-            series: self.series.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            series: self
+                .series
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             ewma: self
                 .names
                 .iter()

@@ -30,7 +30,7 @@ impl Rng {
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn bits(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -42,7 +42,7 @@ impl Rng {
     /// A number below `n` (which is not 0).
     pub fn below(&mut self, n: u64) -> u64 {
         // The bias of a plain modulo is below 2^-40 for the sizes used here.
-        self.next() % n
+        self.bits() % n
     }
 }
 
@@ -123,9 +123,15 @@ impl Maglev {
         let n = backends.len().min(usize::from(u16::MAX));
         let mut table = vec![u16::MAX; MAGLEV_SIZE];
         if n == 0 {
-            return Maglev { built_for: Vec::new(), table: Vec::new() };
+            return Maglev {
+                built_for: Vec::new(),
+                table: Vec::new(),
+            };
         }
-        let offset: Vec<u64> = backends.iter().map(|b| hash(1, b.1.as_bytes()) % m).collect();
+        let offset: Vec<u64> = backends
+            .iter()
+            .map(|b| hash(1, b.1.as_bytes()) % m)
+            .collect();
         let skip: Vec<u64> = backends
             .iter()
             .map(|b| hash(2, b.1.as_bytes()) % (m - 1) + 1)
@@ -266,7 +272,12 @@ impl Picker {
 
     /// Draws `count` distinct candidates and keeps the lowest score; the
     /// first drawn wins a tie.
-    fn best_of(&mut self, count: u32, candidates: &[Candidate], score: impl Fn(&Candidate) -> f64) -> usize {
+    fn best_of(
+        &mut self,
+        count: u32,
+        candidates: &[Candidate],
+        score: impl Fn(&Candidate) -> f64,
+    ) -> usize {
         let n = candidates.len();
         let count = (count as usize).clamp(1, n);
         // A partial Fisher-Yates shuffle of places, without allocating for
@@ -322,7 +333,9 @@ impl Picker {
         };
         let mut tried = Vec::new();
         for step in 0..MAGLEV_SIZE {
-            let Some(place) = table.at(slot + step) else { break };
+            let Some(place) = table.at(slot + step) else {
+                break;
+            };
             if tried.contains(&place) {
                 continue;
             }

@@ -246,7 +246,10 @@ fn five_5xx_in_a_row_eject_through_the_log_and_the_backend_returns_after_its_tim
     s.failing.borrow_mut().clear();
     h.advance(1200);
     assert_eq!(state_of(&mut h, "b")["state"], "in");
-    assert!(matches!(commands(&h)[1], Command::Return { generation: 1, .. }));
+    assert!(matches!(
+        commands(&h)[1],
+        Command::Return { generation: 1, .. }
+    ));
     h.get("/x");
     h.get("/x");
     h.get("/x");
@@ -290,7 +293,10 @@ fn a_verdict_another_node_proposed_applies_here_and_a_stale_one_does_not() {
     };
     h.commit(&eject(0));
     let c = state_of(&mut h, "c");
-    assert_eq!((c["state"].clone(), c["index"].clone()), (json!("ejected"), json!(1)));
+    assert_eq!(
+        (c["state"].clone(), c["index"].clone()),
+        (json!("ejected"), json!(1))
+    );
     for _ in 0..20 {
         h.get("/x");
     }
@@ -304,7 +310,14 @@ fn a_verdict_another_node_proposed_applies_here_and_a_stale_one_does_not() {
         at_ms: 1_767_225_601_000,
     });
     let c = state_of(&mut h, "c");
-    assert_eq!((c["state"].clone(), c["index"].clone(), c["ejections"].clone()), (json!("ejected"), json!(1), json!(1)));
+    assert_eq!(
+        (
+            c["state"].clone(),
+            c["index"].clone(),
+            c["ejections"].clone()
+        ),
+        (json!("ejected"), json!(1), json!(1))
+    );
 }
 
 #[test]
@@ -384,16 +397,27 @@ fn failed_health_checks_eject_and_passing_ones_bring_the_backend_back() {
     assert_eq!(state_of(&mut h, "b")["health"], "healthy");
     s.failing.borrow_mut().push("b");
     h.advance(2000);
-    assert_eq!(state_of(&mut h, "b")["state"], "in", "two failures are not three");
+    assert_eq!(
+        state_of(&mut h, "b")["state"],
+        "in",
+        "two failures are not three"
+    );
     h.advance(1000);
     let b = state_of(&mut h, "b");
-    assert_eq!((b["state"].clone(), b["reason"].clone()), (json!("ejected"), json!("health_check")));
+    assert_eq!(
+        (b["state"].clone(), b["reason"].clone()),
+        (json!("ejected"), json!("health_check"))
+    );
     // Its ejection time is over, but it still fails: it stays out.
     h.advance(3000);
     assert_eq!(state_of(&mut h, "b")["state"], "ejected");
     s.failing.borrow_mut().clear();
     h.advance(1000);
-    assert_eq!(state_of(&mut h, "b")["state"], "ejected", "one pass is not two");
+    assert_eq!(
+        state_of(&mut h, "b")["state"],
+        "ejected",
+        "one pass is not two"
+    );
     h.advance(1200);
     assert_eq!(state_of(&mut h, "b")["state"], "in");
     // Two entries for the whole episode.
@@ -416,7 +440,7 @@ fn a_failure_percentage_over_a_window_ejects() {
         let name = backend_of(&req.url);
         *served.borrow_mut().entry(name).or_default() += 1;
         *n.borrow_mut() += 1;
-        if name == "c" && *n.borrow() % 2 == 0 {
+        if name == "c" && n.borrow().is_multiple_of(2) {
             return Ok(Response::text(500, "oops"));
         }
         Ok(Response::text(200, name))
@@ -426,7 +450,10 @@ fn a_failure_percentage_over_a_window_ejects() {
     }
     h.advance(1000);
     let c = state_of(&mut h, "c");
-    assert_eq!((c["state"].clone(), c["reason"].clone()), (json!("ejected"), json!("failure_percentage")));
+    assert_eq!(
+        (c["state"].clone(), c["reason"].clone()),
+        (json!("ejected"), json!("failure_percentage"))
+    );
     assert_eq!(state_of(&mut h, "a")["state"], "in");
 }
 
@@ -469,7 +496,10 @@ fn the_counts_and_verdicts_survive_a_swap_to_another_policy() {
     let mut h = h.swap::<Balancer>().unwrap();
     let st = status(&mut h);
     let a = &st["backends"][0];
-    assert_eq!((a["state"].clone(), a["requests"].clone()), (json!("ejected"), json!(2)));
+    assert_eq!(
+        (a["state"].clone(), a["requests"].clone()),
+        (json!("ejected"), json!(2))
+    );
 }
 
 #[test]
@@ -483,7 +513,11 @@ fn the_responses_carry_the_backend_and_no_hop_by_hop_headers() {
     req.headers = vec![("connection".into(), "keep-alive".into())];
     let r = h.request(req).response();
     assert!(!r.headers.iter().any(|(k, _)| k == "connection"));
-    assert!(r.headers.iter().any(|(k, v)| k == "x-lb-backend" && v == "a"));
+    assert!(
+        r.headers
+            .iter()
+            .any(|(k, v)| k == "x-lb-backend" && v == "a")
+    );
 }
 
 #[test]
@@ -496,7 +530,10 @@ fn plugin_backends_are_called_on_their_node() {
     }))
     .unwrap();
     h.on_plugin_call(|plugin, node, req| {
-        Ok(Response::text(200, &format!("{plugin}@{} {}", node.unwrap_or("-"), req.path)))
+        Ok(Response::text(
+            200,
+            &format!("{plugin}@{} {}", node.unwrap_or("-"), req.path),
+        ))
     });
     assert_eq!(h.get("/k").body, b"echo@node-2 /k");
     assert_eq!(h.get("/k").body, b"echo@node-3 /k");
@@ -505,7 +542,10 @@ fn plugin_backends_are_called_on_their_node() {
 #[test]
 fn bad_configs_are_refused_naming_the_key() {
     let cases = [
-        (json!({ "backends": [] }), "config.backends: list at least one backend"),
+        (
+            json!({ "backends": [] }),
+            "config.backends: list at least one backend",
+        ),
         (
             config(json!({ "lb_policy": "ring_hash" })),
             "config.lb_policy: unknown variant `ring_hash`, expected one of `round_robin`, `random`, `least_request`, `peak_ewma`, `maglev`",
@@ -530,8 +570,14 @@ fn bad_configs_are_refused_naming_the_key() {
             json!({ "backends": [{ "name": "a", "plugin": "echo" }] }),
             "config.backends[0].node: a plugin backend names its node",
         ),
-        (config(json!({ "choice_count": 1 })), "config.choice_count: must be at least 2"),
-        (config(json!({ "panic_threshold": 101 })), "config.panic_threshold: is a percentage, 0 to 100"),
+        (
+            config(json!({ "choice_count": 1 })),
+            "config.choice_count: must be at least 2",
+        ),
+        (
+            config(json!({ "panic_threshold": 101 })),
+            "config.panic_threshold: is a percentage, 0 to 100",
+        ),
         (
             config(json!({ "outlier_detection": { "consecutive_5xxx": 3 } })),
             "config.outlier_detection.consecutive_5xxx: unknown field, expected one of `consecutive_5xx`, `interval_ms`, `failure_percentage_threshold`, `failure_percentage_request_volume`, `base_ejection_time_ms`, `max_ejection_time_ms`, `max_ejection_percent`",
@@ -561,7 +607,11 @@ fn simulate(policy: LbPolicy, latency_ms: [u64; 3], clients: usize, requests: us
     let mut now = 0u64;
     let mut sent = 0;
     let tau = 10_000;
-    let mut send = |now: u64, picker: &mut Picker, outstanding: &mut [u32; 3], ewma: &[PeakEwma; 3], in_flight: &mut Vec<(u64, usize, u64)>| {
+    let mut send = |now: u64,
+                    picker: &mut Picker,
+                    outstanding: &mut [u32; 3],
+                    ewma: &[PeakEwma; 3],
+                    in_flight: &mut Vec<(u64, usize, u64)>| {
         let candidates: Vec<Candidate> = (0..3)
             .map(|i| Candidate {
                 index: i,
@@ -626,7 +676,10 @@ fn peak_ewma_takes_a_peak_at_once_and_forgets_it_with_time() {
     assert_eq!(e.cost_ms, 100.0, "a peak is taken at once");
     e.observe(2.0, 1010, 1000);
     // One time constant later, a fast answer pulls it by 1 - 1/e.
-    assert!((e.cost_ms - (100.0 / std::f64::consts::E + 2.0 * (1.0 - 1.0 / std::f64::consts::E))).abs() < 0.01);
+    assert!(
+        (e.cost_ms - (100.0 / std::f64::consts::E + 2.0 * (1.0 - 1.0 / std::f64::consts::E))).abs()
+            < 0.01
+    );
     // Without answers it decays towards zero.
     assert!(e.at(1010 + 5000, 1000) < 0.3);
 }
@@ -643,8 +696,18 @@ fn least_request_prefers_the_backend_with_fewer_in_flight() {
         names: &names,
     };
     let c = [
-        Candidate { index: 0, weight: 1000, outstanding: 5, cost_ms: 0.0 },
-        Candidate { index: 1, weight: 1000, outstanding: 1, cost_ms: 0.0 },
+        Candidate {
+            index: 0,
+            weight: 1000,
+            outstanding: 5,
+            cost_ms: 0.0,
+        },
+        Candidate {
+            index: 1,
+            weight: 1000,
+            outstanding: 1,
+            cost_ms: 0.0,
+        },
     ];
     for _ in 0..20 {
         assert_eq!(picker.pick(how, &c), 1);
@@ -663,7 +726,12 @@ fn bounded_load_passes_a_hot_key_along_the_table() {
         names: &names,
     };
     let mut c: Vec<Candidate> = (0..3)
-        .map(|i| Candidate { index: i, weight: 1000, outstanding: 0, cost_ms: 0.0 })
+        .map(|i| Candidate {
+            index: i,
+            weight: 1000,
+            outstanding: 0,
+            cost_ms: 0.0,
+        })
         .collect();
     let home = picker.pick(how, &c);
     c[home].outstanding = 30;

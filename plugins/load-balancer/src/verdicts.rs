@@ -185,7 +185,7 @@ pub fn apply(
         }
     }
     v.index = index;
-    storage::put_typed(&format!("{PREFIX}{name}"), &v)?;
+    storage::put_typed(format!("{PREFIX}{name}"), &v)?;
     verdicts.insert(name.to_string(), v);
     Ok(true)
 }
