@@ -3,7 +3,8 @@
 //! made slow, and one made to fail): how each policy spreads requests, a
 //! failing backend ejected on every node at the same log index and back
 //! once it recovers, least request and peak EWMA avoiding a slow backend,
-//! and swaps of policy under load that lose no request.
+//! swaps of policy under load that lose no request, and a plugin on
+//! each node as the backends, one ejected when its node is killed.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -501,4 +502,96 @@ async fn swaps_of_policy_under_load_answer_every_request() {
         served as usize, total,
         "every request reached one backend once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_on_each_node_is_a_backend_and_a_killed_nodes_is_ejected() {
+    let plugins = format!(
+        r#"
+[admin]
+token = "{TOKEN}"
+
+[[plugins]]
+name = "kv"
+component = "bundled:replicated-kv"
+capabilities = ["consensus", "storage"]
+
+[[plugins]]
+name = "lb"
+component = "bundled:load-balancer"
+capabilities = ["outbound-http", "plugins", "consensus", "storage", "timers"]
+allowed_plugins = ["kv"]
+[plugins.config]
+lb_policy = "round_robin"
+timeout_ms = 2000
+backends = [
+    {{ name = "kv-1", plugin = "kv", node = "node-1" }},
+    {{ name = "kv-2", plugin = "kv", node = "node-2" }},
+    {{ name = "kv-3", plugin = "kv", node = "node-3" }},
+]
+health_check = {{ path = "/stats", interval_ms = 200, timeout_ms = 500, unhealthy_threshold = 2 }}
+"#
+    );
+    let mut nodes =
+        Processes::start(3, move |i, h, p| cluster_node_config(i, h, p, "", &plugins)).await;
+    let (put, _) = nodes
+        .call(0, "PUT", "/v1/plugins/kv/kv/greeting", b"hello")
+        .await;
+    assert_eq!(put, 200);
+    // Checks made before every node was up may have ejected some; they
+    // come back once their checks pass.
+    for name in ["kv-1", "kv-2", "kv-3"] {
+        wait_state(&nodes, name, "in", Duration::from_secs(15)).await;
+    }
+    // Each node's kv answers a third of the reads sent through node-1.
+    let mut by = BTreeMap::<String, usize>::new();
+    for _ in 0..30 {
+        let (status, b) = get(nodes.http[0], "/kv/greeting", &[]).await;
+        assert_eq!(status, 200, "from {b}");
+        *by.entry(b).or_default() += 1;
+    }
+    assert_eq!(
+        by,
+        BTreeMap::from([
+            ("kv-1".into(), 10),
+            ("kv-2".into(), 10),
+            ("kv-3".into(), 10)
+        ])
+    );
+    // node-3 dies: the two others eject its kv at one index, and reads go on.
+    let killed = Instant::now();
+    nodes.procs[2].take().unwrap().kill();
+    let mut indexes = Vec::new();
+    for &addr in &nodes.http[..2] {
+        loop {
+            let s = status(addr).await;
+            if backend(&s, "kv-3")["state"] == "ejected" {
+                indexes.push(backend(&s, "kv-3")["index"].as_u64().unwrap());
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(15),
+                "kv-3 never ejected: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    println!(
+        "kv on the killed node-3 ejected on node-1 and node-2 {:?} after the kill, at log index {indexes:?}",
+        killed.elapsed()
+    );
+    assert_eq!(indexes[0], indexes[1]);
+    for _ in 0..20 {
+        let (status, headers, body) =
+            http_full(nodes.http[1], "GET", "/v1/plugins/lb/kv/greeting", &[], b"")
+                .await
+                .unwrap();
+        assert_eq!(
+            status,
+            200,
+            "{headers:?} {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(!headers.contains(&("x-lb-backend".into(), "kv-3".into())));
+    }
 }

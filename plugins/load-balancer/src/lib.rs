@@ -76,7 +76,8 @@ fn passed_on(headers: &[(String, String)]) -> Vec<(String, String)> {
 pub enum Failure {
     /// It answered 5xx.
     Status5xx,
-    /// No connection: nothing was sent.
+    /// No connection, or a call that surely did nothing: nothing was
+    /// done, so the request may go to another backend.
     Connect,
     /// No answer in time.
     Timeout,
@@ -360,10 +361,14 @@ impl Balancer {
                     move |this: &mut Balancer, r| {
                         let r = r.map_err(|e| {
                             let kind = match e {
+                                // Definite: the call did nothing (a callee
+                                // that failed had its writes discarded), so
+                                // it may go to another backend as a refused
+                                // connection does.
                                 plugins::Error::NoSuchPlugin(_)
-                                | plugins::Error::UnknownNode(_) => Failure::Connect,
+                                | plugins::Error::UnknownNode(_)
+                                | plugins::Error::Failed(_) => Failure::Connect,
                                 plugins::Error::Timeout => Failure::Timeout,
-                                plugins::Error::Failed(_) => Failure::Broken,
                                 _ => Failure::Other,
                             };
                             (kind, Response::from(e))

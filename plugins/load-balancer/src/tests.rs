@@ -761,3 +761,39 @@ fn a_node_whose_checks_pass_again_later_does_not_eject_a_backend_another_brought
     assert_eq!(state_of(&mut h, "a")["state"], "in");
     assert_eq!(commands(&h).len(), 2, "{:?}", commands(&h));
 }
+
+#[test]
+fn a_health_check_ejection_has_no_minimum_the_first_time_and_grows_when_it_flaps() {
+    let (mut h, s) = start(json!({
+        "health_check": { "interval_ms": 1000, "healthy_threshold": 1, "unhealthy_threshold": 1 },
+        "outlier_detection": { "consecutive_5xx": 0, "base_ejection_time_ms": 10_000 },
+    }));
+    let mut out_for = Vec::new();
+    for _ in 0..3 {
+        s.failing.borrow_mut().push("c");
+        h.advance(1000);
+        let c = state_of(&mut h, "c");
+        assert_eq!(c["state"], "ejected");
+        out_for.push(c["until_ms"].as_u64().unwrap() - c["ejected_ms"].as_u64().unwrap());
+        s.failing.borrow_mut().clear();
+        h.advance(30_000);
+        assert_eq!(state_of(&mut h, "c")["state"], "in");
+    }
+    assert_eq!(out_for, [0, 10_000, 20_000]);
+}
+
+#[test]
+fn an_operators_ejection_lasts_until_the_operators_return() {
+    let (mut h, _s) = start(json!({ "outlier_detection": { "base_ejection_time_ms": 1000 } }));
+    let r = h.post("/_lb/backends/b/eject", "");
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        (body["changed"].clone(), body["verdict"]["ejected"].clone()),
+        (json!(true), json!(true))
+    );
+    h.advance(600_000);
+    assert_eq!(state_of(&mut h, "b")["state"], "ejected");
+    h.post("/_lb/backends/b/return", "");
+    assert_eq!(state_of(&mut h, "b")["state"], "in");
+    assert_eq!(h.post("/_lb/backends/zz/eject", "").status, 404);
+}

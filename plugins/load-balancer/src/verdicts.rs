@@ -171,8 +171,19 @@ pub fn apply(
             v.ejected = true;
             v.reason = Some(reason);
             v.ejected_ms = at_ms;
-            let length = base_ms.saturating_mul(u64::from(v.generation)).min(max_ms);
-            v.until_ms = at_ms.saturating_add(length);
+            // Outlier ejections last base × their count. A failed health
+            // check keeps the backend out until checks pass again, with no
+            // minimum the first time, and base × the count before it when
+            // it flaps. An operator's ejection lasts until the operator's
+            // return.
+            let turns = match reason {
+                Reason::HealthCheck => v.generation - 1,
+                _ => v.generation,
+            };
+            v.until_ms = match reason {
+                Reason::Manual => u64::MAX,
+                _ => at_ms.saturating_add(base_ms.saturating_mul(u64::from(turns)).min(max_ms)),
+            };
         }
         Command::Return {
             generation, at_ms, ..
