@@ -192,7 +192,11 @@ pub struct Balancer {
     /// `agreed` by config place.
     view: Vec<Verdict>,
     picker: Picker,
-    series: BTreeMap<(String, String), Series>,
+    /// This version's counts, by config place (the policy is fixed for
+    /// an instance).
+    current: Vec<Series>,
+    /// Counts handed over under another policy or for another backend.
+    earlier: BTreeMap<(String, String), Series>,
     counts: Counts,
     window_started: u64,
 }
@@ -260,30 +264,37 @@ impl Balancer {
         if panic {
             self.counts.panic_requests += 1;
         }
-        let names: Vec<(&str, u64)> = self.names.iter().map(|(n, w)| (n.as_str(), *w)).collect();
         let how = Choice {
             policy: self.settings.lb_policy,
             choice_count: self.settings.choice_count,
             key,
             hash_balance_factor: self.settings.hash_balance_factor,
-            names: &names,
+            names: &self.names,
         };
         Some(self.picker.pick(how, &list))
     }
 
     fn series(&mut self, i: usize) -> &mut Series {
-        let key = (
-            self.settings.lb_policy.name().to_string(),
-            self.names[i].0.clone(),
-        );
-        self.series.entry(key).or_default()
+        &mut self.current[i]
+    }
+
+    /// Every count, by policy and backend: this version's and those handed
+    /// over.
+    fn all_series(&self) -> BTreeMap<(String, String), Series> {
+        let mut all = self.earlier.clone();
+        let policy = self.settings.lb_policy.name();
+        for (i, s) in self.current.iter().enumerate() {
+            all.insert((policy.to_string(), self.names[i].0.clone()), s.clone());
+        }
+        all
     }
 
     fn forward(&mut self, req: Request) -> Reply {
-        let key = self.settings.hash_header.as_deref().and_then(|h| {
-            req.header(&h.to_ascii_lowercase())
-                .map(|v| policy::hash(0, v.as_bytes()))
-        });
+        let key = self
+            .settings
+            .hash_header
+            .as_deref()
+            .and_then(|h| req.header(h).map(|v| policy::hash(0, v.as_bytes())));
         let Some(i) = self.choose(key, None) else {
             return Response::error(503, "no backend").into();
         };
@@ -677,8 +688,10 @@ impl Pattern for Balancer {
     type Output = bool;
 
     fn init(ctx: InitContext) -> Result<Self, String> {
-        let settings: Settings = ctx.config()?;
+        let mut settings: Settings = ctx.config()?;
         let targets = settings.check()?;
+        // Header names arrive in lower case.
+        settings.hash_header = settings.hash_header.map(|h| h.to_ascii_lowercase());
         let names: Vec<(String, u64)> = settings
             .backends
             .iter()
@@ -686,6 +699,7 @@ impl Pattern for Balancer {
             .collect();
         let agreed = verdicts::load().map_err(|e| format!("reading the verdicts: {e:?}"))?;
         let seed = policy::hash(timers::monotonic_ms(), ctx.node.as_bytes());
+        let names_len = names.len();
         let mut b = Balancer {
             local: vec![Local::default(); names.len()],
             picker: Picker::new(names.len(), seed),
@@ -695,7 +709,8 @@ impl Pattern for Balancer {
             names,
             node: ctx.node,
             agreed,
-            series: BTreeMap::new(),
+            current: vec![Series::default(); names_len],
+            earlier: BTreeMap::new(),
             counts: Counts::default(),
             window_started: timers::monotonic_ms(),
         };
@@ -755,11 +770,7 @@ impl Pattern for Balancer {
 
     fn snapshot(&mut self) -> Vec<u8> {
         let handover = Handover {
-            series: self
-                .series
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            series: self.all_series().into_iter().collect(),
             ewma: self
                 .names
                 .iter()
@@ -784,7 +795,15 @@ impl Pattern for Balancer {
             1 => state.decode().map_err(|e| e.to_string())?,
             v => return Err(format!("snapshot format {v} is newer than this version")),
         };
-        self.series = handover.series.into_iter().collect();
+        let policy = self.settings.lb_policy.name();
+        for ((p, name), series) in handover.series {
+            match self.place(&name) {
+                Some(i) if p == policy => self.current[i] = series,
+                _ => {
+                    self.earlier.insert((p, name), series);
+                }
+            }
+        }
         self.counts = handover.counts;
         for (name, ewma) in handover.ewma {
             if let Some(i) = self.place(&name) {

@@ -22,12 +22,12 @@ pub fn status(b: &Balancer) -> Value {
     let (wall, mono) = (timers::now_ms(), timers::monotonic_ms());
     let policy = b.settings.lb_policy.name();
     let (_, panic) = b.candidates(None);
+    let all = b.all_series();
     let backends: Vec<Value> = (0..b.names.len())
         .map(|i| {
             let (name, weight) = &b.names[i];
             let (v, l) = (&b.view[i], &b.local[i]);
-            let (requests, errors) = b
-                .series
+            let (requests, errors) = all
                 .iter()
                 .filter(|((_, n), _)| n == name)
                 .fold((0, 0), |(r, e), (_, s)| {
@@ -79,6 +79,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 /// need no escaping.
 pub fn prometheus(b: &Balancer) -> String {
     let mut out = String::with_capacity(4096);
+    let all = b.all_series();
     let (wall, mono) = (timers::now_ms(), timers::monotonic_ms());
 
     family(
@@ -87,7 +88,7 @@ pub fn prometheus(b: &Balancer) -> String {
         "counter",
         "Requests this node sent to a backend.",
     );
-    for ((policy, backend), s) in &b.series {
+    for ((policy, backend), s) in &all {
         let _ = writeln!(
             out,
             "plexus_lb_requests_total{{policy=\"{policy}\",backend=\"{backend}\"}} {}",
@@ -100,7 +101,7 @@ pub fn prometheus(b: &Balancer) -> String {
         "counter",
         "Failed exchanges with a backend, by kind.",
     );
-    for ((policy, backend), s) in &b.series {
+    for ((policy, backend), s) in &all {
         for (k, kind) in Failure::ALL.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -116,7 +117,7 @@ pub fn prometheus(b: &Balancer) -> String {
         "counter",
         "Requests sent to another backend after this one refused the connection.",
     );
-    for ((policy, backend), s) in &b.series {
+    for ((policy, backend), s) in &all {
         let _ = writeln!(
             out,
             "plexus_lb_resent_total{{policy=\"{policy}\",backend=\"{backend}\"}} {}",
@@ -129,7 +130,7 @@ pub fn prometheus(b: &Balancer) -> String {
         "histogram",
         "Time from sending to a backend to its answer (millisecond resolution).",
     );
-    for ((policy, backend), s) in &b.series {
+    for ((policy, backend), s) in &all {
         let labels = format!("policy=\"{policy}\",backend=\"{backend}\"");
         let mut cumulative = 0;
         for (k, le) in BUCKETS_MS.iter().enumerate() {

@@ -198,7 +198,7 @@ pub struct Choice<'a> {
     /// `hash_balance_factor`.
     pub hash_balance_factor: u32,
     /// Every backend's name and configured weight, by config place.
-    pub names: &'a [(&'a str, u64)],
+    pub names: &'a [(String, u64)],
 }
 
 impl Picker {
@@ -307,7 +307,11 @@ impl Picker {
         if self.maglev.as_ref().is_none_or(|m| m.built_for != places) {
             let backends: Vec<(usize, &str, u64)> = candidates
                 .iter()
-                .filter_map(|c| how.names.get(c.index).map(|(name, w)| (c.index, *name, *w)))
+                .filter_map(|c| {
+                    how.names
+                        .get(c.index)
+                        .map(|(name, w)| (c.index, name.as_str(), *w))
+                })
                 .collect();
             self.maglev = Some(Maglev::build(&backends));
         }

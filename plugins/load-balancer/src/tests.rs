@@ -487,7 +487,7 @@ fn status_and_metrics_show_each_backend() {
 }
 
 #[test]
-fn the_counts_and_verdicts_survive_a_swap_to_another_policy() {
+fn the_counts_and_verdicts_survive_a_swap() {
     let (mut h, _s) = start(json!({}));
     for _ in 0..6 {
         h.get("/x");
@@ -593,11 +593,16 @@ fn bad_configs_are_refused_naming_the_key() {
     }
 }
 
+/// Backends of weight 1 (1000 thousandths).
+fn names(of: &[&str]) -> Vec<(String, u64)> {
+    of.iter().map(|n| (n.to_string(), 1000)).collect()
+}
+
 /// A closed loop apart from the host: `clients` each send a request, wait
 /// for its answer and send the next, for `requests` in all; backend `i`
 /// answers after `latency_ms[i]`. Returns the requests each backend took.
 fn simulate(policy: LbPolicy, latency_ms: [u64; 3], clients: usize, requests: usize) -> [usize; 3] {
-    let names = [("a", 1000), ("b", 1000), ("c", 1000)];
+    let names = names(&["a", "b", "c"]);
     let mut picker = Picker::new(3, 7);
     let mut ewma = [PeakEwma::default(); 3];
     let mut outstanding = [0u32; 3];
@@ -687,7 +692,7 @@ fn peak_ewma_takes_a_peak_at_once_and_forgets_it_with_time() {
 #[test]
 fn least_request_prefers_the_backend_with_fewer_in_flight() {
     let mut picker = Picker::new(2, 1);
-    let names = [("a", 1000), ("b", 1000)];
+    let names = names(&["a", "b"]);
     let how = Choice {
         policy: LbPolicy::LeastRequest,
         choice_count: 2,
@@ -717,7 +722,7 @@ fn least_request_prefers_the_backend_with_fewer_in_flight() {
 #[test]
 fn bounded_load_passes_a_hot_key_along_the_table() {
     let mut picker = Picker::new(3, 1);
-    let names = [("a", 1000), ("b", 1000), ("c", 1000)];
+    let names = names(&["a", "b", "c"]);
     let mut how = Choice {
         policy: LbPolicy::Maglev,
         choice_count: 2,
