@@ -480,14 +480,25 @@ fn get_plan(s: &mut Sharding, req: &Request, _: &Params) -> http::Result {
             s.settings.balance_factor,
         );
         let moving = moves(&map.holders, &target);
-        let counts = shard::counts(map.holders.len() as u32)?;
-        let known: Vec<u64> = counts.values().copied().collect();
-        let mean = known.iter().sum::<u64>() as f64 / known.len().max(1) as f64;
+        // Keys per slot: this node's count for a slot it holds, and the
+        // mean of those for the others.
+        let counts = shard::counts()?;
+        let held: Vec<u32> = (0..map.holders.len() as u32)
+            .filter(|&slot| map.holders[slot as usize].contains(&s.node))
+            .collect();
+        let known: u64 = held
+            .iter()
+            .map(|slot| counts.get(slot).copied().unwrap_or(0))
+            .sum();
+        let mean = known as f64 / held.len().max(1) as f64;
         let keys: f64 = moving
             .iter()
             .map(|m| {
                 let slot = m["slot"].as_u64().unwrap_or(0) as u32;
-                counts.get(&slot).map_or(mean, |c| *c as f64)
+                match held.contains(&slot) {
+                    true => counts.get(&slot).copied().unwrap_or(0) as f64,
+                    false => mean,
+                }
             })
             .sum();
         let primaries = map

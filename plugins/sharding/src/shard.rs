@@ -130,7 +130,7 @@ pub fn size(slot: u32) -> Result<(u64, u64), storage::Error> {
 }
 
 /// Live keys per slot stored here.
-pub fn counts(_slots: u32) -> Result<BTreeMap<u32, u64>, storage::Error> {
+pub fn counts() -> Result<BTreeMap<u32, u64>, storage::Error> {
     stored_slots()?
         .into_iter()
         .map(|s| Ok((s, size(s)?.0)))
