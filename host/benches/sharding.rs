@@ -46,13 +46,22 @@ fn slot_of(key: &[u8], slots: u64) -> usize {
 /// Each slot's primary, as an index into the nodes.
 async fn primaries(addr: SocketAddr) -> Vec<usize> {
     let mut c = Conn::open(addr).await.unwrap();
-    c.call("GET", "/v1/plugins/shards/map?slots=true", b"").await.unwrap();
+    c.call("GET", "/v1/plugins/shards/map?slots=true", b"")
+        .await
+        .unwrap();
     let map: serde_json::Value = serde_json::from_slice(c.body()).unwrap();
     map["holders"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|h| h[0].as_str().unwrap().trim_start_matches("node-").parse::<usize>().unwrap() - 1)
+        .map(|h| {
+            h[0].as_str()
+                .unwrap()
+                .trim_start_matches("node-")
+                .parse::<usize>()
+                .unwrap()
+                - 1
+        })
         .collect()
 }
 
@@ -99,7 +108,10 @@ async fn load(
                 };
                 let body: &[u8] = if method == "PUT" { &value } else { b"" };
                 let t = Instant::now();
-                match conns[node].call(method, &format!("/v1/plugins/shards/kv/{key}"), body).await {
+                match conns[node]
+                    .call(method, &format!("/v1/plugins/shards/kv/{key}"), body)
+                    .await
+                {
                     Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e6),
                     Err(e) => {
                         errors.note(e);
@@ -131,7 +143,9 @@ fn line(what: &str, n: u64, secs: f64, lat: &[f64], usage: &Usage) {
 /// Node-3's keys as primary and replica, by its `/stats`.
 async fn keys_on(addr: SocketAddr) -> u64 {
     let mut c = Conn::open(addr).await.unwrap();
-    c.call("GET", "/v1/plugins/shards/stats", b"").await.unwrap();
+    c.call("GET", "/v1/plugins/shards/stats", b"")
+        .await
+        .unwrap();
     let s: serde_json::Value = serde_json::from_slice(c.body()).unwrap();
     s["primary"]["keys"].as_u64().unwrap_or(0) + s["replica"]["keys"].as_u64().unwrap_or(0)
 }
@@ -164,20 +178,30 @@ async fn writers(
 ) -> (Vec<f64>, Vec<f64>) {
     let mut set = tokio::task::JoinSet::new();
     for c in 0..16u64 {
-        let (nodes, stop, moving, errors) = (nodes.clone(), stop.clone(), moving.clone(), errors.clone());
+        let (nodes, stop, moving, errors) =
+            (nodes.clone(), stop.clone(), moving.clone(), errors.clone());
         set.spawn(async move {
             let mut conn = Conn::open(nodes[c as usize % 2]).await.unwrap();
             let (mut during, mut before) = (Vec::new(), Vec::new());
             let mut n = c;
             while !stop.load(Ordering::Relaxed) {
-                n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                n = n
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let key = format!("key-{}", (n >> 16) % keys);
                 let was = moving.load(Ordering::Relaxed);
                 let t = Instant::now();
-                match conn.call("PUT", &format!("/v1/plugins/shards/kv/{key}"), &[b'w'; 64]).await {
+                match conn
+                    .call("PUT", &format!("/v1/plugins/shards/kv/{key}"), &[b'w'; 64])
+                    .await
+                {
                     Ok(_) => {
                         let us = t.elapsed().as_secs_f64() * 1e6;
-                        if was { during.push(us) } else { before.push(us) }
+                        if was {
+                            during.push(us)
+                        } else {
+                            before.push(us)
+                        }
                     }
                     Err(e) => {
                         errors.note(e);
@@ -206,7 +230,9 @@ async fn move_slots(p: &Plexus, drain: bool, keys_moving: u64, moving: &AtomicBo
     moving.store(true, Ordering::Relaxed);
     let t = Instant::now();
     let mut c = Conn::open(p.http[0]).await.unwrap();
-    c.call(method, "/v1/plugins/shards/drain/node-3", b"").await.unwrap();
+    c.call(method, "/v1/plugins/shards/drain/node-3", b"")
+        .await
+        .unwrap();
     settled(p.http[0], if drain { 2 } else { 3 }).await;
     let took = t.elapsed();
     moving.store(false, Ordering::Relaxed);
@@ -243,7 +269,14 @@ async fn main() {
         set.spawn(async move {
             let mut conn = Conn::open(nodes[c as usize % 3]).await.unwrap();
             for k in (c..keys).step_by(clients as usize) {
-                if let Err(e) = conn.call("PUT", &format!("/v1/plugins/shards/kv/key-{k}"), &[b'v'; 64]).await {
+                if let Err(e) = conn
+                    .call(
+                        "PUT",
+                        &format!("/v1/plugins/shards/kv/key-{k}"),
+                        &[b'v'; 64],
+                    )
+                    .await
+                {
                     errors.note(e);
                     conn = Conn::open(nodes[c as usize % 3]).await.unwrap();
                 }
@@ -285,7 +318,13 @@ async fn main() {
     // The rebalance, under 16 writers on node-1 and node-2.
     let stop = Arc::new(AtomicBool::new(false));
     let moving = Arc::new(AtomicBool::new(false));
-    let w = tokio::spawn(writers(p.http.clone(), keys, stop.clone(), moving.clone(), errors.clone()));
+    let w = tokio::spawn(writers(
+        p.http.clone(),
+        keys,
+        stop.clone(),
+        moving.clone(),
+        errors.clone(),
+    ));
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let on3 = keys_on(p.http[2]).await;
     move_slots(&p, true, on3, &moving).await;

@@ -8,7 +8,8 @@
 //! plugin (as `wq`) and runs `--tasks` no-op tasks through it on
 //! `--workers` workers: each worker is a client on a keep-alive HTTP
 //! connection of its own that leases a task, and completes it with its
-//! fencing token, one task at a time; workers and `--submitters` are
+//! fencing token, one task at a time, taking the next lease with the
+//! completion (`complete?next=QUEUE`, one log entry for both); workers and `--submitters` are
 //! spread over the three nodes. A submitter sends lists of
 //! `--submit-batch` tasks, each list one request and one log entry, as
 //! RQ's side submits 500 jobs to a Redis pipeline with `enqueue_many`. With `--redis PATH` (a `redis-server`)
@@ -196,6 +197,12 @@ async fn submitter(
     sent
 }
 
+/// A completion's answer: the next task, when one was ready.
+#[derive(Deserialize)]
+struct Next {
+    next: Option<Leased>,
+}
+
 /// How far the workers of a phase got.
 #[derive(Clone, Default)]
 struct Progress {
@@ -222,6 +229,8 @@ async fn worker(
         format!("/v1/plugins/wq/queues/{queue}/lease?worker=w{w}&lease_ms=30000&wait_ms=1000");
     let mut leased = Vec::new();
     let mut conn = None;
+    // The task the last completion leased in the same entry, if any.
+    let mut next: Option<Leased> = None;
     while done.load(Ordering::Relaxed) < tasks {
         let last = *last_done.lock().unwrap();
         if last.unwrap_or(started).elapsed() > STALL {
@@ -241,10 +250,13 @@ async fn worker(
         let Some(open) = conn.as_mut() else {
             continue;
         };
-        let task = match open.call("POST", &lease, b"").await {
-            Ok((204, _)) => continue,
-            Ok((_, body)) => serde_json::from_slice::<Leased>(body).map_err(Into::into),
-            Err(e) => Err(e),
+        let task = match next.take() {
+            Some(task) => Ok(task),
+            None => match open.call("POST", &lease, b"").await {
+                Ok((204, _)) => continue,
+                Ok((_, body)) => serde_json::from_slice::<Leased>(body).map_err(Into::into),
+                Err(e) => Err(e),
+            },
         };
         let task = match task {
             Ok(task) => task,
@@ -255,14 +267,18 @@ async fn worker(
             }
         };
         leased.push((task.id.clone(), Instant::now()));
+        // Completed, and the next task leased, in one request and entry.
         let complete = format!(
-            "/v1/plugins/wq/tasks/{}/complete?token={}",
+            "/v1/plugins/wq/tasks/{}/complete?token={}&next={queue}&worker=w{w}&lease_ms=30000",
             task.id, task.token
         );
         match open.call("POST", &complete, b"null").await {
-            Ok(_) => {
+            Ok((_, body)) => {
                 done.fetch_add(1, Ordering::Relaxed);
                 *last_done.lock().unwrap() = Some(Instant::now());
+                next = serde_json::from_slice::<Next>(body)
+                    .ok()
+                    .and_then(|n| n.next);
             }
             Err(e) => {
                 errors.note(format_args!("complete: {e}"));
