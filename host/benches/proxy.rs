@@ -39,62 +39,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn args() -> Vec<String> {
-    std::env::args().collect()
-}
+mod common;
 
-fn arg_str(name: &str) -> Option<String> {
-    let args = args();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    arg_str(name)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{Procs, arg, arg_str, cpu_time, free_port, spawn_plexus};
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// CPU time (user + system) the processes `pids` have used so far.
-fn cpu_time(pids: &[u32]) -> Duration {
-    const TICKS: u64 = 100;
-    let ticks: u64 = pids
-        .iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .map(|stat| {
-            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-            field(11).unwrap_or(0) + field(12).unwrap_or(0)
-        })
-        .sum();
-    Duration::from_millis(ticks * 1000 / TICKS)
-}
-
-/// Processes killed when dropped.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn wait_port(addr: SocketAddr) {
@@ -181,21 +131,6 @@ fn start_haproxy(haproxy: &str, dir: &Path, backend: u16) -> (Child, u16) {
         .expect("spawn haproxy");
     wait_port(local(port));
     (child, port)
-}
-
-fn plexus_bin() -> String {
-    std::env::var("PLEXUS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_plexus").into())
-}
-
-fn spawn_plexus(dir: &Path, config: &Path) -> Child {
-    Command::new(plexus_bin())
-        .arg("up")
-        .arg(config)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn plexus")
 }
 
 fn start_plexus_proxy(dir: &Path, backend: u16) -> (Child, u16) {
@@ -336,13 +271,13 @@ fn proxy_path(dir: &Path, nginx: &str, haproxy: &str, wrk_bin: &str) {
     let connections = connection_counts("--connections");
     let mut procs = Procs(Vec::new());
     let (child, backend) = start_nginx(nginx, dir);
-    procs.0.push(child);
+    procs.0.push(Some(child));
     let (child, hport) = start_haproxy(haproxy, dir, backend);
     let hpid = child.id();
-    procs.0.push(child);
+    procs.0.push(Some(child));
     let (child, pport) = start_plexus_proxy(dir, backend);
     let ppid = child.id();
-    procs.0.push(child);
+    procs.0.push(Some(child));
     let targets = [
         (
             "direct (nginx)",
@@ -451,7 +386,7 @@ fn forwarding(dir: &Path, wrk_bin: &str) {
         children.push(spawn_plexus(dir, &config));
     }
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
-    let _procs = Procs(children);
+    let _procs = Procs(children.into_iter().map(Some).collect());
     // node-2 answers `/on/node-2/...` itself; node-1 forwards it there.
     let path = "/v1/plugins/relay/on/node-2/k";
     wait_ok(local(http[1]), path);

@@ -80,3 +80,48 @@ pub fn put_typed<T: Serialize + ?Sized>(
 ) -> Result<Version, Error> {
     put(key, crate::codec::encode(value))
 }
+
+/// This node's own keys, which consensus snapshots neither carry nor
+/// replace (see `wit/storage.wit`): for data a node holds for itself, such
+/// as a shard, written outside `apply`. The functions take and return keys
+/// without the prefix.
+pub mod local {
+    use super::{Error, KeyValue, Version, Versioned};
+
+    /// What starts every node-local key in the namespace.
+    pub const PREFIX: &[u8] = b"\xffnode/";
+
+    /// `key` as stored.
+    pub fn key(key: impl AsRef<[u8]>) -> Vec<u8> {
+        [PREFIX, key.as_ref()].concat()
+    }
+
+    /// Reads a node-local key.
+    pub fn get(key: impl AsRef<[u8]>) -> Result<Option<Versioned>, Error> {
+        super::get(self::key(key))
+    }
+
+    /// Writes a node-local key.
+    pub fn put(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<Version, Error> {
+        super::put(self::key(key), value)
+    }
+
+    /// Deletes a node-local key.
+    pub fn delete(key: impl AsRef<[u8]>) -> Result<bool, Error> {
+        super::delete(self::key(key))
+    }
+
+    /// One page of node-local keys under `prefix`, after `start_after`.
+    pub fn scan(
+        prefix: impl AsRef<[u8]>,
+        start_after: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Vec<KeyValue>, Error> {
+        let after = start_after.map(self::key);
+        let mut page = super::scan(self::key(prefix), after.as_deref(), limit)?;
+        for kv in &mut page {
+            kv.key.drain(..PREFIX.len());
+        }
+        Ok(page)
+    }
+}

@@ -15,6 +15,7 @@ mod process;
 mod pubsub;
 mod relay;
 mod replicated_kv;
+mod sharding;
 mod swap;
 mod task_worker;
 mod trust;

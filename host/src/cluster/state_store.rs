@@ -21,6 +21,11 @@ const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("applied");
 /// "version" → a bound, on disk, above every version ever committed.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Keys under this prefix are the node's own (a shard's data, a cache):
+/// consensus snapshots neither carry them nor replace them, since no log
+/// entry wrote them. Only [`KvBackend::purge`] removes them.
+pub const NODE_LOCAL: &[u8] = b"\xffnode/";
+
 /// Versions reserved on disk at a time: a commit that would pass the bound
 /// raises it by this much and is made durable.
 const VERSION_LEASE: u64 = 1 << 20;
@@ -105,13 +110,17 @@ pub trait KvBackend: Send + Sync + 'static {
         applied: Option<u64>,
         persist: Persist,
     ) -> Result<(), StoreError>;
-    /// The namespace's applied log index and all its keys, read at one
-    /// point.
+    /// The namespace's applied log index and all its keys but the
+    /// [`NODE_LOCAL`] ones, read at one point.
     fn export(&self, ns: &str) -> Result<(u64, Vec<Item>), StoreError>;
-    /// Replaces every key of the namespace by `items` and its applied log
-    /// index by `applied`, atomically and durably. The items get fresh
-    /// versions of this store: theirs came from another node's counter.
+    /// Replaces every key of the namespace but the [`NODE_LOCAL`] ones by
+    /// `items` and its applied log index by `applied`, atomically and
+    /// durably. The items get fresh versions of this store: theirs came
+    /// from another node's counter.
     fn replace(&self, ns: &str, items: Vec<Item>, applied: u64) -> Result<(), StoreError>;
+    /// Removes every key of the namespace, [`NODE_LOCAL`] ones too, and
+    /// records `applied` as its applied index; how many keys there were.
+    fn purge(&self, ns: &str, applied: u64) -> Result<usize, StoreError>;
     /// The namespace's applied log index (0 when none).
     fn applied_index(&self, ns: &str) -> Result<u64, StoreError>;
     /// A fresh version, greater than every version committed so far.
@@ -176,6 +185,63 @@ impl RedbKv {
             .insert("version", bound)
             .map_err(err)?;
         Ok(true)
+    }
+
+    /// Removes the namespace's keys (the [`NODE_LOCAL`] ones only when
+    /// `all`), writes `items` with fresh versions and records `applied`,
+    /// in one durable transaction; how many keys were removed.
+    fn rewrite(
+        &self,
+        ns: &str,
+        items: Vec<Item>,
+        applied: u64,
+        all: bool,
+    ) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        let mut max_version = 0;
+        let removed;
+        let reserved = {
+            let mut table = txn.open_table(KV).map_err(err)?;
+            let old: Vec<Vec<u8>> = table
+                .range((ns, &[][..])..)
+                .map_err(err)?
+                .map_while(|item| match item {
+                    Ok((k, _)) if k.value().0 == ns => Some(Ok(k.value().1.to_vec())),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(err(e))),
+                })
+                .filter(|key| {
+                    all || key
+                        .as_ref()
+                        .is_ok_and(|k: &Vec<u8>| !k.starts_with(NODE_LOCAL))
+                })
+                .collect::<Result<_, _>>()?;
+            removed = old.len();
+            for key in old {
+                table.remove((ns, key.as_slice())).map_err(err)?;
+            }
+            let mut buf = Vec::new();
+            for (key, value, _) in &items {
+                let version = self.next_version();
+                encode_value(version, value, &mut buf);
+                table
+                    .insert((ns, key.as_slice()), buf.as_slice())
+                    .map_err(err)?;
+                max_version = max_version.max(version);
+            }
+            let reserved = self.reserve(&txn, max_version)?;
+            txn.open_table(APPLIED)
+                .map_err(err)?
+                .insert(ns, applied)
+                .map_err(err)?;
+            reserved
+        };
+        txn.commit().map_err(err)?;
+        if reserved {
+            self.reserved
+                .fetch_max(max_version + VERSION_LEASE, Ordering::Relaxed);
+        }
+        Ok(removed)
     }
 }
 
@@ -311,6 +377,9 @@ impl KvBackend for RedbKv {
             if k_ns != ns {
                 break;
             }
+            if key.starts_with(NODE_LOCAL) {
+                continue;
+            }
             let (value, version) = decode_value(v.value())?;
             items.push((key.to_vec(), value, version));
         }
@@ -318,44 +387,11 @@ impl KvBackend for RedbKv {
     }
 
     fn replace(&self, ns: &str, items: Vec<Item>, applied: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        let mut max_version = 0;
-        let reserved = {
-            let mut table = txn.open_table(KV).map_err(err)?;
-            let old: Vec<Vec<u8>> = table
-                .range((ns, &[][..])..)
-                .map_err(err)?
-                .map_while(|item| match item {
-                    Ok((k, _)) if k.value().0 == ns => Some(Ok(k.value().1.to_vec())),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(err(e))),
-                })
-                .collect::<Result<_, _>>()?;
-            for key in old {
-                table.remove((ns, key.as_slice())).map_err(err)?;
-            }
-            let mut buf = Vec::new();
-            for (key, value, _) in &items {
-                let version = self.next_version();
-                encode_value(version, value, &mut buf);
-                table
-                    .insert((ns, key.as_slice()), buf.as_slice())
-                    .map_err(err)?;
-                max_version = max_version.max(version);
-            }
-            let reserved = self.reserve(&txn, max_version)?;
-            txn.open_table(APPLIED)
-                .map_err(err)?
-                .insert(ns, applied)
-                .map_err(err)?;
-            reserved
-        };
-        txn.commit().map_err(err)?;
-        if reserved {
-            self.reserved
-                .fetch_max(max_version + VERSION_LEASE, Ordering::Relaxed);
-        }
-        Ok(())
+        self.rewrite(ns, items, applied, false).map(drop)
+    }
+
+    fn purge(&self, ns: &str, applied: u64) -> Result<usize, StoreError> {
+        self.rewrite(ns, Vec::new(), applied, true)
     }
 
     fn applied_index(&self, ns: &str) -> Result<u64, StoreError> {
@@ -427,6 +463,33 @@ mod tests {
             .unwrap();
         assert_eq!(page.len(), 1);
         assert_eq!(page[0].0, b"x/3".to_vec());
+    }
+
+    #[test]
+    fn node_local_keys_stay_out_of_snapshots_until_a_purge() {
+        let (_d, kv) = store();
+        let local = [NODE_LOCAL, b"shard/k"].concat();
+        let (v1, v2) = (kv.next_version(), kv.next_version());
+        kv.commit(
+            "a",
+            vec![
+                (b"applied".to_vec(), Some((b"1".to_vec(), v1))),
+                (local.clone(), Some((b"mine".to_vec(), v2))),
+            ],
+            Some(5),
+            Persist::Now,
+        )
+        .unwrap();
+        let (_, items) = kv.export("a").unwrap();
+        assert_eq!(items, vec![(b"applied".to_vec(), b"1".to_vec(), v1)]);
+        kv.replace("a", vec![(b"other".to_vec(), b"2".to_vec(), v1)], 9)
+            .unwrap();
+        let reader = kv.reader("a").unwrap();
+        assert_eq!(reader.get(&local).unwrap(), Some((b"mine".to_vec(), v2)));
+        assert_eq!(reader.get(b"applied").unwrap(), None);
+        assert_eq!(kv.purge("a", 12).unwrap(), 2);
+        assert_eq!(kv.reader("a").unwrap().get(&local).unwrap(), None);
+        assert_eq!(kv.applied_index("a").unwrap(), 12);
     }
 
     #[test]

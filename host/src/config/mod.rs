@@ -217,4 +217,9 @@ capabilities = ["consensus", "storage", "timers"]
 name = "wq"
 component = "bundled:work-queue"
 capabilities = ["consensus", "storage", "timers"]
+
+[[plugins]]
+name = "shards"
+component = "bundled:sharding"
+capabilities = ["consensus", "storage", "timers", "messaging", "membership"]
 "#;

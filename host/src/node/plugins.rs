@@ -313,14 +313,10 @@ impl Node {
         let kv = self.services.kv.clone();
         let through = self.services.log.commit_index();
         let name = name.to_string();
-        tokio::task::spawn_blocking(move || {
-            let (_, items) = kv.export(&name)?;
-            kv.replace(&name, Vec::new(), through)?;
-            Ok::<_, crate::cluster::state_store::StoreError>(items.len())
-        })
-        .await
-        .map_err(|e| NodeError::Purge(e.to_string()))?
-        .map_err(|e| NodeError::Purge(e.to_string()))
+        tokio::task::spawn_blocking(move || kv.purge(&name, through))
+            .await
+            .map_err(|e| NodeError::Purge(e.to_string()))?
+            .map_err(|e| NodeError::Purge(e.to_string()))
     }
 
     /// What this node still holds of plugin `name` from an earlier load:

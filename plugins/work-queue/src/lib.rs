@@ -32,7 +32,10 @@
 //! - `POST /lease?queues=a:3,b,c&...`: the same from several queues, each
 //!   with a weight (default 1).
 //! - `POST /tasks/{id}/heartbeat?token=T&lease_ms=N`,
-//!   `POST /tasks/{id}/complete?token=T` (the body is the result, JSON),
+//!   `POST /tasks/{id}/complete?token=T` (the body is the result, JSON;
+//!   with `next=QUEUES` and a lease's parameters, the worker's next lease
+//!   is taken in the same log entry: `{"completed", "next"}`, `next`
+//!   null when nothing is ready),
 //!   `POST /tasks/{id}/fail?token=T` (the body is the error): 409 with
 //!   the current token when `T` is stale.
 //! - `GET /tasks/{id}`: its state, attempts, result or last error; 404
@@ -118,6 +121,15 @@ pub enum Command {
     Take { ask: Ask, now_ms: u64 },
     /// Membership declared `node` dead: the leases taken through it go back.
     NodeDead { node: String, now_ms: u64 },
+    /// A result under `token`, and the next lease for the same worker,
+    /// in one entry.
+    CompleteAndTake {
+        id: String,
+        token: u64,
+        result: String,
+        ask: Ask,
+        now_ms: u64,
+    },
 }
 
 /// What a lease asks for.
@@ -215,6 +227,18 @@ fn answer(_: &mut WorkQueue, done: Committed<Outcome>) -> Response {
             Response::json(200, &views)
         }
         Outcome::Done(value) => Response::json(200, &value),
+        Outcome::Next {
+            completed,
+            tasks,
+            list,
+        } => {
+            let next = match (list, tasks.first()) {
+                (true, _) => json!(tasks.iter().map(|t| t.leased_view()).collect::<Vec<_>>()),
+                (false, Some(t)) => t.leased_view(),
+                (false, None) => serde_json::Value::Null,
+            };
+            Response::json(200, &json!({ "completed": completed, "next": next }))
+        }
     }
 }
 
@@ -317,9 +341,10 @@ fn lease_queues(w: &mut WorkQueue, req: &Request, _: &Params) -> http::Result<Pe
     lease(w, req, queues)
 }
 
-fn lease(w: &mut WorkQueue, req: &Request, queues: Vec<(String, u32)>) -> http::Result<Pending> {
+/// What a lease request asks for, from its query.
+fn ask(w: &WorkQueue, req: &Request, queues: Vec<(String, u32)>) -> http::Result<Ask> {
     let max = req.query::<u32>("max")?;
-    let ask = Ask {
+    Ok(Ask {
         queues,
         worker: req.query_param("worker").unwrap_or_default(),
         node: w.node.clone(),
@@ -329,7 +354,11 @@ fn lease(w: &mut WorkQueue, req: &Request, queues: Vec<(String, u32)>) -> http::
             .clamp(100, 86_400_000),
         max: max.unwrap_or(1).clamp(1, MAX_LEASE),
         list: max.is_some(),
-    };
+    })
+}
+
+fn lease(w: &mut WorkQueue, req: &Request, queues: Vec<(String, u32)>) -> http::Result<Pending> {
+    let ask = ask(w, req, queues)?;
     let wait_ms = req.query::<u64>("wait_ms")?.unwrap_or(0).min(MAX_WAIT_MS);
     let cmd = Command::Take {
         ask: ask.clone(),
@@ -375,13 +404,28 @@ fn complete(w: &mut WorkQueue, req: &Request, params: &Params) -> http::Result<P
     } else {
         req.json()?
     };
+    let (token, result, now_ms) = (token(req)?, result.to_string(), timers::now_ms());
+    // `next=QUEUES`: the worker's next lease in the same entry.
+    if let Some(next) = req.query_param("next") {
+        let ask = ask(w, req, parse_queues(&next)?)?;
+        return submit(
+            w,
+            Command::CompleteAndTake {
+                id,
+                token,
+                result,
+                ask,
+                now_ms,
+            },
+        );
+    }
     submit(
         w,
         Command::Complete {
             id,
-            token: token(req)?,
-            result: result.to_string(),
-            now_ms: timers::now_ms(),
+            token,
+            result,
+            now_ms,
         },
     )
 }
@@ -444,7 +488,8 @@ impl Pattern for WorkQueue {
             | Command::Fail { now_ms, .. }
             | Command::Enqueue { now_ms, .. }
             | Command::Take { now_ms, .. }
-            | Command::NodeDead { now_ms, .. } => *now_ms,
+            | Command::NodeDead { now_ms, .. }
+            | Command::CompleteAndTake { now_ms, .. } => *now_ms,
         };
         tasks::upkeep(now_ms)?;
         match cmd {
@@ -519,6 +564,29 @@ impl Pattern for WorkQueue {
             Command::NodeDead { node, now_ms } => {
                 tasks::node_dead(&node, now_ms)?;
                 Ok(Outcome::Done(json!({ "node": node })))
+            }
+            Command::CompleteAndTake {
+                id,
+                token,
+                result,
+                ask,
+                now_ms,
+            } => {
+                let Outcome::Done(completed) = tasks::finish(&id, token, Ok(result), now_ms)?
+                else {
+                    unreachable!("a completion answers with the task")
+                };
+                let w = Worker {
+                    name: &ask.worker,
+                    node: &ask.node,
+                    lease_ms: ask.lease_ms,
+                };
+                let tasks = tasks::lease(&ask.queues, &w, ask.max, index, now_ms)?;
+                Ok(Outcome::Next {
+                    completed,
+                    tasks,
+                    list: ask.list,
+                })
             }
         }
     }

@@ -123,6 +123,12 @@ pub enum Outcome {
         list: bool,
     },
     Done(serde_json::Value),
+    /// A task completed (its view) and the next leased.
+    Next {
+        completed: serde_json::Value,
+        tasks: Vec<Leased>,
+        list: bool,
+    },
 }
 
 /// A task handed to a worker.

@@ -337,3 +337,28 @@ fn a_task_stored_by_the_first_layout_is_still_served() {
     assert_eq!(h.post("/tasks/old/complete?token=1", "5").status, 200);
     assert_eq!(state(&mut h, "old")["result"], 5);
 }
+
+#[test]
+fn a_completion_takes_the_next_lease_in_the_same_entry() {
+    let mut h = TestHost::<WorkQueue>::start().unwrap();
+    let first = submit(&mut h, json!({ "payload": 1 }));
+    let second = submit(&mut h, json!({ "payload": 2 }));
+    let (id, token) = lease(&mut h, 10_000).unwrap();
+    assert_eq!(id, first);
+    let before = h.entries().len();
+    let r = body(&h.post(
+        &format!("/tasks/{id}/complete?token={token}&next=q&worker=w"),
+        "7",
+    ));
+    assert_eq!(h.entries().len(), before + 1);
+    assert_eq!(r["completed"]["state"], "done");
+    assert_eq!(
+        (r["next"]["id"].as_str(), r["next"]["token"].as_u64()),
+        (Some(second.as_str()), Some(1))
+    );
+    let r = body(&h.post(&format!("/tasks/{second}/complete?token=1&next=q"), "8"));
+    assert_eq!(r["next"], Value::Null);
+    // A stale token completes nothing and leases nothing.
+    let r = h.post(&format!("/tasks/{second}/complete?token=1&next=q"), "9");
+    assert_eq!(r.status, 409);
+}
