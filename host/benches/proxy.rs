@@ -595,13 +595,13 @@ fn balancing(dir: &Path, haproxy: &str, wrk_bin: &str) {
     let mut procs = Procs(Vec::new());
     let (child, leastconn) = start_haproxy_balance(haproxy, dir, "leastconn", &backends);
     let hpid1 = child.id();
-    procs.0.push(child);
+    procs.0.push(Some(child));
     let (child, random2) = start_haproxy_balance(haproxy, dir, "random(2)", &backends);
     let hpid2 = child.id();
-    procs.0.push(child);
+    procs.0.push(Some(child));
     let (child, pport) = start_plexus_balancer(dir, &backends);
     let ppid = child.id();
-    procs.0.push(child);
+    procs.0.push(Some(child));
     let targets = [
         (
             "HAProxy leastconn",
