@@ -74,18 +74,31 @@ enum Route {
     Primary,
 }
 
-/// Runs `clients` clients for `seconds`: each sends `method` for random
-/// keys of `keys`; requests done, and their latencies in µs, sorted.
-async fn load(
-    nodes: &[SocketAddr],
-    map: &Arc<Vec<usize>>,
+/// One phase of the load: `clients` clients sending `method` for random
+/// keys of `keys`, routed by `route`, until `until`.
+#[derive(Clone, Copy)]
+struct Phase {
     method: &'static str,
     route: Route,
     keys: u64,
     clients: u64,
     until: Instant,
+}
+
+/// Runs a phase; requests done, and their latencies in µs, sorted.
+async fn load(
+    nodes: &[SocketAddr],
+    map: &Arc<Vec<usize>>,
+    phase: Phase,
     errors: &Errors,
 ) -> (u64, Vec<f64>) {
+    let Phase {
+        method,
+        route,
+        keys,
+        clients,
+        until,
+    } = phase;
     let mut set = tokio::task::JoinSet::new();
     for c in 0..clients {
         let (nodes, map, errors) = (nodes.to_vec(), map.clone(), errors.clone());
@@ -309,7 +322,14 @@ async fn main() {
             let (method, route, what) = phases[i];
             let meter = Meter::start(&pids);
             let until = Instant::now() + Duration::from_secs(seconds);
-            let (n, lat) = load(&p.http, &map, method, route, keys, clients, until, &errors).await;
+            let phase = Phase {
+                method,
+                route,
+                keys,
+                clients,
+                until,
+            };
+            let (n, lat) = load(&p.http, &map, phase, &errors).await;
             let usage = meter.stop();
             line(what, n, seconds as f64, &lat, &usage);
         }
