@@ -626,12 +626,22 @@ async fn read_back(http: &[SocketAddr], rec: &Recorder) -> Result<(), String> {
         if msgs.is_empty() {
             break;
         }
-        let mut topic = rec.topic.lock().unwrap();
-        for m in msgs {
-            if let (Some(seq), Some(data)) = (m["seq"].as_u64(), m["data"].as_str()) {
-                topic.stored.push((seq, data.to_string()));
+        let mut seqs = Vec::new();
+        {
+            let mut topic = rec.topic.lock().unwrap();
+            for m in msgs {
+                if let (Some(seq), Some(data)) = (m["seq"].as_u64(), m["data"].as_str()) {
+                    topic.stored.push((seq, data.to_string()));
+                    seqs.push(seq);
+                }
             }
         }
+        // Acked, so that the group's `max_ack_pending` lets the next come.
+        let ack = serde_json::to_vec(&seqs).unwrap_or_default();
+        let Answer::Got(200, ..) = request(addr, "POST", &format!("{group}/ack"), &ack).await
+        else {
+            return Err("could not ack the audit group's messages".into());
+        };
     }
     let submitted = rec.tasks.lock().unwrap().submitted.clone();
     for id in submitted {
