@@ -161,17 +161,7 @@ async fn submitter(
     let mut conn = None;
     let mut n = next.fetch_add(batch, Ordering::Relaxed);
     while n < tasks {
-        if conn.is_none() {
-            match Conn::open(addr).await {
-                Ok(opened) => conn = Some(opened),
-                Err(e) => {
-                    errors.note(format_args!("connect: {e}"));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
-        }
-        let Some(open) = conn.as_mut() else {
+        let Some(open) = connected(&mut conn, addr, &errors).await else {
             continue;
         };
         let list: Vec<String> = (n..tasks.min(n + batch))
@@ -195,6 +185,26 @@ async fn submitter(
         }
     }
     sent
+}
+
+/// The connection in `conn`, opened to `addr` if there is none; `None`,
+/// after a pause and with the failure counted, when it cannot be.
+async fn connected<'a>(
+    conn: &'a mut Option<Conn>,
+    addr: SocketAddr,
+    errors: &Errors,
+) -> Option<&'a mut Conn> {
+    if conn.is_none() {
+        match Conn::open(addr).await {
+            Ok(opened) => *conn = Some(opened),
+            Err(e) => {
+                errors.note(format_args!("connect: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return None;
+            }
+        }
+    }
+    conn.as_mut()
 }
 
 /// A completion's answer: the next task, when one was ready.
@@ -237,17 +247,7 @@ async fn worker(
             errors.note("stalled: no task done for 30 s");
             break;
         }
-        if conn.is_none() {
-            match Conn::open(addr).await {
-                Ok(opened) => conn = Some(opened),
-                Err(e) => {
-                    errors.note(format_args!("connect: {e}"));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
-        }
-        let Some(open) = conn.as_mut() else {
+        let Some(open) = connected(&mut conn, addr, &errors).await else {
             continue;
         };
         let task = match next.take() {

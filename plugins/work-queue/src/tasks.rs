@@ -75,7 +75,7 @@ pub struct Task {
 
 /// The first layout of a stored task, before timeouts, retention and
 /// lease nodes.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct TaskV1 {
     queue: String,
     payload: String,
@@ -538,22 +538,9 @@ pub fn finish(
 
 #[cfg(test)]
 pub(crate) fn store_first_layout(id: &str, queue: &str) {
-    #[derive(Serialize)]
-    struct V1<'a> {
-        queue: &'a str,
-        payload: &'a str,
-        priority: u8,
-        max_attempts: u32,
-        token: u64,
-        seq: u64,
-        not_before_ms: u64,
-        submitted_ms: u64,
-        last_error: Option<String>,
-        state: State,
-    }
-    let t = V1 {
-        queue,
-        payload: "1",
+    let t = TaskV1 {
+        queue: queue.to_string(),
+        payload: "1".to_string(),
         priority: 0,
         max_attempts: 3,
         token: 0,
