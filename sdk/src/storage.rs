@@ -124,4 +124,13 @@ pub mod local {
         }
         Ok(page)
     }
+
+    /// Every node-local key under `prefix`, fetched page by page.
+    pub fn scan_all(prefix: impl AsRef<[u8]>) -> Result<Vec<KeyValue>, Error> {
+        let mut all = super::scan_all(self::key(prefix))?;
+        for kv in &mut all {
+            kv.key.drain(..PREFIX.len());
+        }
+        Ok(all)
+    }
 }

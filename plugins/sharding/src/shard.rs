@@ -94,39 +94,24 @@ pub fn page(
 
 /// The slots this node stores items of.
 fn stored_slots() -> Result<Vec<u32>, storage::Error> {
-    let mut slots = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = local::scan("h/", after.as_deref(), 1000)?;
-        let done = page.len() < 1000;
-        after = page.last().map(|kv| kv.key.clone());
-        slots.extend(
-            page.iter()
-                .filter_map(|kv| std::str::from_utf8(&kv.key[2..]).ok()?.parse::<u32>().ok()),
-        );
-        if done {
-            return Ok(slots);
-        }
-    }
+    Ok(local::scan_all("h/")?
+        .iter()
+        .filter_map(|kv| std::str::from_utf8(&kv.key[2..]).ok()?.parse::<u32>().ok())
+        .collect())
 }
 
 /// Keys and bytes (values and keys) of `slot` stored here, live ones only.
 pub fn size(slot: u32) -> Result<(u64, u64), storage::Error> {
     let (mut keys, mut bytes) = (0, 0);
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let items = page(slot, after.as_deref(), 1000)?;
-        for (k, i) in &items {
-            if let Some(v) = &i.value {
-                keys += 1;
-                bytes += (k.len() + v.len()) as u64;
-            }
+    let prefix = data_prefix(slot);
+    for kv in local::scan_all(&prefix)? {
+        let item: Item = codec::decode(&kv.value.value).map_err(decode_err)?;
+        if let Some(v) = &item.value {
+            keys += 1;
+            bytes += (kv.key.len() - prefix.len() + v.len()) as u64;
         }
-        if items.len() < 1000 {
-            return Ok((keys, bytes));
-        }
-        after = items.last().map(|(k, _)| k.clone());
     }
+    Ok((keys, bytes))
 }
 
 /// Live keys per slot stored here.
