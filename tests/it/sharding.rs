@@ -81,8 +81,11 @@ fn members(map: &Value) -> Vec<String> {
 /// whose writes was acknowledged may also be absent.
 #[derive(Default)]
 struct Oracle {
-    keys: BTreeMap<String, (Option<Vec<u8>>, Vec<Vec<u8>>)>,
+    keys: BTreeMap<String, Writes>,
 }
+
+/// A key's last acknowledged value, and the values sent since.
+type Writes = (Option<Vec<u8>>, Vec<Vec<u8>>);
 
 impl Oracle {
     fn sent(&mut self, key: &str, value: &[u8]) {
