@@ -1,10 +1,11 @@
 //! event-store on three `plexus` processes: 32 writers on 10 streams with
 //! expected versions lose and double nothing; multi-stream appends are
-//! all or none across a kill -9 of the leader; a catch-up read sees every
-//! event once, in order, while appends go on; a persistent subscription's
-//! killed consumer has its events handed to the others; a tombstoned
-//! stream is unreadable on every node, leaves the Raft log once it is
-//! compacted, and leaves a node's files when it restarts.
+//! all or none across a cluster-wide swap and a kill -9 of the leader; a
+//! catch-up read sees every event once, in order, while appends go on; a
+//! persistent subscription's killed consumer has its events handed to the
+//! others; a tombstoned stream is unreadable on every node, leaves the
+//! Raft log once it is compacted, and leaves a node's files when it
+//! restarts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -181,7 +182,7 @@ async fn thirty_two_writers_on_ten_streams_lose_and_double_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multi_stream_appends_are_all_or_none_across_a_kill_of_the_leader() {
+async fn multi_stream_appends_are_all_or_none_across_a_swap_and_a_kill_of_the_leader() {
     let mut nodes = Processes::start(3, config).await;
     // A transfer a -> b whose check on b fails leaves both untouched.
     let transfer = |n: u64, expect_b: Value| {
@@ -231,6 +232,20 @@ async fn multi_stream_appends_are_all_or_none_across_a_kill_of_the_leader() {
             acked
         }));
     }
+    // A cluster-wide swap of the store, then kill -9 of the leader.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let component = plexus_tests::variant(&plexus_tests::wasm("event-store"), 3);
+    let auth = format!("Bearer {TOKEN}");
+    let (status, body) = plexus_tests::http(
+        nodes.http[1],
+        "POST",
+        "/v1/admin/plugins/events/swap?scope=cluster",
+        &[("authorization", &auth)],
+        &component,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let leader = nodes.leader(TOKEN).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     nodes.procs[leader].take().unwrap().kill();
