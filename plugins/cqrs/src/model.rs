@@ -4,7 +4,8 @@
 //! An update says what an event does to a JSON object (an aggregate's
 //! state, or a projection's document):
 //! - `set = { field = VALUE }` sets fields;
-//! - `add = { field = VALUE }` adds a number to a field (absent is 0);
+//! - `add = { field = VALUE }` adds a number to a field (absent is 0),
+//!   `sub` takes it away;
 //! - `delete = true` removes the document (projections).
 //!
 //! A VALUE is a literal, or a string naming part of the event:
@@ -99,6 +100,8 @@ pub struct Update {
     pub set: BTreeMap<String, Value>,
     #[serde(default)]
     pub add: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub sub: BTreeMap<String, Value>,
     #[serde(default)]
     pub delete: bool,
 }
@@ -215,7 +218,12 @@ impl Update {
         for (field, v) in &self.set {
             doc.insert(field.clone(), e.value(v)?);
         }
-        for (field, v) in &self.add {
+        for (field, v, sign) in self
+            .add
+            .iter()
+            .map(|(f, v)| (f, v, 1.0))
+            .chain(self.sub.iter().map(|(f, v)| (f, v, -1.0)))
+        {
             let by = e.value(v)?;
             let by = by
                 .as_f64()
@@ -226,7 +234,7 @@ impl Update {
                     .as_f64()
                     .ok_or_else(|| format!("add {field}: the document holds {n}"))?,
             };
-            doc.insert(field.clone(), number(was + by));
+            doc.insert(field.clone(), number(was + sign * by));
         }
         Ok(Some(Value::Object(doc)))
     }

@@ -20,7 +20,7 @@ fn bank() -> Value {
                 "on": {
                     "Opened": {"set": {"owner": "$.owner", "balance": 0, "status": "open"}},
                     "Deposited": {"add": {"balance": "$.amount"}},
-                    "Withdrawn": {"add": {"balance": -1}},
+                    "Withdrawn": {"sub": {"balance": "$.amount"}},
                     "Closed": {"set": {"status": "closed"}}
                 },
                 "commands": {
