@@ -2,7 +2,9 @@
 //! with a position is seen by a read that waits for it on another node; a
 //! projection rebuilt blue/green under write load switches on every node
 //! without a failed or stale read, and rolls back in one step; an event
-//! the projection cannot apply is parked and the projection goes on.
+//! the projection cannot apply is parked and the projection goes on;
+//! deposits through a cluster-wide swap of both plugins and a kill -9
+//! are all in the balances read on every node.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +18,9 @@ const BANK: &str = "/v1/plugins/bank";
 
 fn config(i: usize, http: &[SocketAddr], peer: &[SocketAddr]) -> String {
     let plugins = r#"
+[admin]
+token = "cqrs-token"
+
 [[plugins]]
 name = "events"
 component = "bundled:event-store"
@@ -272,4 +277,86 @@ async fn an_event_the_projection_cannot_apply_is_parked_and_it_goes_on() {
     );
     let st = status(&nodes, 2).await;
     assert_eq!(st["balances"]["versions"]["1"]["parked"], 1, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_and_reads_go_on_through_a_swap_and_a_kill() {
+    let mut nodes = Processes::start(3, config).await;
+    for a in 0..4 {
+        let (s, _) = command(
+            nodes.http[a % 3],
+            &a.to_string(),
+            "open",
+            json!({"owner": a}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    // Four clients deposit through nodes 1 and 2; every acknowledged
+    // deposit must be in the balance read at the end.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for a in 0..4usize {
+        let (addr, stop) = (nodes.http[a % 2], stop.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut acked, mut unknown) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) || acked < 10 {
+                let path = format!("{BANK}/commands/account/{a}/deposit");
+                match http(addr, "POST", &path, &[], br#"{"amount": 1}"#).await {
+                    Ok((200, _)) => acked += 1,
+                    Ok((s, _)) if s >= 500 => {
+                        unknown += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok((s, b)) => panic!("{s}: {}", String::from_utf8_lossy(&b)),
+                    Err(_) => {
+                        unknown += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            (acked, unknown)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let auth = ("authorization", "Bearer cqrs-token");
+    for plugin in ["bank", "events"] {
+        let name = if plugin == "bank" {
+            "cqrs"
+        } else {
+            "event-store"
+        };
+        let component = plexus_tests::variant(&plexus_tests::wasm(name), 5);
+        let (s, b) = http(
+            nodes.http[0],
+            "POST",
+            &format!("/v1/admin/plugins/{plugin}/swap?scope=cluster"),
+            &[auth],
+            &component,
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    }
+    nodes.procs[2].take().unwrap().kill();
+    let p = nodes.spawn(2).await;
+    nodes.procs[2] = Some(p);
+    stop.store(true, Ordering::Relaxed);
+    let (_, head) = nodes
+        .call(0, "GET", "/v1/plugins/events/all?max=1", b"")
+        .await;
+    let head = head["head"].as_u64().unwrap();
+    for (a, c) in clients.into_iter().enumerate() {
+        let (acked, unknown) = c.await.unwrap();
+        for i in 0..3 {
+            let (s, doc) = read(nodes.http[i], &a.to_string(), head).await;
+            assert_eq!(s, 200, "{doc}");
+            let balance = doc["doc"]["balance"].as_u64().unwrap();
+            assert!(
+                (acked..=acked + unknown).contains(&balance),
+                "account {a} on node-{}: {balance} for {acked} acknowledged, {unknown} unknown",
+                i + 1
+            );
+        }
+    }
 }
