@@ -7,6 +7,7 @@ pub mod backend;
 pub mod fencing;
 pub mod linearizability;
 pub mod queues;
+pub mod streams;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -23,6 +23,10 @@
 //!   submitters and workers of a `work-queue` queue (every submit with a
 //!   key; every lease completed under its token). After the faults, what
 //!   is left is drained, and the topic is read back whole.
+//! - **stream clients** (`--stream-clients`, default 2) appending to three
+//!   `event-store` streams with expected versions (each event with an id,
+//!   sent again with it after an unknown outcome or a lost race); the
+//!   streams are read back whole at the end.
 //! - **a nemesis** whose schedule comes from the seed: kill -9 and restart
 //!   of the leader or another node, SIGSTOP and SIGCONT, a cluster-wide hot
 //!   swap of one of the plugins, a crash of the whole cluster, and network faults
@@ -36,7 +40,8 @@
 //!
 //! At the end every key's history goes through the linearizability checker
 //! ([`plexus_tests::linearizability`]), and the topic's and the tasks'
-//! histories through [`plexus_tests::queues`]. The figures are printed with the
+//! histories through [`plexus_tests::queues`], the streams' through
+//! [`plexus_tests::streams`]. The figures are printed with the
 //! seed; the exit status is 1 if any history is not linearizable, so a
 //! failing seed can be run again as it is.
 
@@ -52,6 +57,7 @@ use hyper_util::rt::TokioIo;
 use plexus_tests::fencing::{self, Observation};
 use plexus_tests::linearizability::{Event, Op, check};
 use plexus_tests::queues::{self, Ack, Delivery, Lease};
+use plexus_tests::streams::{self, Appended};
 use plexus_tests::{Process, cluster_node_config, loopback_addrs, variant, wasm};
 
 const TOKEN: &str = "torture-token";
@@ -67,6 +73,7 @@ struct Args {
     clients: usize,
     election_clients: usize,
     queue_clients: usize,
+    stream_clients: usize,
     keys: usize,
 }
 
@@ -80,6 +87,7 @@ fn args() -> Result<Args, String> {
         clients: 12,
         election_clients: 4,
         queue_clients: 2,
+        stream_clients: 2,
         keys: 4,
     };
     let mut it = std::env::args().skip(1);
@@ -96,6 +104,7 @@ fn args() -> Result<Args, String> {
             "--clients" => a.clients = value("--clients")? as usize,
             "--election-clients" => a.election_clients = value("--election-clients")? as usize,
             "--queue-clients" => a.queue_clients = value("--queue-clients")? as usize,
+            "--stream-clients" => a.stream_clients = value("--stream-clients")? as usize,
             "--keys" => a.keys = value("--keys")? as usize,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -177,6 +186,7 @@ struct Recorder {
     leases: Mutex<BTreeMap<String, Vec<Observation>>>,
     topic: Mutex<queues::Topic>,
     tasks: Mutex<queues::Tasks>,
+    streams: Mutex<streams::Streams>,
     tally: Mutex<Tally>,
 }
 
@@ -662,6 +672,105 @@ async fn read_back(http: &[SocketAddr], rec: &Recorder) -> Result<(), String> {
     Ok(())
 }
 
+const STREAMS: &str = "/v1/plugins/events/streams";
+/// The streams the stream clients append to.
+const LEDGERS: u64 = 3;
+
+/// One stream client: events appended with the version it believes each
+/// stream is at; an append that loses a race learns the current version
+/// and goes again with the same event, as does one whose outcome is
+/// unknown (the store answers a retry of a written event as before).
+async fn appender(
+    id: usize,
+    mut rng: Rng,
+    http: Arc<Vec<SocketAddr>>,
+    until: Instant,
+    rec: Arc<Recorder>,
+) {
+    let mut known: BTreeMap<String, Option<u64>> = BTreeMap::new();
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let stream = format!("ledger-{}", rng.below(LEDGERS));
+        let event_id = format!("a{id}-{n}");
+        let body = format!(r#"{{"type": "Entry", "data": {n}, "id": "{event_id}"}}"#);
+        let mut written = false;
+        for _ in 0..5 {
+            let expected = known.get(&stream).copied().flatten();
+            let e = expected.map_or("no_stream".to_string(), |v| v.to_string());
+            let addr = http[rng.below(http.len() as u64) as usize];
+            let path = format!("{STREAMS}/{stream}?expected_version={e}");
+            let answer = request(addr, "POST", &path, body.as_bytes()).await;
+            let v = match &answer {
+                Answer::Got(200 | 409, _, b) => {
+                    serde_json::from_slice::<serde_json::Value>(b).unwrap_or_default()
+                }
+                other => {
+                    rec.failed(other).await;
+                    continue;
+                }
+            };
+            if let Answer::Got(409, ..) = answer {
+                known.insert(stream.clone(), v["current"].as_u64());
+                continue;
+            }
+            let Some(version) = v["version"].as_u64() else {
+                break;
+            };
+            // A retry's answer names the first write's version, whose
+            // expected version this client did not send.
+            let expected = if v["duplicate"] == true {
+                version.checked_sub(1)
+            } else {
+                expected
+            };
+            rec.streams.lock().unwrap().acknowledged.push(Appended {
+                stream: stream.clone(),
+                id: event_id.clone(),
+                expected,
+                version,
+            });
+            known.insert(stream.clone(), Some(version));
+            written = true;
+            break;
+        }
+        if !written {
+            rec.streams.lock().unwrap().unknown.insert(event_id);
+        }
+    }
+}
+
+/// Every stream as stored, read through node 1.
+async fn read_streams(http: &[SocketAddr], rec: &Recorder) -> Result<(), String> {
+    for s in 0..LEDGERS {
+        let stream = format!("ledger-{s}");
+        let mut from = 0;
+        loop {
+            let path = format!("{STREAMS}/{stream}?from={from}&max=1000");
+            let page = match request(http[0], "GET", &path, b"").await {
+                Answer::Got(200, _, b) => {
+                    serde_json::from_slice::<serde_json::Value>(&b).unwrap_or_default()
+                }
+                Answer::Got(404, ..) => break,
+                _ => return Err(format!("could not read {stream} back")),
+            };
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            if events.is_empty() {
+                break;
+            }
+            let mut streams = rec.streams.lock().unwrap();
+            let held = streams.stored.entry(stream.clone()).or_default();
+            for e in events {
+                if let (Some(v), Some(id)) = (e["version"].as_u64(), e["id"].as_str()) {
+                    held.push((v, id.to_string()));
+                }
+            }
+            from = page["next"].as_u64().unwrap_or(u64::MAX);
+        }
+    }
+    Ok(())
+}
+
 struct Cluster {
     dir: tempfile::TempDir,
     http: Vec<SocketAddr>,
@@ -783,6 +892,11 @@ capabilities = ["consensus", "storage", "timers"]
 name = "wq"
 component = "bundled:work-queue"
 capabilities = ["consensus", "storage", "timers"]
+
+[[plugins]]
+name = "events"
+component = "bundled:event-store"
+capabilities = ["consensus", "storage", "timers", "plugins"]
 "#
                 ),
             );
@@ -867,6 +981,7 @@ async fn nemesis(
         ("kv", wasm("replicated-kv")),
         ("pubsub", wasm("pubsub")),
         ("wq", wasm("work-queue")),
+        ("events", wasm("event-store")),
     ];
     let mut swaps = 0u8;
     let nodes = c.nodes.len();
@@ -945,6 +1060,7 @@ async fn nemesis(
                 n.count(match *name {
                     "kv" => "cluster-wide hot swap of kv",
                     "pubsub" => "cluster-wide hot swap of pubsub",
+                    "events" => "cluster-wide hot swap of events",
                     _ => "cluster-wide hot swap of wq",
                 });
                 swaps = swaps.wrapping_add(1);
@@ -1007,6 +1123,7 @@ async fn main() -> ExitCode {
         leases: Mutex::new(BTreeMap::new()),
         topic: Mutex::default(),
         tasks: Mutex::default(),
+        streams: Mutex::default(),
         tally: Mutex::new(Tally::default()),
     });
     // The topic and its group, before anyone publishes.
@@ -1070,6 +1187,16 @@ async fn main() -> ExitCode {
             });
         }
     }
+    for id in 0..args.stream_clients {
+        let client_rng = Rng::new(rng.below(u64::MAX));
+        queue_clients.push(tokio::spawn(appender(
+            id,
+            client_rng,
+            http.clone(),
+            until,
+            rec.clone(),
+        )));
+    }
     let firewall = Firewall::new();
     if firewall.is_none() {
         println!("torture: no iptables (or no right to use it): network faults left out");
@@ -1089,6 +1216,7 @@ async fn main() -> ExitCode {
     let mut drain_rng = Rng::new(rng.below(u64::MAX));
     drain(&mut drain_rng, &http, &rec, Duration::from_secs(60)).await;
     let read_back = read_back(&http, &rec).await;
+    let streams_back = read_streams(&http, &rec).await;
     drop(cluster);
     let topic = std::mem::take(&mut *rec.topic.lock().unwrap());
     let tasks = std::mem::take(&mut *rec.tasks.lock().unwrap());
@@ -1096,6 +1224,11 @@ async fn main() -> ExitCode {
     queue_violations.extend(queues::task_violations(&tasks));
     if let Err(e) = read_back {
         queue_violations.push(e);
+    }
+    let stream_history = std::mem::take(&mut *rec.streams.lock().unwrap());
+    let mut stream_violations = streams::violations(&stream_history);
+    if let Err(e) = streams_back {
+        stream_violations.push(e);
     }
 
     let histories = std::mem::take(&mut *rec.histories.lock().unwrap());
@@ -1188,11 +1321,27 @@ async fn main() -> ExitCode {
         tasks.accepted.len()
     );
     println!("queues: {} violations", queue_violations.len());
+    println!(
+        "event-store: {} appends acknowledged, {} unknown, {} events stored in {} streams; {} violations",
+        stream_history.acknowledged.len(),
+        stream_history.unknown.len(),
+        stream_history.stored.values().map(Vec::len).sum::<usize>(),
+        stream_history.stored.len(),
+        stream_violations.len()
+    );
     println!("seed {}", args.seed);
-    for v in fencing_violations.iter().chain(&queue_violations) {
+    for v in fencing_violations
+        .iter()
+        .chain(&queue_violations)
+        .chain(&stream_violations)
+    {
         eprintln!("{v}");
     }
-    if violations.is_empty() && fencing_violations.is_empty() && queue_violations.is_empty() {
+    if violations.is_empty()
+        && fencing_violations.is_empty()
+        && queue_violations.is_empty()
+        && stream_violations.is_empty()
+    {
         ExitCode::SUCCESS
     } else {
         for key in &violations {
