@@ -18,6 +18,7 @@ mod pubsub;
 mod relay;
 mod replicated_kv;
 mod sharding;
+mod strangler_fig;
 mod swap;
 mod task_worker;
 mod trust;
