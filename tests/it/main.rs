@@ -1,6 +1,7 @@
 //! Integration tests: real components built from `plugins/`, real redb
 //! files, real `plexus` processes on 127.0.0.1.
 
+mod ambassador;
 mod bad_input;
 mod capacity;
 mod chaos;
