@@ -5,6 +5,8 @@
 # e.g. host/benches/proxy-vs-haproxy.sh --seconds 10 --rounds 3
 # or, the load balancer alone next to HAProxy's leastconn and random(2):
 #   host/benches/proxy-vs-haproxy.sh --seconds 0 --forward-seconds 0 --balance-seconds 10
+# or the ambassador and the strangler fig next to HAProxy and NGINX:
+#   host/benches/proxy-vs-haproxy.sh --seconds 0 --forward-seconds 0 --balance-seconds 0 --edge-seconds 10
 # The packages may start system services on their default ports; the
 # benchmark uses ports of its own.
 set -euo pipefail

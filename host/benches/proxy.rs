@@ -28,6 +28,20 @@
 //! For each it prints requests per second, p50 and p99, CPU per request,
 //! and the share of requests the slow backend took.
 //!
+//! Then the edge patterns (`--edge-seconds`, 0 by default, skips them),
+//! each beside HAProxy and an NGINX proxy set up for the same job, in
+//! front of nginx backends, at each of `--edge-connections`, phases
+//! alternating:
+//! - retries: HAProxy with `retries 2` and `retry-on 5xx conn-failure`,
+//!   NGINX with `proxy_next_upstream error timeout http_502 http_503
+//!   http_504` and 3 tries, and the `ambassador` plugin with 2 retries
+//!   and its budget, to a backend that answers (the cost of the path that
+//!   would retry);
+//! - prefix routing with a split: `/orders` sent 30% to a second backend
+//!   and 70% to the first, everything else to the first: HAProxy with a
+//!   `path_beg` ACL and a weighted backend, NGINX with `split_clients`,
+//!   and the `strangler-fig` plugin with a route of weight 30.
+//!
 //! `--seconds 0` skips the proxy path.
 //!
 //! `PLEXUS_BIN=path` runs another `plexus` build.
@@ -454,6 +468,219 @@ fn main() {
         match arg_str("--haproxy") {
             Some(haproxy) => balancing(dir.path(), &haproxy, &wrk_bin),
             None => println!("balancing skipped: give --haproxy PATH"),
+        }
+    }
+    if arg("--edge-seconds", 0) > 0 {
+        match (arg_str("--nginx"), arg_str("--haproxy")) {
+            (Some(nginx), Some(haproxy)) => edge(dir.path(), &nginx, &haproxy, &wrk_bin),
+            _ => println!("edge patterns skipped: give --nginx PATH and --haproxy PATH"),
+        }
+    }
+}
+
+/// Starts a process from a config file written to `dir/name`.
+fn start_with_config(bin: &str, args: &[&str], dir: &Path, name: &str, text: &str) -> Child {
+    let conf = dir.join(name);
+    std::fs::write(&conf, text).unwrap();
+    let mut cmd = Command::new(bin);
+    for a in args {
+        cmd.arg(a.replace("{conf}", &conf.display().to_string()));
+    }
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"))
+}
+
+/// HAProxy for the edge jobs: a frontend on `retry` that retries to
+/// `legacy`, and one on `split` that sends `/orders` 30/70 to `new` and
+/// `legacy` and the rest to `legacy`.
+fn start_haproxy_edge(haproxy: &str, dir: &Path, legacy: u16, new: u16) -> (Child, u16, u16) {
+    let (retry, split) = (free_port(), free_port());
+    let text = format!(
+        "global\n  nbthread 1\n  maxconn 8000\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
+         frontend retry\n  bind 127.0.0.1:{retry}\n  default_backend retrying\n\
+         backend retrying\n  retries 2\n  retry-on conn-failure empty-response response-timeout 500 502 503 504\n  server s1 127.0.0.1:{legacy}\n\
+         frontend split\n  bind 127.0.0.1:{split}\n  acl orders path_beg /orders\n  use_backend moving if orders\n  default_backend legacy\n\
+         backend moving\n  balance random\n  server new 127.0.0.1:{new} weight 30\n  server old 127.0.0.1:{legacy} weight 70\n\
+         backend legacy\n  server old 127.0.0.1:{legacy}\n"
+    );
+    let child = start_with_config(
+        haproxy,
+        &["-f", "{conf}", "-db"],
+        dir,
+        "haproxy-edge.cfg",
+        &text,
+    );
+    wait_port(local(retry));
+    wait_port(local(split));
+    (child, retry, split)
+}
+
+/// An NGINX proxy (one worker) for the same two jobs.
+fn start_nginx_edge(nginx: &str, dir: &Path, legacy: u16, new: u16) -> (Child, u16, u16) {
+    let (retry, split) = (free_port(), free_port());
+    let edge = dir.join("nginx-edge");
+    std::fs::create_dir_all(&edge).unwrap();
+    let text = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n\
+         client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+         upstream legacy {{ server 127.0.0.1:{legacy}; keepalive 512; }}\n\
+         upstream new {{ server 127.0.0.1:{new}; keepalive 512; }}\n\
+         split_clients \"${{request_id}}\" $side {{ 30% new; * legacy; }}\n\
+         server {{\n    listen 127.0.0.1:{retry};\n    location / {{ proxy_pass http://legacy; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+           proxy_next_upstream error timeout http_502 http_503 http_504; proxy_next_upstream_tries 3; }}\n  }}\n\
+         server {{\n    listen 127.0.0.1:{split};\n    location /orders {{ proxy_pass http://$side; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n\
+           location / {{ proxy_pass http://legacy; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+        d = edge.display()
+    );
+    let child = start_with_config(
+        nginx,
+        &["-c", "{conf}", "-p", &edge.display().to_string()],
+        &edge,
+        "nginx.conf",
+        &text,
+    );
+    wait_port(local(retry));
+    wait_port(local(split));
+    (child, retry, split)
+}
+
+/// One node with `ambassador` (upstream `b`, 2 retries) and
+/// `strangler-fig` (`/orders` weight 30 to `new`).
+fn start_plexus_edge(dir: &Path, legacy: u16, new: u16) -> (Child, u16) {
+    let port = free_port();
+    let config = dir.join("edge-node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n[node]\nid = \"edge\"\ndata_dir = \"edge-data\"\nhttp = \"127.0.0.1:{port}\"\n\
+             max_connections_per_client = 4096\n\
+             [[plugins]]\nname = \"amb\"\ncomponent = \"bundled:ambassador\"\n\
+             capabilities = [\"outbound-http\", \"timers\", \"messaging\", \"log\"]\n\
+             allowed_outbound_hosts = [\"http://127.0.0.1:{legacy}\"]\n\
+             limits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+             config = {{ access_log = false, upstreams = [{{ name = \"b\", url = \"http://127.0.0.1:{legacy}\", num_retries = 2 }}] }}\n\
+             [[plugins]]\nname = \"fig\"\ncomponent = \"bundled:strangler-fig\"\n\
+             capabilities = [\"outbound-http\", \"consensus\", \"storage\", \"plugins\"]\n\
+             allowed_outbound_hosts = [\"http://127.0.0.1:{legacy}\", \"http://127.0.0.1:{new}\"]\n\
+             limits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+             config = {{ legacy = \"http://127.0.0.1:{legacy}\", routes = [{{ prefix = \"/orders\", new = {{ url = \"http://127.0.0.1:{new}\" }}, weight = 30 }}] }}\n"
+        ),
+    )
+    .unwrap();
+    let child = spawn_plexus(dir, &config);
+    wait_ok(local(port), "/v1/plugins/amb/b/");
+    wait_ok(local(port), "/v1/plugins/fig/orders/1");
+    (child, port)
+}
+
+fn edge(dir: &Path, nginx: &str, haproxy: &str, wrk_bin: &str) {
+    let seconds = arg("--edge-seconds", 0);
+    let rounds = arg("--rounds", 3);
+    let legacy_dir = dir.join("legacy");
+    let new_dir = dir.join("new");
+    std::fs::create_dir_all(&legacy_dir).unwrap();
+    std::fs::create_dir_all(&new_dir).unwrap();
+    let mut procs = Procs(Vec::new());
+    let (child, legacy) = start_nginx(nginx, &legacy_dir);
+    procs.0.push(Some(child));
+    let (child, new) = start_nginx(nginx, &new_dir);
+    procs.0.push(Some(child));
+    let (child, h_retry, h_split) = start_haproxy_edge(haproxy, dir, legacy, new);
+    let hpid = child.id();
+    procs.0.push(Some(child));
+    let (child, n_retry, n_split) = start_nginx_edge(nginx, dir, legacy, new);
+    let npid = child.id();
+    procs.0.push(Some(child));
+    let (child, pport) = start_plexus_edge(dir, legacy, new);
+    let ppid = child.id();
+    procs.0.push(Some(child));
+    let jobs = [
+        (
+            "retries (2, on 5xx and connect failures)",
+            [
+                ("HAProxy", format!("http://127.0.0.1:{h_retry}/"), hpid),
+                ("NGINX", format!("http://127.0.0.1:{n_retry}/"), npid),
+                (
+                    "plexus ambassador",
+                    format!("http://127.0.0.1:{pport}/v1/plugins/amb/b/"),
+                    ppid,
+                ),
+            ],
+        ),
+        (
+            "prefix routing, /orders split 30/70",
+            [
+                (
+                    "HAProxy",
+                    format!("http://127.0.0.1:{h_split}/orders/1"),
+                    hpid,
+                ),
+                (
+                    "NGINX",
+                    format!("http://127.0.0.1:{n_split}/orders/1"),
+                    npid,
+                ),
+                (
+                    "plexus strangler-fig",
+                    format!("http://127.0.0.1:{pport}/v1/plugins/fig/orders/1"),
+                    ppid,
+                ),
+            ],
+        ),
+    ];
+    let direct = format!("http://127.0.0.1:{legacy}/");
+    for (_, targets) in &jobs {
+        for (_, url, pid) in targets {
+            wrk(wrk_bin, url, 64, 2, &[*pid]);
+        }
+    }
+    println!(
+        "\nedge patterns: wrk -t2, {seconds} s per phase, {rounds} rounds, phases alternating"
+    );
+    for c in connection_counts("--edge-connections") {
+        let mut base = Totals::default();
+        for _ in 0..rounds {
+            base.runs.push(wrk(wrk_bin, &direct, c, seconds, &[]));
+        }
+        let (d50, d99) = (base.median(|r| r.p50_us), base.median(|r| r.p99_us));
+        for (job, targets) in &jobs {
+            let mut totals: Vec<Totals> = (0..targets.len()).map(|_| Totals::default()).collect();
+            for round in 0..rounds as usize {
+                for k in 0..targets.len() {
+                    let i = (k + round) % targets.len();
+                    let (_, url, pid) = &targets[i];
+                    totals[i].runs.push(wrk(wrk_bin, url, c, seconds, &[*pid]));
+                }
+            }
+            println!(
+                "\n{job}, {c} connections (direct: {:.0} req/s, p50 {d50:.0} us, p99 {d99:.0} us):",
+                base.rps()
+            );
+            println!(
+                "  {:<22} {:>10} {:>12} {:>12} {:>14} {:>8}",
+                "target", "req/s", "added p50", "added p99", "CPU/request", "errors"
+            );
+            for (i, (name, _, _)) in targets.iter().enumerate() {
+                let t = &totals[i];
+                println!(
+                    "  {name:<22} {:>10.0} {:>9.0} us {:>9.0} us {:>11.1} us {:>8}",
+                    t.rps(),
+                    t.median(|r| r.p50_us) - d50,
+                    t.median(|r| r.p99_us) - d99,
+                    t.cpu_per_request_us(),
+                    t.errors()
+                );
+            }
+            println!(
+                "  plexus / HAProxy: {:.2}x req/s; plexus / NGINX: {:.2}x req/s",
+                totals[2].rps() / totals[0].rps().max(1e-9),
+                totals[2].rps() / totals[1].rps().max(1e-9)
+            );
         }
     }
 }
