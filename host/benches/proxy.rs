@@ -32,7 +32,8 @@
 //! each beside HAProxy and an NGINX proxy set up for the same job, in
 //! front of nginx backends, at each of `--edge-connections`, phases
 //! alternating:
-//! - retries: HAProxy with `retries 2` and `retry-on 5xx conn-failure`,
+//! - retries: HAProxy with `retries 2` and `retry-on` connect failures,
+//!   empty responses, response timeouts and 500, 502, 503, 504,
 //!   NGINX with `proxy_next_upstream error timeout http_502 http_503
 //!   http_504` and 3 tries, and the `ambassador` plugin with 2 retries
 //!   and its budget, to a backend that answers (the cost of the path that
