@@ -114,10 +114,13 @@ impl Wait {
     pub fn after(&self, attempts: u32) -> u64 {
         let mut wait = self.base_ms;
         for _ in 1..attempts {
-            if wait >= self.max_ms || self.multiplier_milli <= 1000 {
+            let next = wait.saturating_mul(self.multiplier_milli) / 1000;
+            // At the maximum, or too small to grow by the multiplier: the
+            // rest of the openings wait the same.
+            if wait >= self.max_ms || next <= wait {
                 break;
             }
-            wait = wait.saturating_mul(self.multiplier_milli) / 1000;
+            wait = next;
         }
         wait.min(self.max_ms.max(self.base_ms))
     }
@@ -371,10 +374,10 @@ impl Window {
             let oldest = (now_ms / 1000).saturating_sub(u64::from(*size) - 1);
             while buckets.front().is_some_and(|(at, _)| *at < oldest) {
                 if let Some((_, c)) = buckets.pop_front() {
-                    totals.calls -= c.calls;
-                    totals.failed -= c.failed;
-                    totals.slow -= c.slow;
-                    totals.slow_failed -= c.slow_failed;
+                    totals.calls = totals.calls.saturating_sub(c.calls);
+                    totals.failed = totals.failed.saturating_sub(c.failed);
+                    totals.slow = totals.slow.saturating_sub(c.slow);
+                    totals.slow_failed = totals.slow_failed.saturating_sub(c.slow_failed);
                 }
             }
         }

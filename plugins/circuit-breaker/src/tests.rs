@@ -318,6 +318,14 @@ fn the_wait_grows_by_the_multiplier_up_to_its_maximum() {
         max_ms: 500,
     };
     assert_eq!(flat.after(9), 500);
+    // A wait too short to grow by a small multiplier stays as it is,
+    // however many openings in a row.
+    let tiny = Wait {
+        base_ms: 1,
+        multiplier_milli: 1001,
+        max_ms: 1000,
+    };
+    assert_eq!(tiny.after(u32::MAX), 1);
 }
 
 #[test]
