@@ -4,6 +4,7 @@
 mod bad_input;
 mod capacity;
 mod chaos;
+mod circuit_breaker;
 mod cluster;
 mod config_golden;
 mod gossip_crdt;
