@@ -1219,9 +1219,7 @@ fn a_cluster_breaker_keeps_the_agreed_state_through_a_restart_and_a_swap() {
 }
 
 #[test]
-fn a_request_with_headers_keeps_them_on_its_way() {
-    // A request handler sees a plain request; make sure one built by hand
-    // (not through `testing::request`) routes too.
+fn the_bare_name_of_an_upstream_goes_to_its_base_path_with_the_headers() {
     let (mut h, s) = start(config(json!({})));
     let req = Request {
         method: Method::Get,
