@@ -5,6 +5,7 @@ mod ambassador;
 mod bad_input;
 mod capacity;
 mod chaos;
+mod circuit_breaker;
 mod cluster;
 mod config_golden;
 mod cqrs;
