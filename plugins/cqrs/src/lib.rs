@@ -392,14 +392,23 @@ struct Attempt {
     left: u32,
 }
 
+/// Events asked of the store at once when a command reads its stream.
+const PAGE: usize = 4096;
+
 impl Attempt {
+    /// Reads the aggregate's stream from the start, page by page, then
+    /// decides.
     fn load(self, p: &mut Cqrs) -> http::Result<Reply> {
+        self.load_from(p, 0, Vec::new())
+    }
+
+    fn load_from(self, p: &mut Cqrs, from: u64, mut events: Vec<Value>) -> http::Result<Reply> {
         let mut req = plugins::request(
             Method::Get,
             &format!("/streams/{}", self.stream),
             Vec::new(),
         );
-        req.query = "max=4096".into();
+        req.query = format!("from={from}&max={PAGE}");
         let store = p.config.store.clone();
         let pending = plugins::call(
             p,
@@ -414,15 +423,19 @@ impl Attempt {
                         return Response::error(502, &format!("the event store: {e:?}")).into();
                     }
                 };
-                let events = match r.status {
-                    200 => serde_json::from_slice::<Value>(&r.body)
-                        .ok()
-                        .and_then(|v| v["events"].as_array().cloned())
-                        .unwrap_or_default(),
-                    404 => Vec::new(),
+                let page = match r.status {
+                    200 => serde_json::from_slice::<Value>(&r.body).unwrap_or_default(),
+                    404 => Value::Null,
                     s => return Response::new(s, "application/json", r.body).into(),
                 };
-                self.decide(p, events).unwrap_or_else(Reply::from)
+                let got = page["events"].as_array().cloned().unwrap_or_default();
+                let full = got.len() == PAGE;
+                events.extend(got);
+                match page["next"].as_u64() {
+                    Some(next) if full => self.load_from(p, next, events),
+                    _ => self.decide(p, events),
+                }
+                .unwrap_or_else(Reply::from)
             },
         )
         .map_err(|e| Response::error(502, &format!("the event store: {e:?}")))?;

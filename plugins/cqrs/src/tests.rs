@@ -227,3 +227,41 @@ fn fold_answers_the_event_stores_reducer_calls() {
     let other = json!({"stream": "cart-1", "state": null, "events": []});
     assert_eq!(h.post("/fold", other.to_string()).status, 404);
 }
+
+#[test]
+fn a_long_stream_is_read_page_by_page() {
+    let mut h = TestHost::<Cqrs>::with_config(bank()).unwrap();
+    let mut events = vec![ev("Opened", json!({"owner": "ann"}), 0)];
+    events.extend((1..=5000).map(|v| ev("Deposited", json!({"amount": 1}), v)));
+    let pages = Rc::new(RefCell::new(0));
+    let p2 = pages.clone();
+    h.on_plugin_call(move |_, _, req| {
+        if !req.body.is_empty() {
+            let n = events.len() as u64;
+            return Ok(Response::json(
+                200,
+                &json!({"version": n, "position": n + 1}),
+            ));
+        }
+        *p2.borrow_mut() += 1;
+        let q = |name: &str| -> usize {
+            req.query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        let (from, max) = (q("from"), q("max"));
+        let page: Vec<Value> = events.iter().skip(from).take(max).cloned().collect();
+        let next = from + page.len();
+        Ok(Response::json(200, &json!({"events": page, "next": next})))
+    });
+    let r = h.post("/commands/account/1/withdraw", r#"{"amount": 5000}"#);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(*pages.borrow(), 2);
+    assert_eq!(
+        h.post("/commands/account/1/withdraw", r#"{"amount": 5001}"#)
+            .status,
+        422
+    );
+}
