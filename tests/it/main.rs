@@ -6,6 +6,8 @@ mod capacity;
 mod chaos;
 mod cluster;
 mod config_golden;
+mod cqrs;
+mod event_store;
 mod gossip_crdt;
 mod http_proxy;
 mod leader_election;

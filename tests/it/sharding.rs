@@ -77,11 +77,15 @@ fn members(map: &Value) -> Vec<String> {
 }
 
 /// What each key should read: its last acknowledged value, or any of the
-/// values sent since (a write whose outcome is unknown).
+/// values sent since (a write whose outcome is unknown). A key none of
+/// whose writes was acknowledged may also be absent.
 #[derive(Default)]
 struct Oracle {
-    keys: BTreeMap<String, (Vec<u8>, Vec<Vec<u8>>)>,
+    keys: BTreeMap<String, Writes>,
 }
+
+/// A key's last acknowledged value, and the values sent since.
+type Writes = (Option<Vec<u8>>, Vec<Vec<u8>>);
 
 impl Oracle {
     fn sent(&mut self, key: &str, value: &[u8]) {
@@ -90,11 +94,17 @@ impl Oracle {
     }
     fn acked(&mut self, key: &str, value: &[u8]) {
         let e = self.keys.entry(key.to_string()).or_default();
-        *e = (value.to_vec(), Vec::new());
+        *e = (Some(value.to_vec()), Vec::new());
     }
-    fn allows(&self, key: &str, got: &[u8]) -> bool {
+    /// Whether a read of `key` answering `status` with `got` is one the
+    /// writes allow.
+    fn allows(&self, key: &str, status: u16, got: &[u8]) -> bool {
         let (acked, maybe) = &self.keys[key];
-        got == acked.as_slice() || maybe.iter().any(|v| v == got)
+        match (status, acked) {
+            (404, None) => true,
+            (200, _) => acked.as_deref() == Some(got) || maybe.iter().any(|v| v == got),
+            _ => false,
+        }
     }
 }
 
@@ -145,16 +155,12 @@ async fn check(nodes: &[SocketAddr], oracle: &Arc<Mutex<Oracle>>, step: usize) {
         let (addr, oracle) = (nodes[i % nodes.len()], oracle.clone());
         set.spawn(async move {
             let (status, got) = kv(addr, "GET", &key, b"").await.expect("node up");
-            assert_eq!(
-                status,
-                200,
-                "{key} on {addr}: {}",
-                String::from_utf8_lossy(&got)
-            );
+            let oracle = oracle.lock().unwrap();
             assert!(
-                oracle.lock().unwrap().allows(&key, &got),
-                "{key}: read {}",
-                String::from_utf8_lossy(&got)
+                oracle.allows(&key, status, &got),
+                "{key} on {addr}: {status} {} (acknowledged: {:?})",
+                String::from_utf8_lossy(&got),
+                oracle.keys[&key].0.as_deref().map(String::from_utf8_lossy)
             );
         });
     }

@@ -150,9 +150,13 @@ pub struct RedbKv {
 }
 
 impl RedbKv {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the database at `path`, and compacts it: the
+    /// pages that deleted values left behind are given back, so what a
+    /// plugin erased (a tombstoned stream) is not left in the file after
+    /// the node restarts.
     pub fn open(path: &Path) -> Result<RedbKv, StoreError> {
-        let db = Database::create(path).map_err(err)?;
+        let mut db = Database::create(path).map_err(err)?;
+        db.compact().map_err(err)?;
         let txn = db.begin_write().map_err(err)?;
         let version = {
             txn.open_table(KV).map_err(err)?;

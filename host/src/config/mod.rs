@@ -222,4 +222,31 @@ capabilities = ["consensus", "storage", "timers"]
 name = "shards"
 component = "bundled:sharding"
 capabilities = ["consensus", "storage", "timers", "messaging", "membership"]
+[[plugins]]
+name = "events"
+component = "bundled:event-store"
+capabilities = ["consensus", "storage", "timers", "plugins"]
+allowed_plugins = ["bank"]
+
+[[plugins]]
+name = "bank"
+component = "bundled:cqrs"
+capabilities = ["consensus", "storage", "timers", "plugins", "log"]
+allowed_plugins = ["events"]
+[plugins.config]
+store = "events"
+[plugins.config.aggregates.account.on]
+Opened = { set = { owner = "$.owner", balance = 0 } }
+Deposited = { add = { balance = "$.amount" } }
+Withdrawn = { sub = { balance = "$.amount" } }
+[plugins.config.aggregates.account.commands]
+open = { event = "Opened", expect = "new", required = ["owner"] }
+deposit = { event = "Deposited", required = ["amount"], rules = [{ field = "amount", min = 1 }] }
+withdraw = { event = "Withdrawn", required = ["amount"], rules = [{ field = "amount", min = 1, at_most_state = "balance", message = "insufficient funds" }] }
+[plugins.config.projections.balances]
+streams = "account-"
+[plugins.config.projections.balances.on]
+Opened = { set = { owner = "$.owner", balance = 0 } }
+Deposited = { add = { balance = "$.amount" } }
+Withdrawn = { sub = { balance = "$.amount" } }
 "#;

@@ -10,7 +10,7 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 #[test]
 fn embedded_default_is_valid() {
     let c = Config::embedded_default();
-    assert_eq!(c.plugins.len(), 5);
+    assert_eq!(c.plugins.len(), 7);
     assert_eq!(c.plugins[0].name, "kv");
 }
 
