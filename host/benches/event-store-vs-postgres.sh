@@ -37,6 +37,10 @@ if [ -z "$bin" ] || [ ! -x "$bin/initdb" ]; then
 fi
 "$bin/postgres" --version >&2
 
+# Built before the server starts, so that a long build does not leave it
+# idle, and a failed one does not start it at all.
+cargo bench -p plexus --bench event-store --no-run
+
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/event-store-pg.XXXXXX")
 chown postgres: "$tmp" 2>/dev/null || $sudo chown postgres: "$tmp"
 data=$tmp/data
