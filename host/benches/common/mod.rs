@@ -1,5 +1,5 @@
 //! What the benchmark programs that start a cluster share: their command
-//! line, three `plexus` processes on loopback, a keep-alive HTTP/1.1
+//! line, `plexus` processes on loopback (three, or one alone), a keep-alive HTTP/1.1
 //! client light enough to leave the machine to the servers, and CPU
 //! accounting from `/proc`.
 
@@ -427,7 +427,7 @@ impl Drop for Procs {
     }
 }
 
-/// Three `plexus` processes on loopback.
+/// `plexus` processes on loopback: a cluster of three, or a node alone.
 pub struct Plexus {
     pub procs: Procs,
     /// Their client (HTTP) addresses.
@@ -442,9 +442,15 @@ impl Plexus {
     /// The Raft timers come from `--heartbeat-ms`, `--election-min-ms` and
     /// `--election-max-ms`.
     pub async fn start(dir: &Path, plugins: &str) -> Plexus {
-        let http = free_addrs(3);
-        let peer = free_addrs(3);
-        let configs: Vec<PathBuf> = (0..3)
+        Plexus::start_nodes(dir, 3, plugins).await
+    }
+
+    /// Starts `n` nodes in `dir` as [`Plexus::start`] does; one node has
+    /// no peers, and so runs on its own local log instead of Raft.
+    pub async fn start_nodes(dir: &Path, n: usize, plugins: &str) -> Plexus {
+        let http = free_addrs(n);
+        let peer = free_addrs(n);
+        let configs: Vec<PathBuf> = (0..n)
             .map(|i| plexus_config(dir, i, &http, &peer, plugins))
             .collect();
         let procs = Procs(configs.iter().map(|c| Some(spawn_plexus(dir, c))).collect());
@@ -457,7 +463,7 @@ impl Plexus {
             configs,
             dir: dir.to_path_buf(),
         };
-        plexus.leader(&[true; 3]).await;
+        plexus.leader(&vec![true; n]).await;
         plexus
     }
 
@@ -470,7 +476,7 @@ impl Plexus {
     /// The leader among the nodes `alive`, once there is one.
     pub async fn leader(&self, alive: &[bool]) -> usize {
         loop {
-            for i in 0..3 {
+            for i in 0..self.http.len() {
                 if !alive[i] {
                     continue;
                 }
@@ -479,7 +485,7 @@ impl Plexus {
                     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                     if let Some(l) = v["leader"].as_str() {
                         let l = l.trim_start_matches("node-").parse::<usize>().unwrap_or(1) - 1;
-                        if alive[l] {
+                        if alive.get(l) == Some(&true) {
                             return l;
                         }
                     }
@@ -538,21 +544,29 @@ fn plexus_config(
     peer: &[SocketAddr],
     plugins: &str,
 ) -> PathBuf {
-    let peers: Vec<String> = (0..3)
+    let peers: Vec<String> = (0..http.len())
         .filter(|j| *j != i)
         .map(|j| format!("\"node-{}@{}\"", j + 1, peer[j]))
         .collect();
+    // A node alone has no `[cluster]`: it commits to its local log.
+    let cluster = if peers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "[cluster]\nlisten = \"{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n\
+             heartbeat_ms = {hb}\nelection_timeout_ms = [{emin}, {emax}]\n",
+            l = peer[i],
+            p = peers.join(", "),
+            hb = arg("--heartbeat-ms", 50),
+            emin = arg("--election-min-ms", 150),
+            emax = arg("--election-max-ms", 300),
+        )
+    };
     let text = format!(
         "version = 1\n[node]\nid = \"node-{n}\"\ndata_dir = \"data-{n}\"\nhttp = \"{h}\"\nrequest_timeout_ms = 30000\n\
-         [cluster]\nlisten = \"{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n\
-         heartbeat_ms = {hb}\nelection_timeout_ms = [{emin}, {emax}]\n[admin]\ntoken = \"bench-token\"\n{plugins}",
+         {cluster}[admin]\ntoken = \"bench-token\"\n{plugins}",
         n = i + 1,
         h = http[i],
-        l = peer[i],
-        p = peers.join(", "),
-        hb = arg("--heartbeat-ms", 50),
-        emin = arg("--election-min-ms", 150),
-        emax = arg("--election-max-ms", 300),
     );
     let path = dir.join(format!("node-{}.toml", i + 1));
     std::fs::write(&path, text).unwrap();
