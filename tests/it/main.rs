@@ -7,6 +7,7 @@ mod chaos;
 mod cluster;
 mod config_golden;
 mod cqrs;
+mod dashboard;
 mod event_store;
 mod gossip_crdt;
 mod http_proxy;
