@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use plexus_tests::{Processes, cluster_node_config, http};
+use serde_json::{Value, json};
 
 const TOKEN: &str = "dashboard-token";
 
@@ -139,6 +140,175 @@ impl Browser {
             &[&shot, "--window-size=1360,1020"],
         )
         .await;
+    }
+}
+
+/// A page in headless Chromium driven over the DevTools protocol, for
+/// what a DOM dump cannot do: typing the token, choosing a file,
+/// clicking. Chromium listens on a port it picks and writes it to
+/// `DevToolsActivePort` in its profile; the protocol runs over a
+/// WebSocket, spoken here in its simplest form (text frames, a zero
+/// mask).
+struct Devtools {
+    _chromium: tokio::process::Child,
+    _profile: tempfile::TempDir,
+    ws: tokio::net::TcpStream,
+    id: u64,
+    session: String,
+}
+
+impl Devtools {
+    /// Opens `url` in a new headless Chromium.
+    async fn open(bin: &Path, url: &str) -> Devtools {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let profile = tempfile::tempdir().unwrap();
+        let chromium = tokio::process::Command::new(bin)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                "--window-size=1360,1020",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting chromium");
+        let active = profile.path().join("DevToolsActivePort");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (port, path) = loop {
+            let said = std::fs::read_to_string(&active).unwrap_or_default();
+            // The port, a newline, and the browser's path, whose id is a
+            // UUID: whole once it is that long.
+            if let Some((port, path)) = said.split_once('\n')
+                && path.trim().len() >= "/devtools/browser/".len() + 36
+            {
+                break (port.to_string(), path.trim().to_string());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromium never opened its DevTools port"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut ws = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        let upgrade = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: cGxleHVzLWRhc2hib2FyZA==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
+        ws.write_all(upgrade.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(ws.read_u8().await.unwrap());
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        let mut page = Devtools {
+            _chromium: chromium,
+            _profile: profile,
+            ws,
+            id: 0,
+            session: String::new(),
+        };
+        let target = page
+            .call("Target.createTarget", json!({ "url": url }))
+            .await;
+        let attached = page
+            .call(
+                "Target.attachToTarget",
+                json!({ "targetId": target["targetId"], "flatten": true }),
+            )
+            .await;
+        page.session = attached["sessionId"].as_str().unwrap().to_string();
+        page
+    }
+
+    /// Sends a command (to the page, once attached) and waits for its
+    /// result, passing over the events that come first.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.id += 1;
+        let mut msg = json!({ "id": self.id, "method": method, "params": params });
+        if !self.session.is_empty() {
+            msg["sessionId"] = self.session.clone().into();
+        }
+        let payload = msg.to_string().into_bytes();
+        // FIN and a text frame; masked, with the mask 0 (which leaves the
+        // payload as it is).
+        let mut frame = vec![0x81];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend((n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend((n as u64).to_be_bytes());
+            }
+        }
+        frame.extend([0; 4]);
+        frame.extend(payload);
+        self.ws.write_all(&frame).await.unwrap();
+        loop {
+            let mut message = Vec::new();
+            loop {
+                let (b0, b1) = (
+                    self.ws.read_u8().await.unwrap(),
+                    self.ws.read_u8().await.unwrap(),
+                );
+                let len = match b1 & 0x7f {
+                    126 => u64::from(self.ws.read_u16().await.unwrap()),
+                    127 => self.ws.read_u64().await.unwrap(),
+                    n => u64::from(n),
+                };
+                let mut data = vec![0; len as usize];
+                self.ws.read_exact(&mut data).await.unwrap();
+                assert_ne!(b0 & 0x0f, 8, "chromium closed the DevTools connection");
+                message.extend(data);
+                if b0 & 0x80 != 0 {
+                    break;
+                }
+            }
+            let reply: Value = serde_json::from_slice(&message).unwrap();
+            if reply["id"] == self.id {
+                assert!(reply["error"].is_null(), "{method}: {reply}");
+                return reply["result"].clone();
+            }
+        }
+    }
+
+    /// The value of `expr`, evaluated in the page.
+    async fn eval(&mut self, expr: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({ "expression": expr, "returnByValue": true, "awaitPromise": true }),
+            )
+            .await;
+        assert!(r["exceptionDetails"].is_null(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Waits (up to 30 s) until `expr` is true in the page.
+    async fn wait(&mut self, expr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.eval(&format!("!!({expr})")).await != json!(true) {
+            assert!(Instant::now() < deadline, "the page never had {expr}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -300,6 +470,105 @@ async fn the_page_shows_the_cluster_a_swap_and_a_failure_in_a_real_browser() {
         .await;
     let plugins = table(&dom, "plugins");
     assert!(plugins.contains("chaos: trap in on-request"), "{plugins}");
+
+    // With the admin token entered in node-1's page: a wrong one is
+    // refused, the right one brings swap and unload buttons, which work.
+    let mut page = Devtools::open(&browser.bin, &format!("http://{}/ui", nodes.http[0])).await;
+    page.wait("document.querySelector('[data-plugin=\"kv\"]')")
+        .await;
+    page.eval("$('token').value = 'not-the-token'; $('login').requestSubmit()")
+        .await;
+    page.wait("$('outcome').textContent.includes('token refused (401)')")
+        .await;
+    assert_eq!(
+        page.eval("document.querySelectorAll('[data-swap]').length")
+            .await,
+        0
+    );
+    page.eval(&format!(
+        "$('token').value = '{TOKEN}'; $('login').requestSubmit()"
+    ))
+    .await;
+    page.wait("document.querySelector('[data-swap=\"kv\"]')")
+        .await;
+    let file = nodes.dir.path().join("kv-next.wasm");
+    std::fs::write(
+        &file,
+        &*plexus_tests::variant(&plexus_tests::wasm("replicated-kv"), 8),
+    )
+    .unwrap();
+    let document = page.call("DOM.getDocument", json!({})).await;
+    let input = page
+        .call(
+            "DOM.querySelector",
+            json!({ "nodeId": document["root"]["nodeId"], "selector": "[data-file=\"kv\"]" }),
+        )
+        .await;
+    page.call(
+        "DOM.setFileInputFiles",
+        json!({ "nodeId": input["nodeId"], "files": [file.display().to_string()] }),
+    )
+    .await;
+    // The chosen file outlives the next poll's re-rendering.
+    let seen = page.eval("last.at_ms").await;
+    page.wait(&format!("last.at_ms > {seen}")).await;
+    assert_eq!(
+        page.eval("document.querySelector('[data-file=\"kv\"]').files.length")
+            .await,
+        1
+    );
+    page.eval("document.querySelector('[data-swap=\"kv\"]').click()")
+        .await;
+    page.wait(&format!(
+        "document.querySelector('[data-plugin=\"kv\"]').dataset.version != '{swapped}'"
+    ))
+    .await;
+    let outcome = page.eval("$('outcome').textContent").await;
+    assert!(outcome.as_str().unwrap().contains("paused"), "{outcome}");
+    let now = admin_get(nodes.http[0], "/v1/admin/plugins/kv").await["version"].clone();
+    assert_eq!(
+        page.eval("document.querySelector('[data-plugin=\"kv\"]').dataset.version")
+            .await,
+        now
+    );
+    assert_ne!(now, json!(swapped));
+    page.eval(
+        "window.confirm = () => true; document.querySelector('[data-unload=\"election\"]').click()",
+    )
+    .await;
+    page.wait("!document.querySelector('[data-plugin=\"election\"]')")
+        .await;
+    let auth = format!("Bearer {TOKEN}");
+    let (status, _) = http(
+        nodes.http[0],
+        "GET",
+        "/v1/admin/plugins/election",
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 404, "election is unloaded on node-1");
+    page.eval("$('logout').click()").await;
+    assert_eq!(
+        page.eval("document.querySelectorAll('[data-swap]').length")
+            .await,
+        0
+    );
+    drop(page);
+
+    // node-2's page marks kv, whose version on node-1 now differs.
+    let differs = format!("node-1 runs <code>{}</code>", now.as_str().unwrap());
+    browser
+        .wait_for(nodes.http[1], "kv's version differing on node-1", |dom| {
+            let row = table(dom, "plugins");
+            if row.contains("data-differs=\"kv\"") && row.contains(&differs) {
+                Ok(())
+            } else {
+                Err(format!("no \"{differs}\" under kv"))
+            }
+        })
+        .await;
 
     // What an operator sees, saved.
     let shot = nodes.dir.path().join("dashboard.png");
