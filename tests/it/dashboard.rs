@@ -3,6 +3,8 @@
 //! reads the DOM once the page's script has polled the state: every
 //! member, the leader, each plugin's version; then the new version after
 //! a cluster-wide swap, on every node, and a trapped plugin's message.
+//! Driven over the DevTools protocol, the page takes the admin token,
+//! swaps a plugin to a file chosen in it and unloads another.
 //!
 //! Without a Chromium binary the test says so and skips (`.ci/run`
 //! installs one). `PLEXUS_CHROMIUM` names the binary to use;
@@ -371,11 +373,12 @@ fn cluster_shown(dom: &str, leader: &str, kv: &str) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_the_cluster_a_swap_and_a_failure_in_a_real_browser() {
     let Some(bin) = chromium() else {
-        println!(
-            "SKIPPED the_page_shows_the_cluster_a_swap_and_a_failure_in_a_real_browser: \
-             no chromium on PATH (apt-get install chromium, or set PLEXUS_CHROMIUM)"
+        // Output of a passing test is shown with `--nocapture` (or
+        // nextest's `--success-output`).
+        eprintln!(
+            "SKIPPED dashboard: no chromium on PATH (apt-get install chromium, or set \
+             PLEXUS_CHROMIUM); the page was not tested in a browser"
         );
-        eprintln!("SKIPPED: no chromium binary found; the dashboard was not tested in a browser");
         return;
     };
     let browser = Browser {
