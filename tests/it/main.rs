@@ -9,6 +9,7 @@ mod circuit_breaker;
 mod cluster;
 mod config_golden;
 mod cqrs;
+mod dashboard;
 mod event_store;
 mod gossip_crdt;
 mod http_proxy;

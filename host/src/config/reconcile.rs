@@ -119,7 +119,12 @@ impl Reconciler {
                 }
                 Some(_) => self
                     .node
-                    .swap(name, Arc::from(bytes), Some(next.config_json.clone()))
+                    .swap_by(
+                        name,
+                        Arc::from(bytes),
+                        Some(next.config_json.clone()),
+                        "config file",
+                    )
                     .await
                     .map(|_| Action::Swapped(name.to_string()))
                     .map_err(|e| e.to_string()),

@@ -79,11 +79,11 @@ pub(super) async fn admin(
             let cluster_wide = req_query.split('&').any(|p| p == "scope=cluster");
             let component = Arc::from(component);
             let result = if cluster_wide {
-                node.swap_cluster(&name, component, config)
+                node.swap_cluster_by(&name, component, config, "admin API")
                     .await
                     .map(|done| serde_json::to_value(done).unwrap_or_default())
             } else {
-                node.swap(&name, component, config)
+                node.swap_by(&name, component, config, "admin API")
                     .await
                     .map(|report| serde_json::to_value(report).unwrap_or_default())
             };
@@ -342,7 +342,7 @@ async fn admin_load(node: &Arc<Node>, body: &[u8]) -> Resp {
     }
 }
 
-fn member_state(s: crate::runtime::bindings::types::MemberState) -> &'static str {
+pub(super) fn member_state(s: crate::runtime::bindings::types::MemberState) -> &'static str {
     use crate::runtime::bindings::types::MemberState;
     match s {
         MemberState::Alive => "alive",

@@ -5,10 +5,13 @@
 //! - `GET /v1/admin/plugins`, `POST /v1/admin/plugins/{name}/swap` (body: a
 //!   component, `application/wasm`), `DELETE /v1/admin/plugins/{name}`:
 //!   need `Authorization: Bearer <admin.token>`;
-//! - `GET /healthz`, `GET /metrics` (Prometheus text).
+//! - `GET /healthz`, `GET /metrics` (Prometheus text);
+//! - `GET /ui`, the operator's page, and `GET /v1/ui/state`, the JSON it
+//!   polls (read-only, no token).
 //!
-//! Layout: `admin` (the admin API), `metrics` (`/metrics`), `limits`
-//! (connection caps); client requests and routing here.
+//! Layout: `admin` (the admin API), `metrics` (`/metrics`), `ui` (the
+//! operator's page), `limits` (connection caps); client requests and
+//! routing here.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,6 +30,7 @@ use tokio::net::TcpListener;
 mod admin;
 mod limits;
 mod metrics;
+mod ui;
 
 pub use limits::RESERVED_DESCRIPTORS;
 
@@ -183,6 +187,8 @@ async fn route(
             &serde_json::json!({ "status": "ok", "node": node.id() }),
         ),
         (&Method::GET, ["metrics"]) => metrics::metrics(node, conns),
+        (&Method::GET, ["ui"] | ["ui", ""]) => ui::page(),
+        (&Method::GET, ["v1", "ui", "state"]) => ui::state(node, opts).await,
         (_, ["v1", "plugins", name, ..]) => {
             let name = name.to_string();
             let rest = segments.get(3).map_or(String::new(), |s| format!("/{s}"));

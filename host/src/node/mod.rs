@@ -3,9 +3,10 @@
 //!
 //! Layout: `open` (opening a single node or a cluster member and wiring
 //! its parts), `plugins` (the plugin map and directory; load, swap,
-//! unload, purge), `members` (voter changes, the commit index), `peers`
-//! (what other nodes send to this node's plugins), `snapshot` (capturing
-//! plugin state for a consensus snapshot).
+//! unload, purge), `members` (voter changes, the commit index, the
+//! summary a node gives of itself), `peers` (what other nodes send to
+//! this node's plugins), `snapshot` (capturing plugin state for a
+//! consensus snapshot).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ mod peers;
 mod plugins;
 mod snapshot;
 
+pub use members::{KIND_SUMMARY, NodeSummary, PluginBrief};
 use open::ConsensusThreads;
 use plugins::PluginMap;
 

@@ -220,6 +220,7 @@ impl Node {
             clock: opts.clock,
             directory: Arc::new(WeakDirectory(Arc::downgrade(&plugins))),
             http: Arc::new(crate::primitives::outbound::OutboundClient::default()),
+            journal: Arc::default(),
         };
         let node = Arc::new(Node {
             id: opts.id,

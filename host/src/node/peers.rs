@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use super::members::KIND_SUMMARY;
 use super::{Node, RequestError};
 use crate::cluster::log::BoxFuture;
 use crate::cluster::raft::RaftLog;
@@ -37,6 +38,13 @@ impl Handler for PeerHandler {
     ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
         if kind == KIND_FORWARD || kind == KIND_CALL {
             return self.plugin_request(from, kind, body);
+        }
+        if kind == KIND_SUMMARY {
+            let node = self.node.clone();
+            return Box::pin(async move {
+                let node = node.upgrade().ok_or("node stopping")?;
+                serde_json::to_vec(&node.summary()).map_err(|e| e.to_string())
+            });
         }
         if kind != KIND_REQUEST {
             return self.raft.handle(kind, body).unwrap_or_else(|| {

@@ -14,6 +14,7 @@ use crate::runtime::actor::{
     CallError, PluginHandle, PluginSpec, PluginStatus, SwapError, SwapReport,
 };
 use crate::runtime::bindings::pattern::{Request, Response};
+use crate::runtime::journal::{self, SwapRecord, SwapScope};
 use crate::runtime::{Capability, LoadError, prepare};
 
 /// The plugins of a node, by name.
@@ -212,8 +213,39 @@ impl Node {
         component: Arc<[u8]>,
         config_json: Option<String>,
     ) -> Result<SwapReport, SwapError> {
-        let (handle, prepared) = self.prepare_swap(name, component).await?;
-        handle.swap(prepared, config_json).await
+        self.swap_by(name, component, config_json, "api").await
+    }
+
+    /// As [`Node::swap`], naming who asked (`admin API`, `config file`) in
+    /// the node's swap history.
+    pub async fn swap_by(
+        &self,
+        name: &str,
+        component: Arc<[u8]>,
+        config_json: Option<String>,
+        by: &str,
+    ) -> Result<SwapReport, SwapError> {
+        let from = self.plugin(name).map(|s| s.version);
+        let result = async {
+            let (handle, prepared) = self.prepare_swap(name, component).await?;
+            handle.swap(prepared, config_json).await
+        }
+        .await;
+        if let Some(from) = from {
+            self.services.journal.swap(SwapRecord {
+                at_ms: journal::now_ms(),
+                plugin: name.to_string(),
+                from,
+                to: result.as_ref().ok().map(|r| r.to.clone()),
+                pause_us: result.as_ref().map_or(0, |r| r.pause_us),
+                state_bytes: result.as_ref().map_or(0, |r| r.state_bytes),
+                scope: SwapScope::Local,
+                index: None,
+                by: by.to_string(),
+                error: result.as_ref().err().map(ToString::to_string),
+            });
+        }
+        result
     }
 
     /// The running plugin and the new component compiled and checked
@@ -247,9 +279,41 @@ impl Node {
         component: Arc<[u8]>,
         config_json: Option<String>,
     ) -> Result<ClusterSwap, SwapError> {
+        self.swap_cluster_by(name, component, config_json, "api")
+            .await
+    }
+
+    /// As [`Node::swap_cluster`], naming who asked in this node's swap
+    /// history (other nodes say `log`).
+    pub async fn swap_cluster_by(
+        &self,
+        name: &str,
+        component: Arc<[u8]>,
+        config_json: Option<String>,
+        by: &str,
+    ) -> Result<ClusterSwap, SwapError> {
         // Refuse here what would fail everywhere, before it is in the log.
         // This also leaves the compiled form in this node's cache.
-        let (handle, _) = self.prepare_swap(name, component.clone()).await?;
+        let (handle, _) = match self.prepare_swap(name, component.clone()).await {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                if let Some(status) = self.plugin(name) {
+                    self.services.journal.swap(SwapRecord {
+                        at_ms: journal::now_ms(),
+                        plugin: name.to_string(),
+                        from: status.version,
+                        to: None,
+                        pause_us: 0,
+                        state_bytes: 0,
+                        scope: SwapScope::Cluster,
+                        index: None,
+                        by: by.to_string(),
+                        error: Some(e.to_string()),
+                    });
+                }
+                return Err(e);
+            }
+        };
         let entry = Control::Swap {
             component: component.to_vec(),
             config: config_json,
@@ -263,6 +327,7 @@ impl Node {
         loop {
             let status = handle.status();
             if status.control_index >= index {
+                self.services.journal.asked(name, index, by);
                 return match status.swapped_at_index {
                     Some(i) if i == index => Ok(ClusterSwap {
                         index,

@@ -32,6 +32,36 @@ impl Histogram {
         self.count
     }
 
+    /// Adds `other`'s observations to these.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
+            *mine += theirs;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+    }
+
+    /// The `q` quantile (0..=1) in seconds, estimated as Prometheus's
+    /// `histogram_quantile` does: linearly inside the bucket it falls in,
+    /// and the largest finite bound when it falls past them. `None`
+    /// without observations.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * self.count as f64;
+        let mut below = 0u64;
+        for (i, n) in self.counts.iter().enumerate() {
+            if *n > 0 && (below + n) as f64 >= rank {
+                let lower = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+                let within = (rank - below as f64).max(0.0) / *n as f64;
+                return Some(lower + (BUCKETS[i] - lower) * within);
+            }
+            below += n;
+        }
+        Some(BUCKETS[BUCKETS.len() - 1])
+    }
+
     /// Appends the series of this histogram, with `labels` (`a="b",...`,
     /// or none when empty).
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
@@ -140,6 +170,26 @@ mod tests {
         }
         let kept: Vec<&str> = m.versions.iter().map(|(v, _)| v.as_str()).collect();
         assert_eq!(kept, ["b", "c", "d", "e"]);
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_their_bucket() {
+        let mut h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        // 0.5 ms up to 1 ms: the (0.0005, 0.001] bucket.
+        for _ in 0..4 {
+            h.observe(0.000_7);
+        }
+        let p50 = h.quantile(0.5).unwrap();
+        assert!((p50 - 0.000_75).abs() < 1e-9, "{p50}");
+        assert!((h.quantile(1.0).unwrap() - 0.001).abs() < 1e-9);
+        // One slow call past every bound: p99 says the largest bound.
+        let mut slow = Histogram::default();
+        slow.observe(30.0);
+        h.merge(&slow);
+        assert_eq!(h.count(), 5);
+        assert_eq!(h.quantile(0.99), Some(10.0));
+        assert!(h.quantile(0.5).unwrap() < 0.001);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod actor;
 #[allow(missing_docs)]
 pub mod bindings;
 pub mod engine;
+pub mod journal;
 pub mod mail;
 pub mod metrics;
 pub mod state;

@@ -93,7 +93,62 @@ impl Default for Timing {
     }
 }
 
+/// Where this node's Raft stands, as its metrics say: what the operator's
+/// page shows for each node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RaftFigures {
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// The leader this node knows of.
+    pub leader: Option<String>,
+    /// The last entry in this node's log.
+    pub last_log_index: Option<u64>,
+    /// The last entry applied to this node's state machine.
+    pub applied_index: Option<u64>,
+    /// The last entry the latest snapshot holds.
+    pub snapshot_index: Option<u64>,
+    /// On the leader: milliseconds since a quorum last acknowledged it.
+    pub quorum_ack_ms: Option<u64>,
+    /// On the leader: how far each other member's log matches its own.
+    pub matched: Vec<(String, Option<u64>)>,
+}
+
 impl RaftLog {
+    /// Where this node's Raft stands.
+    pub fn figures(&self) -> RaftFigures {
+        use openraft::ServerState;
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let matched = m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != m.id)
+            .map(|(id, log_id)| {
+                let name = self.name_of(*id).unwrap_or_else(|| format!("#{id:016x}"));
+                (name, log_id.map(|l| l.index))
+            })
+            .collect();
+        RaftFigures {
+            role: role.into(),
+            term: m.current_term,
+            leader: m.current_leader.and_then(|id| self.name_of(id)),
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            quorum_ack_ms: m.millis_since_quorum_ack,
+            matched,
+        }
+    }
+
     /// Opens the stores, starts Raft, and, on the member with the smallest
     /// id of a fresh cluster, initialises the membership.
     pub async fn start(opts: RaftOptions<'_>) -> anyhow::Result<Arc<RaftLog>> {

@@ -46,7 +46,7 @@ mod state_machine;
 #[cfg(test)]
 mod tests;
 
-pub use backend::{RaftLog, RaftOptions, Timing};
+pub use backend::{RaftFigures, RaftLog, RaftOptions, Timing};
 pub use log_store::LogStore;
 pub use members::MemberChange;
 pub use network::{Connection, Network};

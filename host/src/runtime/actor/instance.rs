@@ -302,10 +302,7 @@ impl Instance {
                             .map_err(CallError::Storage)
                     };
                     if let Err(e) = result {
-                        env.update(|s| {
-                            s.errors += 1;
-                            s.last_error = Some(e.to_string());
-                        });
+                        env.failure(e.to_string(), |s| s.errors += 1);
                         return Err(e);
                     }
                     self.persisted = delivered;
@@ -319,10 +316,9 @@ impl Instance {
                 let panic = self.store.data().stderr.panic();
                 let msg = describe(hook, &e, &env.limits, panic);
                 tracing::warn!(plugin = %env.name, version = %self.prepared.version, "hook failed: {msg}");
-                env.update(|s| {
+                env.failure(msg.clone(), |s| {
                     s.traps += 1;
                     s.errors += 1;
-                    s.last_error = Some(msg.clone());
                 });
                 Err(CallError::Trap(msg))
             }

@@ -25,6 +25,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use super::bindings::Plugin;
 use super::bindings::pattern::{ForwardTo, InitContext, Reply, Request, Response};
 use super::bindings::types::{CommittedEntry, MemberEvent};
+use super::journal::{SwapRecord, SwapScope};
 use super::mail::SwapOrder;
 pub use super::mail::{CallError, Mail};
 use super::metrics::PluginMetrics;
@@ -158,10 +159,12 @@ pub struct Services {
     pub directory: Arc<dyn Directory>,
     /// The pooled client behind `outbound-http`.
     pub http: Arc<OutboundClient>,
+    /// Where swaps and failures are recorded for the operator.
+    pub journal: Arc<super::journal::Journal>,
 }
 
 /// Where a plugin is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunState {
     /// Serving.
@@ -272,6 +275,16 @@ impl PluginEnv {
 
     fn update(&self, f: impl FnOnce(&mut PluginStatus)) {
         f(&mut self.status.lock().expect("status poisoned"));
+    }
+
+    /// Records a failure as the plugin's `last_error`, after `count`
+    /// has counted it, and in the node's journal.
+    fn failure(&self, message: String, count: impl FnOnce(&mut PluginStatus)) {
+        self.services.journal.error(&self.name, &message);
+        self.update(|s| {
+            count(s);
+            s.last_error = Some(message);
+        });
     }
 
     /// Runs `f` on the plugin's storage namespace, off the async workers.

@@ -123,10 +123,7 @@ impl Actor {
             Err(e) => {
                 tracing::warn!(plugin = %self.env.name, %version, "restart failed: {e}");
                 self.failures += 1;
-                self.env.update(|s| {
-                    s.restarts += 1;
-                    s.last_error = Some(e.to_string());
-                });
+                self.env.failure(e.to_string(), |s| s.restarts += 1);
             }
         }
         true

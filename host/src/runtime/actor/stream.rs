@@ -231,10 +231,7 @@ impl Actor {
         );
         tracing::error!(plugin = %name, index = first, "{msg}");
         self.failed = Some(msg.clone());
-        self.env.update(|s| {
-            s.state = RunState::Failed;
-            s.last_error = Some(msg);
-        });
+        self.env.failure(msg, |s| s.state = RunState::Failed);
     }
 
     /// Waits, with no instance, for a swap or a stop; answers requests with
@@ -285,6 +282,7 @@ impl Actor {
     /// cannot load the new version keeps the old one and reports it.
     pub(super) async fn control(&mut self, index: u64, data: &[u8]) {
         let env = self.env.clone();
+        let before = env.status.lock().expect("status poisoned").version.clone();
         let outcome = match Control::decode(data) {
             None => Err("undecodable control entry".to_string()),
             Some(Control::Swap { component, config }) => {
@@ -300,6 +298,20 @@ impl Actor {
                 tracing::error!(plugin = %env.name, index, "cluster-wide swap failed here; the old version keeps serving: {e}")
             }
         }
+        // Who asked is known on the node that proposed it, which names
+        // itself once it sees the index (`Journal::asked`).
+        env.services.journal.swap(SwapRecord {
+            at_ms: now_ms(),
+            plugin: env.name.clone(),
+            from: before,
+            to: outcome.as_ref().ok().map(|r| r.to.clone()),
+            pause_us: outcome.as_ref().map_or(0, |r| r.pause_us),
+            state_bytes: outcome.as_ref().map_or(0, |r| r.state_bytes),
+            scope: SwapScope::Cluster,
+            index: Some(index),
+            by: "log".into(),
+            error: outcome.as_ref().err().cloned(),
+        });
         env.update(|s| {
             s.control_index = index;
             if let Err(e) = &outcome {
