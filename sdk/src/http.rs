@@ -380,6 +380,47 @@ fn match_path(pattern: &str, path: &str) -> Option<Params> {
     rest.is_empty().then_some(Params(params))
 }
 
+/// Headers that describe one hop, not the request (RFC 9110, section
+/// 7.6.1), with `host` and `content-length`, which the host sets on each
+/// request it sends.
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// The headers of `headers` a proxy passes on: all but [`HOP_BY_HOP`] and
+/// those the `connection` header names.
+///
+/// ```
+/// let h = |k: &str, v: &str| (k.to_string(), v.to_string());
+/// let kept = plexus_sdk::http::end_to_end(&[
+///     h("connection", "x-trace-hop"), h("x-trace-hop", "1"), h("Host", "a"), h("accept", "*/*"),
+/// ]);
+/// assert_eq!(kept, [h("accept", "*/*")]);
+/// ```
+pub fn end_to_end(headers: &[(String, String)]) -> Vec<(String, String)> {
+    let named: Vec<String> = headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .collect();
+    headers
+        .iter()
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            !HOP_BY_HOP.contains(&k.as_str()) && !named.contains(&k)
+        })
+        .cloned()
+        .collect()
+}
+
 pub use crate::bindings::plexus::cluster::outbound_http::OutgoingRequest;
 pub use crate::bindings::plexus::cluster::types::HttpError as FetchError;
 

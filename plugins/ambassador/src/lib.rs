@@ -112,27 +112,6 @@ pub struct Ambassador {
     access_log: bool,
 }
 
-/// Headers that describe one hop, not the request: not passed on.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "host",
-    "content-length",
-];
-
-fn passed_on(headers: &[(String, String)]) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()))
-        .cloned()
-        .collect()
-}
-
 impl Ambassador {
     /// A draw in [0, 1) (xorshift; jitter needs no more).
     fn draw(&mut self) -> f64 {
@@ -194,7 +173,7 @@ impl Ambassador {
             upstream: u,
             method: req.method,
             path,
-            headers: passed_on(&req.headers),
+            headers: plexus_sdk::http::end_to_end(&req.headers),
             body: keep.then(|| req.body.clone()),
             first_body: req.body,
             held: replies::hold(),
@@ -329,7 +308,7 @@ impl Ambassador {
                     400..=499 => s.answered_4xx += 1,
                     _ => s.answered_5xx += 1,
                 }
-                r.headers = passed_on(&r.headers);
+                r.headers = plexus_sdk::http::end_to_end(&r.headers);
                 r
             }
             Err(e) => {

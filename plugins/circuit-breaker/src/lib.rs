@@ -56,27 +56,6 @@ const PROPOSAL_PATIENCE_MS: u64 = 2000;
 /// A node reports at least this often, even with nothing new.
 const KEEPALIVE_MS: u64 = 1000;
 
-/// Headers that describe one hop, not the request: not passed on.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "host",
-    "content-length",
-];
-
-fn passed_on(headers: &[(String, String)]) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()))
-        .cloned()
-        .collect()
-}
-
 /// A request on its way to an upstream.
 struct Forward {
     method: Method,
@@ -355,7 +334,7 @@ impl CircuitBreaker {
         let state = self.breakers[i].m.state.name();
         match result {
             Ok(mut response) => {
-                response.headers = passed_on(&response.headers);
+                response.headers = plexus_sdk::http::end_to_end(&response.headers);
                 response
                     .headers
                     .push(("x-circuit-breaker-state".into(), state.into()));
@@ -762,7 +741,7 @@ impl Pattern for CircuitBreaker {
             method: req.method,
             path,
             query: req.query,
-            headers: passed_on(&req.headers),
+            headers: plexus_sdk::http::end_to_end(&req.headers),
             body: req.body,
         };
         self.call(i, fwd, true)

@@ -44,26 +44,6 @@ struct Proxy {
     stats: Stats,
 }
 
-/// Headers that describe one hop, not the request: not passed on.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "host",
-];
-
-fn passed_on(headers: &[(String, String)]) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()) && name != "content-length")
-        .cloned()
-        .collect()
-}
-
 impl Pattern for Proxy {
     type Command = ();
     type Output = ();
@@ -89,7 +69,7 @@ impl Pattern for Proxy {
         let out = OutgoingRequest {
             method: req.method,
             url,
-            headers: passed_on(&req.headers),
+            headers: plexus_sdk::http::end_to_end(&req.headers),
             body: req.body,
         };
         self.stats.passed += 1;
@@ -100,7 +80,7 @@ impl Pattern for Proxy {
             |this: &mut Proxy, result| match result {
                 Ok(mut response) => {
                     this.stats.answered += 1;
-                    response.headers = passed_on(&response.headers);
+                    response.headers = plexus_sdk::http::end_to_end(&response.headers);
                     response
                 }
                 Err(e) => {

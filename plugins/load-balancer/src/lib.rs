@@ -50,27 +50,6 @@ const PROPOSAL_PATIENCE_MS: u64 = 5000;
 /// (Envoy's `min_weight_percent` default).
 const SLOW_START_FLOOR: f64 = 0.1;
 
-/// Headers that describe one hop, not the request: not passed on.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "host",
-    "content-length",
-];
-
-fn passed_on(headers: &[(String, String)]) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()))
-        .cloned()
-        .collect()
-}
-
 /// How an exchange with a backend went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -302,7 +281,7 @@ impl Balancer {
             method: req.method,
             path: req.path,
             query: req.query,
-            headers: passed_on(&req.headers),
+            headers: plexus_sdk::http::end_to_end(&req.headers),
             body: req.body,
             may_resend: self.names.len() > 1,
         };
@@ -453,7 +432,7 @@ impl Balancer {
         }
         match result {
             Ok(mut response) => {
-                response.headers = passed_on(&response.headers);
+                response.headers = plexus_sdk::http::end_to_end(&response.headers);
                 response
                     .headers
                     .push(("x-lb-backend".into(), self.names[i].0.clone()));

@@ -100,29 +100,8 @@ pub struct Fig {
     seq: u64,
 }
 
-/// Headers that describe one hop, not the request: not passed on.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "host",
-    "content-length",
-];
-
-fn passed_on(headers: &[(String, String)]) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()))
-        .cloned()
-        .collect()
-}
-
 fn with_side(mut r: Response, side: &str) -> Response {
-    r.headers = passed_on(&r.headers);
+    r.headers = plexus_sdk::http::end_to_end(&r.headers);
     r.with_header("x-fig-side", side)
 }
 
@@ -170,7 +149,7 @@ impl Fig {
         let out = OutgoingRequest {
             method: req.method,
             url: self.url(&self.legacy.clone(), req),
-            headers: passed_on(&req.headers),
+            headers: plexus_sdk::http::end_to_end(&req.headers),
             body: req.body.clone(),
         };
         let sent = http::fetch(self, out, self.timeout_ms, move |p: &mut Fig, r| {
@@ -194,7 +173,7 @@ impl Fig {
                 let out = OutgoingRequest {
                     method: req.method,
                     url: self.url(base, req),
-                    headers: passed_on(&req.headers),
+                    headers: plexus_sdk::http::end_to_end(&req.headers),
                     body: req.body.clone(),
                 };
                 match http::fetch(self, out, self.timeout_ms, move |p: &mut Fig, r| {
