@@ -43,6 +43,15 @@
 //!   `path_beg` ACL and a weighted backend, NGINX with `split_clients`,
 //!   and the `strangler-fig` plugin with a route of weight 30.
 //!
+//! Then a failing upstream (`--failing-seconds`, 0 by default, skips it):
+//! three `plexus` nodes in front of a service that answers every request
+//! 503, loaded through all three at once (`wrk` on each, `--rounds`
+//! rounds): how many requests per second reach the service through
+//! `http-proxy` (no protection), through the `ambassador` (2 retries)
+//! with a retry budget per node and with one counted over the cluster,
+//! and through the `circuit-breaker` with a breaker per node and one
+//! shared by the cluster.
+//!
 //! `--seconds 0` skips the proxy path.
 //!
 //! `PLEXUS_BIN=path` runs another `plexus` build.
@@ -93,6 +102,29 @@ fn wait_ok(addr: SocketAddr, path: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("{addr}{path} did not answer 200");
+}
+
+/// Waits until `GET path` on `addr` gets an answer from the plugin (any
+/// status but 404, which a route not loaded yet gets).
+fn wait_answered(addr: SocketAddr, path: &str) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            let mut out = String::new();
+            if s.write_all(req.as_bytes()).is_ok()
+                && s.read_to_string(&mut out).is_ok()
+                && out.starts_with("HTTP/1.1 ")
+                && !out.starts_with("HTTP/1.1 404")
+            {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{addr}{path} never answered");
 }
 
 fn start_nginx(nginx: &str, dir: &Path) -> (Child, u16) {
@@ -470,6 +502,9 @@ fn main() {
             Some(haproxy) => balancing(dir.path(), &haproxy, &wrk_bin),
             None => println!("balancing skipped: give --haproxy PATH"),
         }
+    }
+    if arg("--failing-seconds", 0) > 0 {
+        failing(dir.path(), &wrk_bin);
     }
     if arg("--edge-seconds", 0) > 0 {
         match (arg_str("--nginx"), arg_str("--haproxy")) {
@@ -899,6 +934,187 @@ fn balancing(dir: &Path, haproxy: &str, wrk_bin: &str) {
             "  plexus least_request / HAProxy leastconn: {:.2}x req/s; plexus peak_ewma / HAProxy random(2): {:.2}x req/s",
             totals[2].rps() / totals[0].rps().max(1e-9),
             totals[3].rps() / totals[1].rps().max(1e-9)
+        );
+    }
+}
+
+/// A service on a thread of its own that answers every request 503; its
+/// port and its count of requests.
+fn start_failing() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime for the service");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("binding the service");
+    let port = listener.local_addr().expect("service address").port();
+    let hits = Arc::new(AtomicU64::new(0));
+    let count = hits.clone();
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            let service =
+                hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(503)
+                                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                    b"down\n",
+                                )))
+                                .unwrap(),
+                        )
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    std::mem::forget(runtime);
+    (port, hits)
+}
+
+fn failing(dir: &Path, wrk_bin: &str) {
+    use std::sync::atomic::Ordering;
+    let seconds = arg("--failing-seconds", 0);
+    let rounds = arg("--rounds", 3);
+    let (service, hits) = start_failing();
+    let origin = format!("http://127.0.0.1:{service}");
+    let http: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let breaker = |name: &str, scope: &str| {
+        format!(
+            "{{ name = \"{name}\", url = \"{origin}\", scope = \"{scope}\", sliding_window_size = 20, \
+             minimum_number_of_calls = 10, failure_rate_threshold = 50, wait_duration_in_open_state = \"5s\" }}"
+        )
+    };
+    let budget = |name: &str, scope: &str| {
+        format!(
+            "{{ name = \"{name}\", url = \"{origin}\", num_retries = 2, base_interval_ms = 5, max_interval_ms = 20, \
+             budget = {{ retry_ratio = 0.2, min_retries_per_second = 10, ttl_ms = 10000, scope = \"{scope}\" }} }}"
+        )
+    };
+    let mut children = Vec::new();
+    for i in 0..3 {
+        let peers: Vec<String> = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| format!("\"node-{}@127.0.0.1:{}\"", j + 1, peer[j]))
+            .collect();
+        let config = dir.join(format!("failing-{}.toml", i + 1));
+        std::fs::write(
+            &config,
+            format!(
+                "version = 1\n[node]\nid = \"node-{n}\"\ndata_dir = \"failing-data-{n}\"\nhttp = \"127.0.0.1:{h}\"\n\
+                 max_connections_per_client = 4096\n\
+                 [cluster]\nlisten = \"127.0.0.1:{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n\
+                 [[plugins]]\nname = \"px\"\ncomponent = \"bundled:http-proxy\"\ncapabilities = [\"outbound-http\"]\n\
+                 allowed_outbound_hosts = [\"{origin}\"]\nlimits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+                 config = {{ upstream = \"{origin}\" }}\n\
+                 [[plugins]]\nname = \"amb\"\ncomponent = \"bundled:ambassador\"\n\
+                 capabilities = [\"outbound-http\", \"timers\", \"messaging\", \"log\"]\n\
+                 allowed_outbound_hosts = [\"{origin}\"]\nlimits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+                 config = {{ access_log = false, upstreams = [{}, {}] }}\n\
+                 [[plugins]]\nname = \"cb\"\ncomponent = \"bundled:circuit-breaker\"\n\
+                 capabilities = [\"outbound-http\", \"consensus\", \"storage\", \"messaging\", \"timers\", \"log\"]\n\
+                 allowed_outbound_hosts = [\"{origin}\"]\nlimits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+                 config = {{ upstreams = [{}, {}] }}\n",
+                budget("node", "node"),
+                budget("cluster", "cluster"),
+                breaker("node", "node"),
+                breaker("cluster", "cluster"),
+                n = i + 1,
+                h = http[i],
+                l = peer[i],
+                p = peers.join(", ")
+            ),
+        )
+        .unwrap();
+        children.push(spawn_plexus(dir, &config));
+    }
+    let _procs = Procs(children.into_iter().map(Some).collect());
+    for port in &http {
+        wait_port(local(*port));
+    }
+    let targets = [
+        ("http-proxy (no protection)", "/v1/plugins/px/"),
+        ("ambassador, budget per node", "/v1/plugins/amb/node/"),
+        ("ambassador, cluster budget", "/v1/plugins/amb/cluster/"),
+        ("breaker per node", "/v1/plugins/cb/node/"),
+        ("breaker, cluster scope", "/v1/plugins/cb/cluster/"),
+    ];
+    // Each node answers each route (a 503 is an answer) before the load.
+    for (_, path) in &targets {
+        for port in &http {
+            wait_answered(local(*port), path);
+        }
+    }
+    println!(
+        "\na failing upstream (every answer 503) behind three nodes, wrk -t1 -c16 on each node at once, {seconds} s per phase, {rounds} rounds"
+    );
+    println!(
+        "  {:<30} {:>12} {:>16} {:>14}",
+        "through", "client req/s", "upstream req/s", "per request"
+    );
+    let mut sums = vec![(0u64, 0u64, 0f64); targets.len()];
+    for round in 0..rounds as usize {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let before = hits.load(Ordering::Relaxed);
+            let runs: Vec<Run> = std::thread::scope(|scope| {
+                let handles: Vec<_> = http
+                    .iter()
+                    .map(|port| {
+                        let url = format!("http://127.0.0.1:{port}{}", targets[i].1);
+                        scope.spawn(move || {
+                            let out = Command::new(wrk_bin)
+                                .args(["-t", "1", "-c", "16", "-d", &format!("{seconds}s")])
+                                .arg(&url)
+                                .output()
+                                .expect("running wrk");
+                            let text = String::from_utf8_lossy(&out.stdout);
+                            let requests = text
+                                .lines()
+                                .find_map(|l| {
+                                    let w: Vec<&str> = l.split_whitespace().collect();
+                                    match w.as_slice() {
+                                        [n, "requests", "in", ..] => n.parse().ok(),
+                                        _ => None,
+                                    }
+                                })
+                                .unwrap_or(0);
+                            Run {
+                                requests,
+                                seconds: seconds as f64,
+                                ..Run::default()
+                            }
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("wrk thread"))
+                    .collect()
+            });
+            sums[i].0 += runs.iter().map(|r| r.requests).sum::<u64>();
+            sums[i].1 += hits.load(Ordering::Relaxed) - before;
+            sums[i].2 += seconds as f64;
+        }
+    }
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let (reqs, up, secs) = sums[i];
+        println!(
+            "  {name:<30} {:>12.0} {:>16.0} {:>14.2}",
+            reqs as f64 / secs,
+            up as f64 / secs,
+            up as f64 / reqs.max(1) as f64
         );
     }
 }
