@@ -227,10 +227,22 @@ fn micros(value: &str) -> Option<f64> {
 /// Runs wrk against `url` with `connections` for `seconds`, measuring the
 /// CPU time of `pids` meanwhile.
 fn wrk(wrk: &str, url: &str, connections: u64, seconds: u64, pids: &[u32]) -> Run {
+    wrk_threads(wrk, 2, url, connections, seconds, pids)
+}
+
+/// As [`wrk`], with `threads` threads of wrk.
+fn wrk_threads(
+    wrk: &str,
+    threads: u64,
+    url: &str,
+    connections: u64,
+    seconds: u64,
+    pids: &[u32],
+) -> Run {
     let before = cpu_time(pids);
     let started = Instant::now();
     let out = Command::new(wrk)
-        .args(["-t", "2", "-c", &connections.to_string()])
+        .args(["-t", &threads.to_string(), "-c", &connections.to_string()])
         .args([
             "-d",
             &format!("{seconds}s"),
@@ -403,33 +415,48 @@ fn connection_counts(name: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Writes the config of node `i` (of three on loopback, `http` and `peer`
+/// their ports) as `dir/{name}-{i+1}.toml`, with `plugins` (TOML) after
+/// its node and cluster sections; returns its path.
+fn cluster_config(
+    dir: &Path,
+    name: &str,
+    i: usize,
+    http: &[u16],
+    peer: &[u16],
+    plugins: &str,
+) -> std::path::PathBuf {
+    let peers: Vec<String> = (0..peer.len())
+        .filter(|j| *j != i)
+        .map(|j| format!("\"node-{}@127.0.0.1:{}\"", j + 1, peer[j]))
+        .collect();
+    let config = dir.join(format!("{name}-{}.toml", i + 1));
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n[node]\nid = \"node-{n}\"\ndata_dir = \"{name}-data-{n}\"\nhttp = \"127.0.0.1:{h}\"\n\
+             max_connections_per_client = 4096\n\
+             [cluster]\nlisten = \"127.0.0.1:{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n{plugins}",
+            n = i + 1,
+            h = http[i],
+            l = peer[i],
+            p = peers.join(", ")
+        ),
+    )
+    .unwrap();
+    config
+}
+
 fn forwarding(dir: &Path, wrk_bin: &str) {
     let seconds = arg("--forward-seconds", 10);
     let rounds = arg("--rounds", 3);
     let http: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let relay = "[[plugins]]\nname = \"relay\"\ncomponent = \"bundled:relay\"\n\
+                 capabilities = [\"messaging\", \"plugins\", \"outbound-http\"]\nlimits = { mailbox = 8192 }\n";
     let mut children = Vec::new();
     for i in 0..3 {
-        let peers: Vec<String> = (0..3)
-            .filter(|j| *j != i)
-            .map(|j| format!("\"node-{}@127.0.0.1:{}\"", j + 1, peer[j]))
-            .collect();
-        let config = dir.join(format!("fwd-{}.toml", i + 1));
-        std::fs::write(
-            &config,
-            format!(
-                "version = 1\n[node]\nid = \"node-{n}\"\ndata_dir = \"fwd-data-{n}\"\nhttp = \"127.0.0.1:{h}\"\n\
-                 max_connections_per_client = 4096\n\
-                 [cluster]\nlisten = \"127.0.0.1:{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n\
-                 [[plugins]]\nname = \"relay\"\ncomponent = \"bundled:relay\"\n\
-                 capabilities = [\"messaging\", \"plugins\", \"outbound-http\"]\nlimits = {{ mailbox = 8192 }}\n",
-                n = i + 1,
-                h = http[i],
-                l = peer[i],
-                p = peers.join(", ")
-            ),
-        )
-        .unwrap();
+        let config = cluster_config(dir, "fwd", i, &http, &peer, relay);
         children.push(spawn_plexus(dir, &config));
     }
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
@@ -1002,41 +1029,26 @@ fn failing(dir: &Path, wrk_bin: &str) {
              budget = {{ retry_ratio = 0.2, min_retries_per_second = 10, ttl_ms = 10000, scope = \"{scope}\" }} }}"
         )
     };
+    let plugins = format!(
+        "[[plugins]]\nname = \"px\"\ncomponent = \"bundled:http-proxy\"\ncapabilities = [\"outbound-http\"]\n\
+         allowed_outbound_hosts = [\"{origin}\"]\nlimits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+         config = {{ upstream = \"{origin}\" }}\n\
+         [[plugins]]\nname = \"amb\"\ncomponent = \"bundled:ambassador\"\n\
+         capabilities = [\"outbound-http\", \"timers\", \"messaging\", \"log\"]\n\
+         allowed_outbound_hosts = [\"{origin}\"]\nlimits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+         config = {{ access_log = false, upstreams = [{}, {}] }}\n\
+         [[plugins]]\nname = \"cb\"\ncomponent = \"bundled:circuit-breaker\"\n\
+         capabilities = [\"outbound-http\", \"consensus\", \"storage\", \"messaging\", \"timers\", \"log\"]\n\
+         allowed_outbound_hosts = [\"{origin}\"]\nlimits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
+         config = {{ upstreams = [{}, {}] }}\n",
+        budget("node", "node"),
+        budget("cluster", "cluster"),
+        breaker("node", "node"),
+        breaker("cluster", "cluster"),
+    );
     let mut children = Vec::new();
     for i in 0..3 {
-        let peers: Vec<String> = (0..3)
-            .filter(|j| *j != i)
-            .map(|j| format!("\"node-{}@127.0.0.1:{}\"", j + 1, peer[j]))
-            .collect();
-        let config = dir.join(format!("failing-{}.toml", i + 1));
-        std::fs::write(
-            &config,
-            format!(
-                "version = 1\n[node]\nid = \"node-{n}\"\ndata_dir = \"failing-data-{n}\"\nhttp = \"127.0.0.1:{h}\"\n\
-                 max_connections_per_client = 4096\n\
-                 [cluster]\nlisten = \"127.0.0.1:{l}\"\npeers = [{p}]\nsecret = \"bench-cluster-secret\"\n\
-                 [[plugins]]\nname = \"px\"\ncomponent = \"bundled:http-proxy\"\ncapabilities = [\"outbound-http\"]\n\
-                 allowed_outbound_hosts = [\"{origin}\"]\nlimits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
-                 config = {{ upstream = \"{origin}\" }}\n\
-                 [[plugins]]\nname = \"amb\"\ncomponent = \"bundled:ambassador\"\n\
-                 capabilities = [\"outbound-http\", \"timers\", \"messaging\", \"log\"]\n\
-                 allowed_outbound_hosts = [\"{origin}\"]\nlimits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
-                 config = {{ access_log = false, upstreams = [{}, {}] }}\n\
-                 [[plugins]]\nname = \"cb\"\ncomponent = \"bundled:circuit-breaker\"\n\
-                 capabilities = [\"outbound-http\", \"consensus\", \"storage\", \"messaging\", \"timers\", \"log\"]\n\
-                 allowed_outbound_hosts = [\"{origin}\"]\nlimits = {{ mailbox = 8192, max_calls_in_flight = 16384 }}\n\
-                 config = {{ upstreams = [{}, {}] }}\n",
-                budget("node", "node"),
-                budget("cluster", "cluster"),
-                breaker("node", "node"),
-                breaker("cluster", "cluster"),
-                n = i + 1,
-                h = http[i],
-                l = peer[i],
-                p = peers.join(", ")
-            ),
-        )
-        .unwrap();
+        let config = cluster_config(dir, "failing", i, &http, &peer, &plugins);
         children.push(spawn_plexus(dir, &config));
     }
     let _procs = Procs(children.into_iter().map(Some).collect());
@@ -1073,29 +1085,7 @@ fn failing(dir: &Path, wrk_bin: &str) {
                     .iter()
                     .map(|port| {
                         let url = format!("http://127.0.0.1:{port}{}", targets[i].1);
-                        scope.spawn(move || {
-                            let out = Command::new(wrk_bin)
-                                .args(["-t", "1", "-c", "16", "-d", &format!("{seconds}s")])
-                                .arg(&url)
-                                .output()
-                                .expect("running wrk");
-                            let text = String::from_utf8_lossy(&out.stdout);
-                            let requests = text
-                                .lines()
-                                .find_map(|l| {
-                                    let w: Vec<&str> = l.split_whitespace().collect();
-                                    match w.as_slice() {
-                                        [n, "requests", "in", ..] => n.parse().ok(),
-                                        _ => None,
-                                    }
-                                })
-                                .unwrap_or(0);
-                            Run {
-                                requests,
-                                seconds: seconds as f64,
-                                ..Run::default()
-                            }
-                        })
+                        scope.spawn(move || wrk_threads(wrk_bin, 1, &url, 16, seconds, &[]))
                     })
                     .collect();
                 handles
